@@ -1,0 +1,1 @@
+"""runner: fast, PyTorch-native LLM text generation driven by YAML recipes."""

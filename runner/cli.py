@@ -1,0 +1,144 @@
+"""The `runner` command line: run, show, init, list."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from runner.config.errors import ConfigError
+
+
+class _DefaultRun(click.Group):
+    """`runner RECIPE ...` means `runner run RECIPE ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Fast, PyTorch-native LLM text generation driven by YAML recipes.
+
+    \b
+    Example:
+      runner recipes/tiny-random.yaml generate.max_new_tokens=50
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def run(recipe, overrides):
+    """Generate text with RECIPE, overriding keys with key=value.
+
+    \b
+    Example:
+      runner run recipes/tiny-random.yaml generate.prompt="Once upon a time" generate.temperature=0
+    """
+    from runner.config.resolve import resolve
+
+    resolved = resolve(recipe, overrides, check_files=True)  # before importing torch: errors come fast
+
+    from runner import pipeline
+    from runner.report import Reporter
+    from runner.tokenizers.base import TextStream
+
+    built = pipeline.build(resolved, recipe)
+    prompt = pipeline.encode_prompt(built, recipe)
+    report = Reporter()
+    n = resolved.generate.num_samples
+    for i in range(n):
+        if n > 1:
+            report.line(f"--- sample {i + 1}/{n}")
+        stream = TextStream(built.tokenizer)
+        report.write(resolved.generate.prompt)
+        _, stats = pipeline.generate(built, prompt, lambda t: report.write(stream.push(t)), sample_index=i)
+        report.write(stream.flush())
+        report.line()
+        report.stats(stats)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def show(recipe, overrides):
+    """Print RECIPE fully resolved (spec merged in, overrides applied) as YAML.
+
+    \b
+    Example:
+      runner show recipes/tiny-random.yaml generate.max_new_tokens=7
+    """
+    from runner.config.resolve import resolve, to_yaml
+
+    click.echo(to_yaml(resolve(recipe, overrides)), nl=False)
+
+
+@cli.command()
+@click.argument("spec")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+def init(spec, out, seed):
+    """Write a random-weight checkpoint of SPEC (a specs/ name or a YAML file) to OUT.
+
+    \b
+    Example:
+      runner init tiny-llama /tmp/tiny/model.pth --seed 1
+    """
+    from runner import checkpoint
+    from runner.config.resolve import load_spec
+
+    arch = load_spec(spec)
+    checkpoint.save(Path(out), arch, checkpoint.random_state_dict(arch, seed))
+    click.echo(f"wrote {out}")
+
+
+@cli.command(name="list")
+def list_():
+    """List what each stage offers: specs, loaders, tokenizers, quant modes, decoders.
+
+    \b
+    Example:
+      runner list
+    """
+    from runner import decoders, loaders, sources, tokenizers, transforms
+    from runner.config.resolve import known_specs
+    from runner.config.schema import DType
+
+    rows = {
+        "specs": known_specs(),
+        "loaders": list(loaders.LOADERS),
+        "sources": list(sources.SCHEMES),
+        "tokenizers": [k.value for k in tokenizers.TOKENIZERS],
+        "quant modes": [m.value for m in transforms.QUANT_MODES],
+        "dtypes": [d.value for d in DType],
+        "decoders": list(decoders.DECODERS),
+    }
+    for name, values in rows.items():
+        click.echo(f"{name}: {', '.join(values)}")
+
+
+def main(argv=None):
+    """Entry point: ConfigErrors become a message and exit code 2, without a traceback."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="runner", standalone_mode=False)
+    except ConfigError as e:
+        if debug:
+            raise
+        for p in e.problems:
+            click.echo(f"error: {p}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,31 @@
+"""Problems found in a recipe, gathered so the user sees all of them at once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str  # the file (recipe or spec) or "command line" that set the value
+    key: str  # dotted recipe key; "" for a problem with the whole file
+    message: str
+    value: object = None
+    has_value: bool = False
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.key}" if self.key else self.source
+        got = f" (got {self.value!r})" if self.has_value else ""
+        return f"{where}: {self.message}{got}"
+
+
+def problem(source: str, key: str, message: str, *value) -> Problem:
+    """A Problem; pass the offending value as a fourth argument to show it."""
+    return Problem(source, key, message, value[0] if value else None, bool(value))
+
+
+class ConfigError(Exception):
+    """One or more problems with a recipe, a spec or the files they name."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

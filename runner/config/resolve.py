@@ -1,0 +1,290 @@
+"""Recipe resolution: YAML layers (base chain, spec, command line) -> a typed Recipe.
+
+Every problem is gathered into one ConfigError that names the file that set the
+offending value, its dotted key, the value and what would be valid.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from runner.config.errors import ConfigError, Problem, problem
+from runner.config.schema import ModelSpec, Recipe
+
+SPECS_DIR = Path(os.environ.get("RUNNER_SPECS", Path(__file__).resolve().parents[2] / "specs"))
+COMMAND_LINE = " (command line)"  # suffix of the recipe path for values set by overrides
+# Keys holding file paths: a relative path is taken relative to the file that set it.
+PATH_KEYS = ("model.checkpoint", "tokenizer.path")
+
+
+def known_specs() -> list[str]:
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = (), check_files: bool = False) -> Recipe:
+    """Resolve a recipe file plus `key=value` overrides into a validated Recipe.
+
+    With check_files, the files the recipe names must exist (the checkpoint may instead
+    have a model.source to fetch it from).
+    """
+    layers = _recipe_layers(Path(recipe_path)) + [_override_layer(overrides, str(recipe_path))]
+    merged = OmegaConf.merge(*(cfg for _, cfg in layers))
+    spec_layer = _spec_layer(merged, layers)
+    if spec_layer is not None:
+        layers.insert(0, spec_layer)
+        merged = OmegaConf.merge(spec_layer[1], merged)
+
+    origin = _Origins(layers)
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError([problem(origin(e.full_key or ""), e.full_key or "", f"cannot resolve: {e.msg}")])
+    _absolutize_paths(data, origin)
+
+    problems = _shape_problems(Recipe, data, "", origin)
+    cfg, type_problems = _merge_typed(data, origin)
+    problems += type_problems
+    if cfg is not None:
+        problems += [problem(origin(k), k, "is required but has no value") for k in sorted(OmegaConf.missing_keys(cfg))]
+    if problems:
+        raise ConfigError(problems)
+    recipe: Recipe = OmegaConf.to_object(cfg)
+    problems = [problem(origin(key), key, why, value) for key, value, why in recipe.problems()]
+    if check_files:
+        if not Path(recipe.tokenizer.path).is_file():
+            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "file not found", recipe.tokenizer.path))
+        if not Path(recipe.model.checkpoint).exists() and recipe.model.source is None:
+            problems.append(problem(origin("model.checkpoint"), "model.checkpoint",
+                                    "not found, and no model.source says where to get it", recipe.model.checkpoint))
+    if problems:
+        raise ConfigError(problems)
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, as `runner show` prints it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def load_spec(name_or_path: str) -> ModelSpec:
+    """A spec file on its own (for `runner init`), validated like a recipe's model.arch."""
+    path = _spec_path(name_or_path)
+    if path is None:
+        raise ConfigError([problem(name_or_path, "spec", f"unknown spec; known: {', '.join(known_specs())}", name_or_path)])
+    recipe = resolve_data({"model": {"arch": OmegaConf.to_container(_load_yaml(path)), "checkpoint": "-"}, "tokenizer": {"kind": "tiktoken", "path": "-"}}, str(path))
+    return recipe.model.arch
+
+
+def resolve_data(data: dict, source: str) -> Recipe:
+    """Validate an in-memory recipe (all of it attributed to `source`)."""
+    cfg, problems = _merge_typed(data, lambda key: source)
+    problems = _shape_problems(Recipe, data, "", lambda key: source) + problems
+    if cfg is not None:
+        problems += [problem(source, k, "is required but has no value") for k in sorted(OmegaConf.missing_keys(cfg))]
+    if problems:
+        raise ConfigError(problems)
+    recipe = OmegaConf.to_object(cfg)
+    problems = [problem(source, key, why, value) for key, value, why in recipe.problems()]
+    if problems:
+        raise ConfigError(problems)
+    return recipe
+
+
+# --- layers -------------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError([problem(str(path), "", "file not found")])
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError([problem(where, "", f"malformed YAML: {what}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([problem(str(path), "", f"must be a mapping of keys to values, not a {type(data).__name__}")])
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise ConfigError([problem(str(path), e.full_key or "", f"malformed value: {str(e.msg).splitlines()[0]}")]) from None
+
+
+def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The recipe and its `base:` chain, outermost base first."""
+    path = path.resolve() if path.is_absolute() else Path(os.path.abspath(path))
+    if path in seen:
+        chain = " -> ".join(str(p) for p in seen + (path,))
+        raise ConfigError([problem(str(seen[-1]), "base", f"recipes extend each other in a cycle: {chain}")])
+    cfg = _load_yaml(path)
+    base = cfg.pop("base", None)
+    layers = [(str(path), cfg)]
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError([problem(str(path), "base", "must be the path of another recipe", base)])
+        layers = _recipe_layers(path.parent / base, seen + (path,)) + layers
+    return layers
+
+
+def _override_layer(overrides: typing.Sequence[str], recipe_path: str) -> tuple[str, DictConfig]:
+    name = recipe_path + COMMAND_LINE
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([problem(name, "", "overrides are written key=value, e.g. generate.max_new_tokens=50", o) for o in bad])
+    try:
+        return name, OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError([problem(name, "", f"cannot parse override: {e.msg}")]) from None
+
+
+def _spec_path(name: str) -> Path | None:
+    if name.endswith((".yaml", ".yml")):
+        return Path(name) if Path(name).is_file() else None
+    by_name = {p.stem.lower(): p for p in SPECS_DIR.glob("*.yaml")}
+    return by_name.get(name.lower())
+
+
+def _spec_layer(merged: DictConfig, layers) -> tuple[str, DictConfig] | None:
+    """specs/NAME.yaml as the layer under model.arch, named by model.spec or the checkpoint's folder."""
+    model = merged.get("model")
+    if not isinstance(model, DictConfig):
+        return None
+    origin = _Origins(layers)
+    name = model.get("spec")
+    if name is None:
+        checkpoint = model.get("checkpoint")
+        folder = Path(str(checkpoint)).parent.name if checkpoint else ""
+        path = _spec_path(folder) if folder else None
+        if path is None and "arch" not in model:
+            raise ConfigError([problem(origin("model.spec"), "model.spec",
+                                       f"is not set and the checkpoint folder {folder!r} names no spec; "
+                                       f"set it to one of: {', '.join(known_specs())}")])
+    else:
+        path = _spec_path(str(name))
+        if path is None:
+            raise ConfigError([problem(origin("model.spec"), "model.spec", f"unknown spec; known: {', '.join(known_specs())}", name)])
+    if path is None:
+        return None
+    spec = _load_yaml(path)
+    problems = _shape_problems(ModelSpec, OmegaConf.to_container(spec), "", lambda key: str(path))
+    if problems:
+        raise ConfigError([dataclasses.replace(p, key=f"model.arch.{p.key}") for p in problems])
+    return str(path), OmegaConf.create({"model": {"arch": spec}})
+
+
+class _Origins:
+    """Which layer last set a dotted key (or the section holding it)."""
+
+    def __init__(self, layers):
+        self.layers = [(name, set(_flatten(OmegaConf.to_container(cfg)))) for name, cfg in layers]
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".") if key else []
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        for name, keys in reversed(self.layers):
+            if keys & prefixes:
+                return name
+        return self.layers[-2][0]  # the recipe file itself
+
+
+def _flatten(data, prefix=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            full = f"{prefix}{key}"
+            yield full
+            yield from _flatten(value, full + ".")
+
+
+def _absolutize_paths(data: dict, origin) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or value == "???":
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            source = origin(key)
+            base = Path.cwd() if source.endswith(COMMAND_LINE) else Path(source).parent
+            path = base / path
+        data[section][name] = os.path.normpath(path)
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _dataclass_of(annotation):
+    """The dataclass inside `X` or `Optional[X]`, else None."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _valid_keys(cls, prefix="") -> list[str]:
+    out = []
+    for f, hint in typing.get_type_hints(cls).items():
+        out.append(prefix + f)
+        inner = _dataclass_of(hint)
+        if inner is not None:
+            out += _valid_keys(inner, f"{prefix}{f}.")
+    return out
+
+
+def _shape_problems(cls, data, prefix, origin) -> list[Problem]:
+    """Unknown keys (with the closest valid key) and scalars where a section belongs."""
+    if not isinstance(data, dict):
+        return [problem(origin(prefix.rstrip(".")), prefix.rstrip("."), "must be a section of keys", data)]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in hints:
+            candidates = _valid_keys(Recipe) if prefix == "" or cls is Recipe else [prefix + k for k in _valid_keys(cls)]
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(hints)}"
+            out.append(problem(origin(full), full, f"unknown key{hint}", value))
+            continue
+        inner = _dataclass_of(hints[key])
+        if inner is not None and not (value is None and type(None) in typing.get_args(hints[key])):
+            out += _shape_problems(inner, value, full + ".", origin)
+    return out
+
+
+def _drop(data: dict, key: str) -> bool:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data.get(part) if isinstance(data, dict) else None
+    if isinstance(data, dict) and leaf in data:
+        del data[leaf]
+        return True
+    return False
+
+
+def _merge_typed(data: dict, origin) -> tuple[DictConfig | None, list[Problem]]:
+    """Merge onto the schema; a value of the wrong type is reported and dropped, then retried."""
+    data = copy.deepcopy(data)
+    problems = []
+    schema = OmegaConf.structured(Recipe)
+    while True:
+        try:
+            return OmegaConf.merge(schema, data), problems
+        except OmegaConfBaseException as e:
+            key = e.full_key or ""
+            if not key or not _drop(data, key):
+                return None, problems  # a shape problem, already reported by _shape_problems
+            if isinstance(e, ConfigKeyError):
+                continue  # an unknown key, already reported with a suggestion
+            message = str(e.msg).split("\n")[0]
+            problems.append(problem(origin(key), key, message))

@@ -1,0 +1,200 @@
+"""The recipe schema: one frozen dataclass per section, merged onto by omegaconf.
+
+Ranges and cross-field rules live in each section's `problems()` so that the
+resolver can gather every problem of a recipe before raising.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class DType(Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TokenizerKind(Enum):
+    sentencepiece = "sentencepiece"
+    tiktoken = "tiktoken"
+
+
+class QuantMode(Enum):
+    none = "none"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 frequency scaling of RoPE (absent for every earlier family)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A LLaMA-family architecture, as declared by specs/NAME.yaml."""
+
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    vocab_size: int = MISSING
+    intermediate_size: int = MISSING
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (MHA)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        out = []
+        for key in ("dim", "n_layers", "n_heads", "vocab_size", "intermediate_size", "max_seq_len"):
+            if getattr(self, key) < 1:
+                out.append((key, getattr(self, key), "must be >= 1"))
+        if self.n_heads >= 1 and self.n_heads % self.kv_heads:
+            out.append(("n_kv_heads", self.n_kv_heads, f"must divide n_heads ({self.n_heads})"))
+        if self.head_dim is None and self.n_heads >= 1 and self.dim % self.n_heads:
+            out.append(("n_heads", self.n_heads, f"must divide dim ({self.dim}) unless head_dim is set"))
+        if self.head_size % 2:
+            out.append(("head_dim", self.head_size, "must be even (RoPE rotates pairs)"))
+        if self.norm_eps <= 0:
+            out.append(("norm_eps", self.norm_eps, "must be > 0"))
+        if self.rope_theta <= 0:
+            out.append(("rope_theta", self.rope_theta, "must be > 0"))
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    spec: Optional[str] = None  # specs/NAME.yaml; None: the checkpoint folder's name
+    checkpoint: str = MISSING
+    source: Optional[str] = None  # where to get the checkpoint when it is missing
+    arch: ModelSpec = field(default_factory=ModelSpec)  # the spec, merged in; any field overridable
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        return [(f"arch.{key}", value, why) for key, value, why in self.arch.problems()]
+
+
+@dataclass(frozen=True)
+class TokenizerSection:
+    kind: TokenizerKind = MISSING
+    path: str = MISSING
+    # tiktoken only: the regex that splits text before BPE (default: Llama-3's) and the
+    # special tokens appended after the ranks (default: Llama-3's 256).
+    pattern: Optional[str] = None
+    special_tokens: Optional[list[str]] = None
+    bos: Optional[str] = None  # token text; None: the tokenizer's own
+    eos: Optional[str] = None
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        return []
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    mode: QuantMode = QuantMode.none
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        return []
+
+
+@dataclass(frozen=True)
+class DraftSection:
+    """Speculative decoding's draft (not available yet: the section is reserved)."""
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        return []
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    world_size: int = 1
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        if self.world_size < 1:
+            return [("world_size", self.world_size, "must be >= 1")]
+        if self.world_size > 1:
+            return [("world_size", self.world_size, "tensor parallelism is not supported yet; use 1")]
+        return []
+
+
+@dataclass(frozen=True)
+class CompileSection:
+    decode: bool = False
+    prefill: bool = False
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        return [
+            (key, True, "torch.compile is not supported yet; use false")
+            for key in ("decode", "prefill")
+            if getattr(self, key)
+        ]
+
+
+@dataclass(frozen=True)
+class GenerateSection:
+    prompt: str = "Hello, my name is"
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: Optional[int] = 200  # None: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int = 1234
+    num_samples: int = 1
+    cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(("max_new_tokens", self.max_new_tokens, "must be >= 1"))
+        if self.temperature < 0:
+            out.append(("temperature", self.temperature, "must be >= 0 (0 is greedy)"))
+        if self.top_k is not None and self.top_k < 1:
+            out.append(("top_k", self.top_k, "must be >= 1, or null for no top-k filter"))
+        if not 0 < self.top_p <= 1:
+            out.append(("top_p", self.top_p, "must be in (0, 1]"))
+        if self.num_samples < 1:
+            out.append(("num_samples", self.num_samples, "must be >= 1"))
+        if self.cache_len is not None and self.cache_len < 2:
+            out.append(("cache_len", self.cache_len, "must be >= 2, or null to size it from the prompt"))
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    draft: DraftSection = field(default_factory=DraftSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    device: str = "cpu"
+    dtype: DType = DType.float32
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        out = []
+        for name in ("model", "tokenizer", "quant", "draft", "parallel", "compile", "generate"):
+            out += [(f"{name}.{key}", value, why) for key, value, why in getattr(self, name).problems()]
+        kind = self.device.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps"):
+            out.append(("device", self.device, "must be cpu, cuda, cuda:N or mps"))
+        if self.threads is not None and self.threads < 1:
+            out.append(("threads", self.threads, "must be >= 1, or null for torch's default"))
+        return out

@@ -1,0 +1,59 @@
+"""Plain autoregressive decoding: prefill the prompt, then one token per forward."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from runner.decoders.sampling import Sampling, next_token
+from runner.decoders.stats import Stats, peak_memory
+
+
+class PlainDecoder:
+    """Greedy or sampled decoding of one sequence over the model's static KV cache."""
+
+    def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None):
+        self.model = model
+        self.sampling = sampling
+        self.cache_len = cache_len
+        self.device = next(model.parameters()).device
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        eos_ids: frozenset[int] = frozenset(),
+        generator: torch.Generator | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> tuple[list[int], Stats]:
+        """New tokens (ending with the EOS token if one was drawn) and timing statistics."""
+        cache_len = self.cache_len or min(len(prompt) + max_new_tokens, self.model.spec.max_seq_len)
+        if len(prompt) + max_new_tokens > cache_len:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the cache ({cache_len})")
+        if self.model.cache_len != cache_len:
+            self.model.setup_cache(1, cache_len)
+
+        out: list[int] = []
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tokens = torch.tensor([prompt], device=self.device)  # [1, T]
+            logits = self.model(tokens, torch.arange(len(prompt), device=self.device))  # [1, T, V]
+            token = next_token(logits[0, -1], self.sampling, generator)
+            first = time.perf_counter()
+            pos = torch.tensor([len(prompt)], device=self.device)
+            while True:
+                out.append(int(token))  # the one host sync per token; streaming needs it anyway
+                if on_token is not None:
+                    on_token(out[-1])
+                if out[-1] in eos_ids or len(out) == max_new_tokens:
+                    break
+                logits = self.model(token.view(1, 1), pos)  # [1, 1, V]
+                token = next_token(logits[0, -1], self.sampling, generator)
+                pos += 1
+        end = time.perf_counter()
+        stats = Stats(
+            prompt_tokens=len(prompt), new_tokens=len(out), time_to_first_token=first - start,
+            decode_seconds=end - first, peak_memory_bytes=peak_memory(self.device),
+        )
+        return out, stats

@@ -1,0 +1,32 @@
+"""What a decoder measured, for the reporter to print."""
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token: float  # seconds: prefill plus the first sample
+    decode_seconds: float  # from the first token to the last
+    peak_memory_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time they took."""
+        if self.new_tokens < 2 or self.decode_seconds <= 0:
+            return float("nan")
+        return (self.new_tokens - 1) / self.decode_seconds
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA's allocator peak on a GPU, the process's peak RSS otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB

@@ -1,0 +1,50 @@
+"""Checkpoint loaders: one per on-disk format, chosen by what the path holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runner.config.errors import ConfigError, problem
+from runner.config.schema import ModelSpec
+from runner.loaders import native
+from runner.model.llama import Transformer
+
+# name -> module with matches(path) -> bool and load(path, spec) -> native state dict
+LOADERS = {"native": native}
+
+
+def detect(path: Path) -> str:
+    for name, loader in LOADERS.items():
+        if loader.matches(path):
+            return name
+    raise ConfigError([problem(str(path), "model.checkpoint", f"no loader recognises it; formats: {', '.join(LOADERS)}")])
+
+
+def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Build the model for `spec` and fill it from the checkpoint at `path`."""
+    state = LOADERS[detect(path)].load(path, spec)
+    with torch.device("meta"):
+        model = Transformer(spec)
+    check_shapes(path, model.state_dict(), state)
+    model.load_state_dict(state, assign=True)
+    model.cos_sin = torch.empty(0)  # built for real by setup_cache
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def check_shapes(path: Path, expected: dict, found: dict) -> None:
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    problems = []
+    if missing:
+        problems.append(problem(str(path), "model.checkpoint", f"lacks {len(missing)} tensor(s) the spec needs, first {missing[0]!r}"))
+    if extra:
+        problems.append(problem(str(path), "model.checkpoint", f"has {len(extra)} tensor(s) the spec does not, first {extra[0]!r}"))
+    for name, tensor in expected.items():
+        if name in found and tuple(found[name].shape) != tuple(tensor.shape):
+            problems.append(problem(str(path), "model.checkpoint",
+                                    f"tensor {name!r} has shape {tuple(found[name].shape)} but the spec (model.arch) "
+                                    f"needs {tuple(tensor.shape)}"))
+            break
+    if problems:
+        raise ConfigError(problems)

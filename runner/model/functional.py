@@ -1,0 +1,63 @@
+"""The model's math as small pure functions: RMSNorm, RoPE, attention over a static cache."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from runner.config.schema import RopeScaling
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 whatever the activations' dtype, as the reference does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with Llama-3.1's scaling of the long wavelengths."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept; in between, interpolate.
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(mid, blended, scaled).float()
+
+
+def rope_cache(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:
+    """cos and sin for every position: [max_len, 2, head_dim]."""
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [max_len, head_dim]
+    return torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by cos_sin [T, 2, D].
+
+    The native layout pairs dimension i with i + D/2 (HF's "rotate half"); Meta and GGUF
+    checkpoints, which pair neighbours, are permuted into it when they are loaded.
+    """
+    cos, sin = cos_sin[:, 0].to(x.dtype), cos_sin[:, 1].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, H, T, D] over the cache k, v [B, KVH, L, D]; mask [T, L] (True: attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def causal_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """[T, cache_len]: a query at position p sees cache slots 0..p."""
+    return torch.arange(cache_len, device=input_pos.device)[None, :] <= input_pos[:, None]

@@ -1,0 +1,127 @@
+"""The LLaMA-family decoder: one forward for prefill and for single-token decode.
+
+Native state dict layout (what every loader converts to):
+  tok_embeddings.weight                  [vocab, dim]
+  layers.N.attention_norm.weight         [dim]
+  layers.N.attention.wqkv.weight         [(n_heads + 2 * n_kv_heads) * head_dim, dim]  q, k, v stacked
+  layers.N.attention.wo.weight           [dim, n_heads * head_dim]
+  layers.N.ffn_norm.weight               [dim]
+  layers.N.feed_forward.w13.weight       [2 * intermediate, dim]  gate (w1) then up (w3)
+  layers.N.feed_forward.w2.weight        [dim, intermediate]
+  norm.weight                            [dim]
+  output.weight                          [vocab, dim]  (absent when embeddings are tied)
+q and k rows are in the "rotate half" order of runner.model.functional.apply_rope.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.config.schema import ModelSpec
+from runner.model import functional as fn
+
+
+class KVCache(nn.Module):
+    """A static cache: [B, n_kv_heads, max_len, head_dim] for keys and values."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # Slots beyond the current position may hold stale values: the causal mask never reads them.
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.kv_heads, spec.head_size
+        self.wqkv = nn.Linear(spec.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos_sin, mask, input_pos):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = fn.apply_rope(q, cos_sin), fn.apply_rope(k, cos_sin)
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, KVH, L, D]
+        y = fn.attention(q, k, v, mask)  # [B, H, T, D]
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.w13 = nn.Linear(spec.dim, 2 * spec.intermediate_size, bias=False)
+        self.w2 = nn.Linear(spec.intermediate_size, spec.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return fn.rms_norm(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.attention = Attention(spec)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.feed_forward = FeedForward(spec)
+
+    def forward(self, x, cos_sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.output = None if spec.tie_embeddings else nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        self.cache_len = 0
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def setup_cache(self, batch: int, cache_len: int) -> None:
+        """Allocate the static KV caches (and RoPE table) for `cache_len` positions."""
+        if cache_len > self.spec.max_seq_len:
+            raise ValueError(f"cache of {cache_len} positions exceeds max_seq_len {self.spec.max_seq_len}")
+        weight = self.tok_embeddings.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, self.spec.kv_heads, cache_len, self.spec.head_size, dtype, weight.device)
+        inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)
+        self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
+        self.cache_len = cache_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos [T]."""
+        mask = fn.causal_mask(input_pos, self.cache_len)  # [T, L]
+        cos_sin = self.cos_sin[input_pos]  # [T, 2, D]
+        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            x = layer(x, cos_sin, mask, input_pos)
+        x = self.norm(x)
+        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)

@@ -1,0 +1,29 @@
+"""Everything runner prints during generation: the streamed text and the statistics line."""
+from __future__ import annotations
+
+import sys
+
+from runner.decoders.stats import Stats
+
+
+class Reporter:
+    """Writes to stdout (the text) and stderr-free summary lines; only rank 0 reports."""
+
+    def __init__(self, out=None, rank: int = 0):
+        self.out = out or sys.stdout
+        self.enabled = rank == 0
+
+    def write(self, text: str) -> None:
+        if self.enabled and text:
+            self.out.write(text)
+            self.out.flush()
+
+    def line(self, text: str = "") -> None:
+        self.write(text + "\n")
+
+    def stats(self, stats: Stats, label: str = "") -> None:
+        self.line(
+            f"{label}{stats.new_tokens} tokens | {stats.tokens_per_second:.2f} tokens/s | "
+            f"time to first token {stats.time_to_first_token * 1000:.1f} ms | "
+            f"prompt {stats.prompt_tokens} tokens | peak memory {stats.peak_memory_bytes / 2**20:.1f} MiB"
+        )
