@@ -13,8 +13,11 @@ class _DefaultRun(click.Group):
     """`runner RECIPE ...` means `runner run RECIPE ...`."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
+        i = 0
+        while i < len(args) and args[i].startswith("-"):  # the group's flags (--debug) take no value
+            i += 1
+        if i < len(args) and args[i] not in self.commands:
+            args = [*args[:i], "run", *args[i:]]
         return super().parse_args(ctx, args)
 
 
@@ -49,9 +52,9 @@ def run(recipe, overrides):
     from runner.report import Reporter
     from runner.tokenizers.base import TextStream
 
-    built = pipeline.build(resolved, recipe)
-    prompt = pipeline.encode_prompt(built, recipe)
     report = Reporter()
+    built = pipeline.build(resolved, recipe, report.progress("preparing checkpoint"))
+    prompt = pipeline.encode_prompt(built, recipe)
     n = resolved.generate.num_samples
     for i in range(n):
         if n > 1:
@@ -77,6 +80,35 @@ def show(recipe, overrides):
     from runner.config.resolve import resolve, to_yaml
 
     click.echo(to_yaml(resolve(recipe, overrides)), nl=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def prepare(recipe, overrides):
+    """Fetch RECIPE's model.source and convert it to the native model.checkpoint, once.
+
+    A second call finds the checkpoint and returns at once. Writing is atomic: an
+    interrupted prepare leaves nothing behind and the next one starts clean.
+
+    \b
+    Example:
+      runner prepare recipes/smollm2-135m.yaml
+    """
+    from pathlib import Path
+
+    from runner.config.resolve import resolve
+
+    resolved = resolve(recipe, overrides)
+    model = resolved.model
+    if Path(model.checkpoint).exists():
+        click.echo(f"already prepared: {model.checkpoint}")
+        return
+    from runner import sources
+    from runner.report import Reporter
+
+    sources.prepare(model, recipe, Reporter().progress("converting"))
+    click.echo(f"prepared {model.checkpoint}")
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """The whole flow: resolve -> load -> weight transforms -> shard -> decoder -> generate -> report."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,16 +22,29 @@ class Pipeline:
     decoder: object
 
 
-def build(recipe: Recipe, recipe_file: str) -> Pipeline:
+def build_tokenizer(recipe: Recipe, recipe_file: str) -> Tokenizer:
+    """The recipe's tokenizer; with no tokenizer.path, the one the model's source carries."""
+    section = recipe.tokenizer
+    if section.path is None:
+        carrier = sources.source_file(recipe.model, recipe_file)
+        if carrier is None:
+            raise ConfigError([problem(recipe_file, "tokenizer.path", "is required when model.source carries no tokenizer")])
+        section = dataclasses.replace(section, path=str(carrier))
+    tokenizer = tokenizers.build(section, recipe_file)
+    if tokenizer.vocab_size > recipe.model.arch.vocab_size:
+        raise ConfigError([problem(recipe_file, "tokenizer.path", f"the tokenizer has {tokenizer.vocab_size} tokens but the "
+                                   f"model's embedding only {recipe.model.arch.vocab_size} (model.arch.vocab_size)",
+                                   section.path)])
+    return tokenizer
+
+
+def build(recipe: Recipe, recipe_file: str, progress: Callable | None = None) -> Pipeline:
     """Everything needed to generate, from a resolved recipe."""
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     device = torch.device(recipe.device)
-    tokenizer = tokenizers.build(recipe.tokenizer)
-    if tokenizer.vocab_size > recipe.model.arch.vocab_size:
-        raise ConfigError([problem(recipe_file, "tokenizer.path", f"the tokenizer has {tokenizer.vocab_size} tokens but the "
-                                   f"model's embedding only {recipe.model.arch.vocab_size} (model.arch.vocab_size)")])
-    path = sources.prepare(recipe.model, recipe_file)
+    path = sources.prepare(recipe.model, recipe_file, progress)
+    tokenizer = build_tokenizer(recipe, recipe_file)
     model = loaders.load_model(path, recipe.model.arch, device, transforms.torch_dtype(recipe))
     model = transforms.apply(model, recipe, recipe_file)
     # Sharding (parallel.world_size > 1) plugs in here; resolve refuses it for now.

