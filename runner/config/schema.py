@@ -21,10 +21,28 @@ class DType(Enum):
 class TokenizerKind(Enum):
     sentencepiece = "sentencepiece"
     tiktoken = "tiktoken"
+    gguf = "gguf"  # the vocabulary inside a llama.cpp .gguf file (gpt2-style BPE)
+    hf = "hf"  # a Hugging Face tokenizer.json (byte-level BPE), or a folder holding one
 
 
 class QuantMode(Enum):
     none = "none"
+    int8 = "int8"  # weight-only, symmetric, one scale per output channel
+    int4 = "int4"  # weight-only, asymmetric, a scale and a zero per quant.groupsize inputs
+    int4_gptq = "int4-gptq"  # int4's layout, rounded by GPTQ on calibration activations
+
+
+class QuantOutput(Enum):
+    """How the output (logits) layer is stored when the rest is quantized."""
+
+    keep = "keep"  # the model's float dtype
+    int8 = "int8"
+    same = "same"  # as quant.mode
+
+
+class QuantEmbedding(Enum):
+    keep = "keep"
+    int8 = "int8"
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ class ModelSection:
 @dataclass(frozen=True)
 class TokenizerSection:
     kind: TokenizerKind = MISSING
-    path: str = MISSING
+    path: Optional[str] = None  # None: the file the model's source provides
     # tiktoken only: the regex that splits text before BPE (default: Llama-3's) and the
     # special tokens appended after the ranks (default: Llama-3's 256).
     pattern: Optional[str] = None
@@ -106,12 +124,48 @@ class TokenizerSection:
         return []
 
 
+INT4_GROUPSIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
+
+
+@dataclass(frozen=True)
+class QuantCalibration:
+    """GPTQ's calibration data: `samples` windows of `seq_len` tokens cut from a text file."""
+
+    path: Optional[str] = None
+    samples: int = 128
+    seq_len: int = 512
+
+
 @dataclass(frozen=True)
 class QuantSection:
     mode: QuantMode = QuantMode.none
+    groupsize: int = 128  # int4 modes: consecutive inputs sharing one scale and zero
+    output: QuantOutput = QuantOutput.keep
+    embedding: QuantEmbedding = QuantEmbedding.keep
+    calibration: QuantCalibration = field(default_factory=QuantCalibration)  # int4-gptq only
+    damping: float = 0.01  # int4-gptq: added to the Hessian's diagonal, times its mean
+    block_size: int = 128  # int4-gptq: columns per lazy batch update (speed only)
 
     def problems(self) -> list[tuple[str, object, str]]:
-        return []
+        out = []
+        int4 = self.mode in (QuantMode.int4, QuantMode.int4_gptq)
+        if int4 and self.groupsize not in INT4_GROUPSIZES:
+            out.append(("groupsize", self.groupsize, f"must be one of {', '.join(map(str, INT4_GROUPSIZES))}"))
+        if self.mode is QuantMode.none:
+            for key, keep in (("output", QuantOutput.keep), ("embedding", QuantEmbedding.keep)):
+                if getattr(self, key) is not keep:
+                    out.append((key, getattr(self, key).value, "only applies when quant.mode is not none"))
+        if self.mode is QuantMode.int4_gptq:
+            if self.calibration.path is None:
+                out.append(("calibration.path", None, "is required by int4-gptq: a text file to calibrate on"))
+            for key in ("samples", "seq_len"):
+                if getattr(self.calibration, key) < 1:
+                    out.append((f"calibration.{key}", getattr(self.calibration, key), "must be >= 1"))
+            if not 0 < self.damping < 1:
+                out.append(("damping", self.damping, "must be in (0, 1): a fraction of the Hessian's mean diagonal"))
+            if self.block_size < 1:
+                out.append(("block_size", self.block_size, "must be >= 1"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -156,6 +210,7 @@ class GenerateSection:
     top_p: float = 1.0  # 1: no nucleus filter
     seed: int = 1234
     num_samples: int = 1
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template as a user message
     cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
 
     def problems(self) -> list[tuple[str, object, str]]:

@@ -8,6 +8,7 @@ import sentencepiece as spm
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import TokenizerSection
+from runner.tokenizers.base import finder, split_at
 
 META_SPACE = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 
@@ -20,11 +21,19 @@ class SentencePieceTokenizer:
         self.bos_id = bos_id
         self.eos_ids = eos_ids
         self.vocab_size = processor.vocab_size()
+        self.chat_template = None  # a .model file ships none
+        self.bos_token = processor.id_to_piece(bos_id) if bos_id is not None else None
+        self.eos_token = processor.id_to_piece(min(eos_ids)) if eos_ids else None
+        self._controls = finder(processor.id_to_piece(i) for i in range(self.vocab_size)
+                                if processor.is_control(i) or processor.is_unknown(i))
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        # SentencePiece never matches control pieces such as "<s>" in text, so they stay plain text.
-        ids = self.processor.encode(text)
-        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+    def encode(self, text: str, bos: bool = True, allow_special: bool = False) -> list[int]:
+        # SentencePiece never matches control pieces such as "<s>" in text, so they stay plain text
+        # unless allowed: then they are cut out first, and each stretch between is encoded alone.
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        for piece, control in split_at(text, self._controls if allow_special else None):
+            ids += [self.processor.piece_to_id(piece)] if control else self.processor.encode(piece)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """SentencePiece's own decode: control tokens vanish, the leading dummy-prefix space is dropped."""

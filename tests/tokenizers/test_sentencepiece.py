@@ -104,3 +104,9 @@ def test_the_shipped_tiny_model():
     assert (tok.vocab_size, tok.bos_id, tok.eos_ids) == (512, BOS, frozenset({EOS}))
     text = "Hello, my name is 🤖 and I write\tcode:  x = f(42)\n"
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_allow_special_encodes_control_piece_text_as_the_piece(sp):
+    # Each stretch between control pieces is encoded alone, with its own dummy-prefix space.
+    assert sp.encode("<s>hi</s>", bos=False, allow_special=True) == [BOS, *sp.encode("hi", bos=False), EOS]
+    assert (sp.bos_token, sp.eos_token, sp.chat_template) == ("<s>", "</s>", None)

@@ -153,3 +153,9 @@ def test_bad_pattern_and_repeated_special_tokens(ranks_path):
         build(section(ranks_path, pattern="(unclosed"))
     with pytest.raises(ConfigError, match=r"tokenizer.special_tokens: lists a token twice \(got \['<a>'\]\)"):
         build(section(ranks_path, special_tokens=["<a>", "<b>", "<a>"]))
+
+
+def test_allow_special_encodes_special_token_text_as_the_token(tt):
+    text = "<|begin_of_text|>hi<|eot_id|>"
+    assert tt.encode(text, bos=False, allow_special=True) == [BOS, *tt.encode("hi", bos=False), EOT]
+    assert (tt.bos_token, tt.eos_token, tt.chat_template) == ("<|begin_of_text|>", "<|end_of_text|>", None)
