@@ -53,14 +53,14 @@ def run(recipe, overrides):
     from runner.tokenizers.base import TextStream
 
     report = Reporter()
-    built = pipeline.build(resolved, recipe, report.progress("preparing checkpoint"))
+    built = pipeline.build(resolved, recipe, report.note)
     prompt = pipeline.encode_prompt(built, recipe)
     n = resolved.generate.num_samples
     for i in range(n):
         if n > 1:
             report.line(f"--- sample {i + 1}/{n}")
         stream = TextStream(built.tokenizer)
-        report.write(resolved.generate.prompt)
+        report.write(resolved.generate.prompt + ("\n" if resolved.generate.chat else ""))
         _, stats = pipeline.generate(built, prompt, lambda t: report.write(stream.push(t)), sample_index=i)
         report.write(stream.flush())
         report.line()
@@ -107,7 +107,7 @@ def prepare(recipe, overrides):
     from runner import sources
     from runner.report import Reporter
 
-    sources.prepare(model, recipe, Reporter().progress("converting"))
+    sources.prepare(model, recipe, Reporter().note)
     click.echo(f"prepared {model.checkpoint}")
 
 

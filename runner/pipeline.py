@@ -12,6 +12,7 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import Recipe
 from runner.decoders.stats import Stats
 from runner.tokenizers.base import Tokenizer
+from runner.tokenizers.chat import render_chat
 
 
 @dataclass
@@ -53,7 +54,12 @@ def build(recipe: Recipe, recipe_file: str, progress: Callable | None = None) ->
 
 def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
     recipe = pipeline.recipe
-    ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)
+    if recipe.generate.chat:
+        # The template writes any BOS itself, and its special-token text must become special tokens.
+        text = render_chat(pipeline.tokenizer, recipe.generate.prompt, recipe_file)
+        ids = pipeline.tokenizer.encode(text, bos=False, allow_special=True)
+    else:
+        ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)
     limit = recipe.generate.cache_len or recipe.model.arch.max_seq_len
     if len(ids) + recipe.generate.max_new_tokens > limit:
         which = "generate.cache_len" if recipe.generate.cache_len else "model.arch.max_seq_len"

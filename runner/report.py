@@ -21,6 +21,11 @@ class Reporter:
     def line(self, text: str = "") -> None:
         self.write(text + "\n")
 
+    def note(self, text: str) -> None:
+        """A status line on stderr, keeping stdout for the generated text."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
     def progress(self, label: str):
         """A callback(done, total) drawing a progress bar on stderr (a plain line when not a terminal)."""
         err = sys.stderr

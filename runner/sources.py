@@ -44,7 +44,7 @@ def fetch(source: str, where: str) -> Path:
     return path
 
 
-def prepare(model: ModelSection, where: str, progress: Callable | None = None) -> Path:
+def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | None = None) -> Path:
     """model.checkpoint, creating it from model.source first when it is missing."""
     path = Path(model.checkpoint)
     if path.exists():
@@ -59,8 +59,11 @@ def prepare(model: ModelSection, where: str, progress: Callable | None = None) -
         return path
     from runner import loaders  # imports torch; keep `runner show` fast
 
+    say = progress or (lambda step: None)
+    say(f"fetching {model.source}")
     fetched = fetch(model.source, where)
-    state = loaders.load_state_dict(fetched, model.arch, progress)
+    say(f"converting {fetched.name} to {path}")
+    state = loaders.load_state_dict(fetched, model.arch)
     checkpoint.save(path, model.arch, state)
     return path
 

@@ -7,11 +7,17 @@ import torch
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec
-from runner.loaders import native
+from runner.loaders import gguf, hf, meta, native
 from runner.model.llama import Transformer
 
-# name -> module with matches(path) -> bool and load(path, spec) -> native state dict
-LOADERS = {"native": native}
+# name -> module with matches(path) -> bool and load(path, spec) -> native state dict, and optionally
+# read_spec(path) -> the ModelSpec fields the checkpoint declares. The first match wins: specific formats first.
+LOADERS = {
+    "hf": hf,  # a directory with config.json
+    "meta": meta,  # a directory with params.json
+    "gguf": gguf,  # a .gguf file, or any file starting with GGUF's magic
+    "native": native,
+}
 
 
 def detect(path: Path) -> str:
@@ -21,12 +27,26 @@ def detect(path: Path) -> str:
     raise ConfigError([problem(str(path), "model.checkpoint", f"no loader recognises it; formats: {', '.join(LOADERS)}")])
 
 
-def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model for `spec` and fill it from the checkpoint at `path`."""
+def read_spec(path: Path) -> dict | None:
+    """The ModelSpec fields the checkpoint at `path` declares itself; None when its format declares none."""
+    reader = getattr(LOADERS[detect(path)], "read_spec", None)
+    return None if reader is None else reader(path)
+
+
+def load_state_dict(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` in the native layout, its shapes checked against `spec`."""
     state = LOADERS[detect(path)].load(path, spec)
     with torch.device("meta"):
+        expected = Transformer(spec).state_dict()
+    check_shapes(path, expected, state)
+    return state
+
+
+def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """Build the model for `spec` and fill it from the checkpoint at `path`."""
+    state = load_state_dict(path, spec)
+    with torch.device("meta"):
         model = Transformer(spec)
-    check_shapes(path, model.state_dict(), state)
     model.load_state_dict(state, assign=True)
     model.cos_sin = torch.empty(0)  # built for real by setup_cache
     return model.to(device=device, dtype=dtype).eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from runner import checkpoint
-from runner.config.schema import ModelSpec
+from runner.config.schema import ModelSpec, RopeScaling
 
 
 def matches(path: Path) -> bool:
@@ -16,3 +16,11 @@ def matches(path: Path) -> bool:
 def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The state dict, memory-mapped."""
     return checkpoint.read(path)["state_dict"]
+
+
+def read_spec(path: Path) -> dict | None:
+    """The spec a runner checkpoint carries; None for a bare state dict."""
+    spec = checkpoint.read(path)["spec"]
+    if spec is not None and spec.get("rope_scaling") is not None:
+        spec = {**spec, "rope_scaling": RopeScaling(**spec["rope_scaling"])}
+    return spec
