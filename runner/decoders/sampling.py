@@ -47,7 +47,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     torch.multinomial it never waits for the device.
     """
     race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(-1)
+    # A race time of exactly 0 would make 0/0 = nan for a zero-probability token, which argmax picks.
+    return torch.where(probs > 0, probs / race, 0.0).argmax(-1)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
