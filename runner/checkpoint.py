@@ -1,7 +1,10 @@
 """The native checkpoint: a plain dict of tensors and metadata, written atomically.
 
 File contents (readable by torch.load(weights_only=True)):
-  {"format": "runner", "version": 1, "spec": {ModelSpec fields}, "state_dict": {name: tensor}}
+  {"format": "runner", "version": 1, "spec": {ModelSpec fields},
+   "quant": None or runner.quant.metadata(section), "state_dict": {name: tensor}}
+A quantized checkpoint holds the device-neutral layout of runner.quant; it is packed for the
+device's kernels when loaded.
 """
 from __future__ import annotations
 
@@ -42,9 +45,9 @@ def atomic_path(path: Path):
             os.unlink(tmp)
 
 
-def save(path: Path, spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write a native checkpoint atomically."""
-    payload = {"format": FORMAT, "version": VERSION, "spec": dataclasses.asdict(spec),
+def save(path: Path, spec: ModelSpec, state_dict: dict[str, torch.Tensor], quant: dict | None = None) -> None:
+    """Write a native checkpoint atomically; `quant` records how its weights were quantized."""
+    payload = {"format": FORMAT, "version": VERSION, "spec": dataclasses.asdict(spec), "quant": quant,
                "state_dict": {k: v.contiguous() for k, v in state_dict.items()}}
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
@@ -63,7 +66,7 @@ def read(path: Path, key: str = "model.checkpoint") -> dict:
         raise ConfigError([problem(str(path), key, f"holds a {type(payload).__name__}, not a checkpoint dict")])
     if payload.get("format") != FORMAT:
         # A bare state dict, as torch.save(model.state_dict()) writes it.
-        payload = {"format": FORMAT, "version": VERSION, "spec": None, "state_dict": payload}
+        payload = {"format": FORMAT, "version": VERSION, "spec": None, "quant": None, "state_dict": payload}
     return payload
 
 

@@ -100,15 +100,45 @@ def prepare(recipe, overrides):
     from runner.config.resolve import resolve
 
     resolved = resolve(recipe, overrides)
-    model = resolved.model
-    if Path(model.checkpoint).exists():
-        click.echo(f"already prepared: {model.checkpoint}")
-        return
-    from runner import sources
+    models = {"model": resolved.model}
+    if resolved.draft.model is not None and resolved.draft.model.checkpoint != resolved.model.checkpoint:
+        models["draft.model"] = resolved.draft.model
+    for key, model in models.items():
+        if Path(model.checkpoint).exists():
+            click.echo(f"already prepared: {model.checkpoint}")
+            continue
+        from runner import sources
+        from runner.report import Reporter
+
+        sources.prepare(model, recipe, Reporter().note, key=key, explicit=True)
+        click.echo(f"prepared {model.checkpoint}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write it [default: beside model.checkpoint, e.g. model_int4.g32.pth].")
+def quantize(recipe, overrides, out):
+    """Write RECIPE's model quantized as its quant section says, with that config stored inside.
+
+    Point a recipe's model.checkpoint at the result to load it directly (the recipe's quant
+    section must then say the same).
+
+    \b
+    Example:
+      runner quantize recipes/smollm2-135m.yaml quant.mode=int4 quant.groupsize=32
+    """
+    from runner.config.resolve import resolve
+
+    resolved = resolve(recipe, overrides, check_files=True)
+    from runner import pipeline
     from runner.report import Reporter
 
-    sources.prepare(model, recipe, Reporter().note)
-    click.echo(f"prepared {model.checkpoint}")
+    report = Reporter()
+    target = Path(out) if out else pipeline.quantized_path(resolved, recipe)
+    pipeline.write_quantized(resolved, recipe, target, report.note)
+    click.echo(f"wrote {target}")
 
 
 @cli.command()
@@ -149,7 +179,7 @@ def list_():
         "tokenizers": [k.value for k in tokenizers.TOKENIZERS],
         "quant modes": [m.value for m in transforms.QUANT_MODES],
         "dtypes": [d.value for d in DType],
-        "decoders": list(decoders.DECODERS),
+        "draft kinds (decoders)": [f"{k.value} ({d.__name__})" for k, d in decoders.DECODERS.items()],
     }
     for name, values in rows.items():
         click.echo(f"{name}: {', '.join(values)}")

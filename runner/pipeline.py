@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -9,7 +10,7 @@ import torch
 
 from runner import decoders, loaders, sources, tokenizers, transforms
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import Recipe
+from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind
 from runner.decoders.stats import Stats
 from runner.tokenizers.base import Tokenizer
 from runner.tokenizers.chat import render_chat
@@ -23,11 +24,16 @@ class Pipeline:
     decoder: object
 
 
+# The file a source directory (an HF snapshot) holds for each tokenizer kind.
+TOKENIZER_FILES = {TokenizerKind.sentencepiece: "tokenizer.model", TokenizerKind.tiktoken: "original/tokenizer.model",
+                   TokenizerKind.hf: "tokenizer.json", TokenizerKind.gguf: ""}
+
+
 def build_tokenizer(recipe: Recipe, recipe_file: str) -> Tokenizer:
     """The recipe's tokenizer; with no tokenizer.path, the one the model's source carries."""
     section = recipe.tokenizer
     if section.path is None:
-        carrier = sources.source_file(recipe.model, recipe_file)
+        carrier = sources.source_file(recipe.model, recipe_file, TOKENIZER_FILES[section.kind])
         if carrier is None:
             raise ConfigError([problem(recipe_file, "tokenizer.path", "is required when model.source carries no tokenizer")])
         section = dataclasses.replace(section, path=str(carrier))
@@ -39,17 +45,88 @@ def build_tokenizer(recipe: Recipe, recipe_file: str) -> Tokenizer:
     return tokenizer
 
 
-def build(recipe: Recipe, recipe_file: str, progress: Callable | None = None) -> Pipeline:
+def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None = None) -> Pipeline:
     """Everything needed to generate, from a resolved recipe."""
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
-    device = torch.device(recipe.device)
-    path = sources.prepare(recipe.model, recipe_file, progress)
+    path = sources.prepare(recipe.model, recipe_file, note)
     tokenizer = build_tokenizer(recipe, recipe_file)
-    model = loaders.load_model(path, recipe.model.arch, device, transforms.torch_dtype(recipe))
-    model = transforms.apply(model, recipe, recipe_file)
+    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note)
     # Sharding (parallel.world_size > 1) plugs in here; resolve refuses it for now.
-    return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model))
+    draft_model = None
+    if recipe.draft.kind is DraftKind.model:
+        draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model")
+        draft_model = load(draft_path, recipe.draft.model.arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
+                           note, key="draft")
+    return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model, draft_model))
+
+
+def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
+         tokenizer: Tokenizer, note: Callable[[str], None] | None = None, key: str = "model") -> torch.nn.Module:
+    """One model in the recipe's dtype on its device, quantized as `section` says.
+
+    A checkpoint written by `runner quantize` is loaded as it is, and must have been quantized
+    the way `section` says: never a silent mix of two quantizations.
+    """
+    say = note or (lambda text: None)
+    quant_key = "quant" if key == "model" else f"{key}.quant"
+    device, dtype = torch.device(recipe.device), transforms.torch_dtype(recipe)
+    stored = loaders.stored_quant(path)
+    if stored is not None:
+        from runner import quant
+
+        if quant.metadata(quant.from_metadata(stored)) != quant.metadata(_layout_of(section)):
+            raise ConfigError([problem(recipe_file, f"{quant_key}.mode",
+                                       f"{path} was quantized with {_describe(stored)}, but the recipe says "
+                                       f"{_describe(quant.metadata(section))}; make them agree, or load the float checkpoint",
+                                       section.mode.value)])
+        return loaders.load_model(path, arch, device, dtype, quant.from_metadata(stored))
+    model = loaders.load_model(path, arch, device, dtype)
+    if section.mode is QuantMode.none:
+        return model
+    from runner import quant
+
+    before = quant.model_bytes(model)
+    calibration = None
+    if quant.needs_calibration(section):
+        text = Path(section.calibration.path).read_text(encoding="utf-8", errors="replace")
+        calibration = quant.calibration_tokens(tokenizer.encode(text, bos=False), section, recipe_file, quant_key)
+    progress = (lambda done, total: say(f"{quant_key}: GPTQ layer {done}/{total}")) if calibration is not None else None
+    model = transforms.apply(model, section, recipe_file, quant_key, calibration, progress)
+    say(f"{key}: {section.mode.value} quantization: {before / 1e6:.1f} MB -> {quant.model_bytes(model) / 1e6:.1f} MB")
+    return model
+
+
+def quantized_path(recipe: Recipe, recipe_file: str) -> Path:
+    """Where `runner quantize` writes by default: beside model.checkpoint, named by mode and groupsize."""
+    q = recipe.quant
+    if q.mode is QuantMode.none:
+        raise ConfigError([problem(recipe_file, "quant.mode", "is none: nothing to quantize; choose one of "
+                                   + ", ".join(m.value for m in QuantMode if m is not QuantMode.none), "none")])
+    group = f".g{q.groupsize}" if q.mode in (QuantMode.int4, QuantMode.int4_gptq) else ""
+    return Path(recipe.model.checkpoint).with_name(f"model_{q.mode.value}{group}.pth")
+
+
+def write_quantized(recipe: Recipe, recipe_file: str, out: Path, note: Callable[[str], None] | None = None) -> None:
+    """Quantize the recipe's model as its quant section says and save it, atomically, with that section inside."""
+    from runner import checkpoint, quant
+
+    path = sources.prepare(recipe.model, recipe_file, note)
+    if loaders.stored_quant(path) is not None:
+        raise ConfigError([problem(recipe_file, "model.checkpoint", "is already quantized; quantize the float checkpoint", str(path))])
+    tokenizer = build_tokenizer(recipe, recipe_file)
+    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note)
+    checkpoint.save(out, recipe.model.arch, model.state_dict(), quant=quant.metadata(recipe.quant))
+
+
+def _layout_of(section: QuantSection) -> QuantSection:
+    """The part of a quant section that decides the stored layout (not how it was calibrated)."""
+    return QuantSection(mode=section.mode, groupsize=section.groupsize, output=section.output, embedding=section.embedding)
+
+
+def _describe(meta: dict) -> str:
+    group = f" groupsize {meta['groupsize']}" if meta["mode"].startswith("int4") else ""
+    return f"quant.mode {meta['mode']}{group} (output {meta['output']}, embedding {meta['embedding']})"
 
 
 def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
@@ -61,11 +138,14 @@ def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
     else:
         ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)
     limit = recipe.generate.cache_len or recipe.model.arch.max_seq_len
-    if len(ids) + recipe.generate.max_new_tokens > limit:
+    # A speculative round writes speculate_k positions past the last accepted token.
+    lookahead = recipe.draft.speculate_k if recipe.draft.kind is not DraftKind.none else 0
+    if len(ids) + recipe.generate.max_new_tokens + lookahead > limit:
         which = "generate.cache_len" if recipe.generate.cache_len else "model.arch.max_seq_len"
+        extra = f" + draft.speculate_k={lookahead}" if lookahead else ""
         raise ConfigError([problem(recipe_file, "generate.prompt",
-                                   f"is {len(ids)} tokens; with generate.max_new_tokens={recipe.generate.max_new_tokens} "
-                                   f"that exceeds {which}={limit}; shorten the prompt or lower max_new_tokens")])
+                                   f"is {len(ids)} tokens; with generate.max_new_tokens={recipe.generate.max_new_tokens}"
+                                   f"{extra} that exceeds {which}={limit}; shorten the prompt or lower max_new_tokens")])
     return ids
 
 

@@ -48,6 +48,14 @@ class Reporter:
         return update
 
     def stats(self, stats: Stats, label: str = "") -> None:
+        spec = stats.speculative
+        if spec is not None:
+            per_forward = stats.new_tokens / spec.target_forwards if spec.target_forwards else float("nan")
+            histogram = " ".join(f"{n}:{count}" for n, count in enumerate(spec.histogram()))
+            self.line(
+                f"speculative (k={spec.speculate_k}): acceptance rate {spec.acceptance_rate:.1%} | "
+                f"{per_forward:.2f} tokens per target forward | accepted drafts per round {histogram}"
+            )
         self.line(
             f"{label}{stats.new_tokens} tokens | {stats.tokens_per_second:.2f} tokens/s | "
             f"time to first token {stats.time_to_first_token * 1000:.1f} ms | "

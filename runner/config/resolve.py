@@ -22,7 +22,8 @@ from runner.config.schema import ModelSpec, Recipe
 SPECS_DIR = Path(os.environ.get("RUNNER_SPECS", Path(__file__).resolve().parents[2] / "specs"))
 COMMAND_LINE = " (command line)"  # suffix of the recipe path for values set by overrides
 # Keys holding file paths: a relative path is taken relative to the file that set it.
-PATH_KEYS = ("model.checkpoint", "tokenizer.path")
+PATH_KEYS = ("model.checkpoint", "tokenizer.path", "draft.model.checkpoint", "quant.calibration.path",
+             "draft.quant.calibration.path")
 
 
 def known_specs() -> list[str]:
@@ -37,9 +38,10 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     """
     layers = _recipe_layers(Path(recipe_path)) + [_override_layer(overrides, str(recipe_path))]
     merged = OmegaConf.merge(*(cfg for _, cfg in layers))
-    spec_layer = _spec_layer(merged, layers)
-    if spec_layer is not None:
-        layers.insert(0, spec_layer)
+    for section in ("model", "draft.model"):
+        spec_layer = _spec_layer(merged, layers, section)
+        if spec_layer is not None:
+            layers.insert(0, spec_layer)
     # Schema defaults at the bottom, so that `${generate.top_k}` reads a default nobody set.
     merged = OmegaConf.merge(_defaults(), *(cfg for _, cfg in layers))
 
@@ -47,7 +49,8 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError([problem(origin(e.full_key or ""), e.full_key or "", f"cannot resolve: {e.msg}")])
+        message = str(e.msg).splitlines()[0]
+        raise ConfigError([problem(origin(e.full_key or ""), e.full_key or "", f"cannot resolve: {message}")]) from None
     _absolutize_paths(data, origin)
 
     problems = _shape_problems(Recipe, data, "", origin)
@@ -182,36 +185,68 @@ def _spec_path(name: str) -> Path | None:
     return by_name.get(name.lower())
 
 
-def _spec_layer(merged: DictConfig, layers) -> tuple[str, DictConfig] | None:
-    """specs/NAME.yaml as the layer under model.arch, named by model.spec or the checkpoint's folder."""
-    model = merged.get("model")
+def _spec_layer(merged: DictConfig, layers, section: str = "model") -> tuple[str, DictConfig] | None:
+    """The spec as the layer under SECTION.arch (SECTION is model or draft.model).
+
+    The spec is named by SECTION.spec; else the checkpoint's folder names one in specs/; else the
+    checkpoint declares its own (HF config.json, GGUF metadata, a runner checkpoint).
+    """
+    parent, _, leaf = section.rpartition(".")
+    holder = OmegaConf.select(merged, parent) if parent else merged
+    if not isinstance(holder, DictConfig) or OmegaConf.is_interpolation(holder, leaf):
+        return None  # absent, or a copy of another section (e.g. draft.model: ${model}) that has its own
+    model = holder.get(leaf)
     if not isinstance(model, DictConfig):
         return None
     origin = _Origins(layers)
+    key = f"{section}.spec"
     name = model.get("spec")
     if name is None:
         checkpoint = model.get("checkpoint")
         folder = Path(str(checkpoint)).parent.name if checkpoint else ""
         path = _spec_path(folder) if folder else None
+        if path is None and checkpoint and Path(str(checkpoint)).exists():
+            declared = _declared_spec(Path(str(checkpoint)))
+            if declared is not None:
+                return str(checkpoint), _nest(section, {"arch": declared})
         if path is None and "arch" not in model:
-            raise ConfigError([problem(origin("model.spec"), "model.spec",
-                                       f"is not set and the checkpoint folder {folder!r} names no spec; "
+            raise ConfigError([problem(origin(key), key,
+                                       f"is not set, the checkpoint declares no spec, and its folder {folder!r} names none; "
                                        f"set it to one of: {', '.join(known_specs())}")])
     else:
         name = str(name)
         if name.endswith((".yaml", ".yml")) and not Path(name).expanduser().is_absolute():
-            source = origin("model.spec")
+            source = origin(key)
             name = str((Path.cwd() if source.endswith(COMMAND_LINE) else Path(source).parent) / name)
         path = _spec_path(name)
         if path is None:
-            raise ConfigError([problem(origin("model.spec"), "model.spec", f"unknown spec; known: {', '.join(known_specs())}", name)])
+            raise ConfigError([problem(origin(key), key, f"unknown spec; known: {', '.join(known_specs())}", name)])
     if path is None:
         return None
     spec = _load_yaml(path)
-    problems = _shape_problems(ModelSpec, OmegaConf.to_container(spec), "", lambda key: str(path))
+    problems = _shape_problems(ModelSpec, OmegaConf.to_container(spec), "", lambda _: str(path))
     if problems:
-        raise ConfigError([dataclasses.replace(p, key=f"model.arch.{p.key}") for p in problems])
-    return str(path), OmegaConf.create({"model": {"arch": spec}})
+        raise ConfigError([dataclasses.replace(p, key=f"{section}.arch.{p.key}") for p in problems])
+    return str(path), _nest(section, {"arch": spec})
+
+
+def _declared_spec(checkpoint: Path) -> dict | None:
+    """The spec fields a checkpoint carries itself (imports the loaders, so only when needed)."""
+    from runner.loaders import read_spec
+
+    try:
+        fields = read_spec(checkpoint)
+    except ConfigError:
+        return None  # not a format that declares one; the caller asks for model.spec
+    if fields is None:
+        return None
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in fields.items()}
+
+
+def _nest(section: str, value) -> DictConfig:
+    for part in reversed(section.split(".")):
+        value = {part: value}
+    return OmegaConf.create(value)
 
 
 class _Origins:
@@ -240,8 +275,11 @@ def _flatten(data, prefix=""):
 
 def _absolutize_paths(data: dict, origin) -> None:
     for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+        *parents, name = key.split(".")
+        holder = data
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        value = holder.get(name) if isinstance(holder, dict) else None
         if not isinstance(value, str) or value == "???":
             continue
         path = Path(value).expanduser()
@@ -249,7 +287,7 @@ def _absolutize_paths(data: dict, origin) -> None:
             source = origin(key)
             base = Path.cwd() if source.endswith(COMMAND_LINE) else Path(source).parent
             path = base / path
-        data[section][name] = os.path.normpath(path)
+        holder[name] = os.path.normpath(path)
 
 
 # --- validation ---------------------------------------------------------------------------

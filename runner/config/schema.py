@@ -168,12 +168,45 @@ class QuantSection:
         return out
 
 
+class DraftKind(Enum):
+    none = "none"  # plain decoding
+    model = "model"  # a second (smaller or quantized) model drafts
+    ngram = "ngram"  # prompt lookup: drafts copied from earlier n-gram matches in the context
+
+
+@dataclass(frozen=True)
+class NGramSection:
+    max_n: int = 3  # longest suffix n-gram looked up
+    min_n: int = 1  # shortest
+
+
 @dataclass(frozen=True)
 class DraftSection:
-    """Speculative decoding's draft (not available yet: the section is reserved)."""
+    """Speculative decoding: what drafts tokens for the target to verify."""
+
+    kind: DraftKind = DraftKind.none
+    speculate_k: int = 5  # tokens drafted per target forward
+    model: Optional[ModelSection] = None  # kind: model; e.g. ${model} with quant.mode int4
+    quant: QuantSection = field(default_factory=QuantSection)  # the draft model's own quantization
+    ngram: NGramSection = field(default_factory=NGramSection)
 
     def problems(self) -> list[tuple[str, object, str]]:
-        return []
+        out = []
+        if self.kind is DraftKind.none:
+            if self.model is not None:
+                out.append(("kind", "none", "must be 'model' for draft.model to be used (or remove draft.model)"))
+            return out
+        if self.speculate_k < 1:
+            out.append(("speculate_k", self.speculate_k, "must be >= 1"))
+        if self.kind is DraftKind.model:
+            if self.model is None:
+                out.append(("model", None, "is required by draft.kind: model (e.g. ${model} to draft with the target itself, quantized)"))
+            else:
+                out += [(f"model.{key}", value, why) for key, value, why in self.model.problems()]
+            out += [(f"quant.{key}", value, why) for key, value, why in self.quant.problems()]
+        if self.kind is DraftKind.ngram and not 1 <= self.ngram.min_n <= self.ngram.max_n:
+            out.append(("ngram.min_n", self.ngram.min_n, f"must be in [1, ngram.max_n={self.ngram.max_n}]"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -247,6 +280,12 @@ class Recipe:
         out = []
         for name in ("model", "tokenizer", "quant", "draft", "parallel", "compile", "generate"):
             out += [(f"{name}.{key}", value, why) for key, value, why in getattr(self, name).problems()]
+        draft = self.draft.model
+        if self.draft.kind is DraftKind.model and draft is not None and draft.arch.vocab_size != self.model.arch.vocab_size:
+            out.append(("draft.model.arch.vocab_size", draft.arch.vocab_size,
+                        f"must equal the target's vocabulary (model.arch.vocab_size={self.model.arch.vocab_size})"))
+        if self.draft.kind is not DraftKind.none and self.parallel.world_size > 1:
+            out.append(("draft.kind", self.draft.kind.value, "speculative decoding with tensor parallelism is not supported yet"))
         kind = self.device.split(":")[0]
         if kind not in ("cpu", "cuda", "mps"):
             out.append(("device", self.device, "must be cpu, cuda, cuda:N or mps"))

@@ -1,11 +1,16 @@
-"""Decoders: how tokens are produced from a loaded model."""
+"""Decoders: how tokens are produced from a loaded model (plain, or speculative with a proposer)."""
 from __future__ import annotations
 
-from runner.config.schema import Recipe
-from runner.decoders.plain import PlainDecoder
-from runner.decoders.sampling import Sampling
+import torch
 
-DECODERS = {"plain": PlainDecoder}
+from runner.config.schema import DraftKind, Recipe
+from runner.decoders.plain import PlainDecoder
+from runner.decoders.proposers import DraftModelProposer, NGramProposer
+from runner.decoders.sampling import Sampling
+from runner.decoders.speculative import SpeculativeDecoder
+
+# draft.kind -> the decoder it selects
+DECODERS = {DraftKind.none: PlainDecoder, DraftKind.model: SpeculativeDecoder, DraftKind.ngram: SpeculativeDecoder}
 
 
 def sampling_of(recipe: Recipe) -> Sampling:
@@ -13,5 +18,14 @@ def sampling_of(recipe: Recipe) -> Sampling:
     return Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
 
-def build(recipe: Recipe, model) -> PlainDecoder:
-    return DECODERS["plain"](model, sampling_of(recipe), cache_len=recipe.generate.cache_len)
+def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None):
+    """The decoder the recipe's draft section selects; draft_model is required for draft.kind: model."""
+    sampling, draft = sampling_of(recipe), recipe.draft
+    cache_len = recipe.generate.cache_len
+    if draft.kind is DraftKind.none:
+        return PlainDecoder(model, sampling, cache_len=cache_len)
+    if draft.kind is DraftKind.model:
+        proposer = DraftModelProposer(draft_model, sampling)  # top-k / top-p shape q as they shape p
+    else:
+        proposer = NGramProposer(model.spec.vocab_size, draft.ngram.max_n, draft.ngram.min_n)
+    return SpeculativeDecoder(model, proposer, sampling, draft.speculate_k, cache_len=cache_len)

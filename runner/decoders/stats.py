@@ -15,6 +15,7 @@ class Stats:
     time_to_first_token: float  # seconds: prefill plus the first sample
     decode_seconds: float  # from the first token to the last
     peak_memory_bytes: int
+    speculative: object = None  # SpeculativeStats for speculative decoders
 
     @property
     def tokens_per_second(self) -> float:

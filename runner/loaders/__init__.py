@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import ModelSpec
+from runner.config.schema import ModelSpec, QuantSection
 from runner.loaders import gguf, hf, meta, native
 from runner.model.llama import Transformer
 
@@ -33,23 +33,46 @@ def read_spec(path: Path) -> dict | None:
     return None if reader is None else reader(path)
 
 
-def load_state_dict(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The checkpoint at `path` in the native layout, its shapes checked against `spec`."""
+def stored_quant(path: Path) -> dict | None:
+    """How the checkpoint at `path` is quantized (runner.quant.metadata), None when it holds float weights."""
+    reader = getattr(LOADERS[detect(path)], "read_quant", None)
+    return None if reader is None else reader(path)
+
+
+def load_state_dict(path: Path, spec: ModelSpec, quant: QuantSection | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` in the native layout, its shapes checked against `spec` (and `quant`)."""
     state = LOADERS[detect(path)].load(path, spec)
-    with torch.device("meta"):
-        expected = Transformer(spec).state_dict()
-    check_shapes(path, expected, state)
+    check_shapes(path, _skeleton(spec, quant).state_dict(), state)
     return state
 
 
-def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Build the model for `spec` and fill it from the checkpoint at `path`."""
-    state = load_state_dict(path, spec)
-    with torch.device("meta"):
-        model = Transformer(spec)
+def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+               quant: QuantSection | None = None) -> Transformer:
+    """Build the model for `spec` and fill it from the checkpoint at `path`.
+
+    With `quant`, the checkpoint holds quantized weights laid out as that section says; they
+    are packed for `device`'s kernels.
+    """
+    state = load_state_dict(path, spec, quant)
+    model = _skeleton(spec, quant)
     model.load_state_dict(state, assign=True)
     model.cos_sin = torch.empty(0)  # built for real by setup_cache
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if quant is not None:
+        from runner.quant import pack_for
+
+        pack_for(model, device)
+    return model
+
+
+def _skeleton(spec: ModelSpec, quant: QuantSection | None) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(spec)
+        if quant is not None:
+            from runner.quant import quantized_skeleton
+
+            quantized_skeleton(model, quant)
+    return model
 
 
 def check_shapes(path: Path, expected: dict, found: dict) -> None:

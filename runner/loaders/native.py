@@ -24,3 +24,8 @@ def read_spec(path: Path) -> dict | None:
     if spec is not None and spec.get("rope_scaling") is not None:
         spec = {**spec, "rope_scaling": RopeScaling(**spec["rope_scaling"])}
     return spec
+
+
+def read_quant(path: Path) -> dict | None:
+    """How a runner checkpoint's weights were quantized (runner.quant.metadata); None for float ones."""
+    return checkpoint.read(path).get("quant")

@@ -17,21 +17,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2], with Llama-3.1's scaling of the long wavelengths."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    """Inverse frequencies [head_dim // 2], with Llama-3.1's scaling of the long wavelengths.
+
+    Computed in fp32 as Meta's and HF's references do, so band edges fall on the same side.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
-        return inv_freq.float()
+        return inv_freq
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     # Long wavelengths are slowed by `factor`, short ones kept; in between, interpolate.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
     smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
         scaling.high_freq_factor - scaling.low_freq_factor
     )
-    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(mid, blended, scaled).float()
+    return torch.where(mid, blended, scaled)
 
 
 def rope_cache(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:

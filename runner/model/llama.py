@@ -108,8 +108,8 @@ class Transformer(nn.Module):
         """Allocate the static KV caches (and RoPE table) for `cache_len` positions."""
         if cache_len > self.spec.max_seq_len:
             raise ValueError(f"cache of {cache_len} positions exceeds max_seq_len {self.spec.max_seq_len}")
-        weight = self.tok_embeddings.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+        weight = self.norm.weight  # float even when the embedding is quantized
+        dtype = weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.spec.kv_heads, cache_len, self.spec.head_size, dtype, weight.device)
         inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)

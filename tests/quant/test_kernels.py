@@ -1,0 +1,174 @@
+"""Quantized linears against x @ dequantize(Wq).T, for every kernel this machine runs.
+
+Tolerance, relative to m = |x| @ |w_hat|^T (the sum the output's rounding scales with):
+    K * 2^-23 * m           accumulation of K products in fp32 (the worst case, twice over)
+  + eps(out dtype) * m      the output's rounding to bf16 / fp16 and one intermediate rounding
+  + tiny(out dtype)         underflow: results below the smallest normal lose absolute precision
+so fp32 outputs must agree to ~K ulps and bf16 ones to about one bf16 ulp.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from runner.quant import int4, int8
+from runner.quant.kernels import INT4_KERNELS, INT8_KERNELS
+from runner.quant.linear import Int4Linear, Int8Linear
+from tests.quant.strategies import DTYPES, weights
+
+CPU = torch.device("cpu")
+INT8_HERE = [name for name, k in INT8_KERNELS.items() if k.device in (None, "cpu")]
+INT4_HERE = [name for name, k in INT4_KERNELS.items() if k.device in (None, "cpu")]
+
+
+def tolerance(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    m = x.double().abs() @ w_hat.double().abs().T
+    eps = 0.0 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps
+    return m * (x.shape[-1] * 2.0 ** -23 + eps) + torch.finfo(x.dtype).tiny
+
+
+def reference(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w_hat.double().T
+
+
+def linear(w: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    layer.weight.data = w
+    return layer
+
+
+def activations(seed: int, rows: int, w_hat: torch.Tensor, dtype) -> torch.Tensor:
+    """x [rows, in] with uneven channels; for fp16, small enough that x @ w_hat^T stays finite."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, w_hat.shape[1], generator=g) * torch.rand(w_hat.shape[1], generator=g) * 4
+    if dtype == torch.float16:
+        x *= min(1.0, 1e4 / max((x.abs() @ w_hat.abs().T).max().item(), 1e-30))
+    return x.to(dtype)
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights(max_groups=3), st.sampled_from(INT8_HERE), st.sampled_from(DTYPES), st.integers(1, 5),
+       st.integers(0, 2**32 - 1))
+def test_int8_linear_is_x_times_dequantized_weight(case, kernel, x_dtype, rows, seed):
+    w, _ = case
+    layer = Int8Linear.from_float(linear(in_dtype_of(INT8_KERNELS[kernel], w)))
+    assert layer.pack_for(CPU, kernel) == kernel
+    w_hat = int8.dequantize(layer.weight, layer.scales)
+    x = activations(seed, rows, w_hat, x_dtype).view(1, rows, -1)  # [B, T, in]
+    y = layer(x)
+    assert y.dtype == x_dtype and y.shape == (1, rows, w.shape[0])
+    err = (y[0].double() - reference(x[0], w_hat)).abs()
+    assert (err <= tolerance(x[0], w_hat)).all(), f"max error {err.max():.3g}"
+
+
+def rows_to_16(w: torch.Tensor) -> torch.Tensor:
+    """w with rows repeated up to a multiple of 16 (what the CPU int4 kernel takes)."""
+    return w.repeat(16, 1)[: -(-w.shape[0] // 16) * 16]
+
+
+def in_dtype_of(kernel, w: torch.Tensor) -> torch.Tensor:
+    """w in a dtype the kernel takes (the layer's scales follow the weight's dtype)."""
+    return w if kernel.dtypes is None or w.dtype in kernel.dtypes else w.to(kernel.dtypes[0])
+
+
+def int4_layer(w, groupsize, kernel):
+    w = in_dtype_of(INT4_KERNELS[kernel], rows_to_16(w) if kernel == "cpu" else w)
+    layer = Int4Linear.from_float(linear(w), groupsize)
+    assert layer.pack_for(CPU, kernel) == kernel
+    return layer
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights(max_groups=3), st.sampled_from(INT4_HERE), st.sampled_from(DTYPES), st.integers(1, 5),
+       st.integers(0, 2**32 - 1))
+def test_int4_linear_is_x_times_dequantized_weight(case, kernel, x_dtype, rows, seed):
+    w, groupsize = case
+    layer = int4_layer(w, groupsize, kernel)
+    w_hat = int4.dequantize(int4.unpack(layer.weight), layer.scales, layer.zeros)
+    x = activations(seed, rows, w_hat, x_dtype)
+    y = layer(x)
+    assert y.dtype == x_dtype and y.shape == (rows, layer.out_features)
+    err = (y.double() - reference(x, w_hat)).abs()
+    assert (err <= tolerance(x, w_hat)).all(), f"max error {err.max():.3g}"
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights(max_groups=3, dtypes=(torch.bfloat16,)), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_int4_cpu_kernel_layout_agrees_with_the_fallback(case, rows, seed):
+    w, groupsize = case
+    kernel, fallback = int4_layer(rows_to_16(w), groupsize, "cpu"), int4_layer(rows_to_16(w), groupsize, "fallback")
+    w_hat = int4.dequantize(int4.unpack(kernel.weight), kernel.scales, kernel.zeros)
+    x = activations(seed, rows, w_hat, torch.bfloat16)
+    assert ((kernel(x).double() - fallback(x).double()).abs() <= 2 * tolerance(x, w_hat)).all()
+
+
+@st.composite
+def exact_cases(draw):
+    """A layer and inputs whose whole computation is exact in bf16 and up: power-of-two scales,
+    zeros on the grid, small levels, inputs in {-1, 0, 1} with at most 8 nonzero per row, so every
+    dequantized weight and every output is a small multiple of the scale (< 256 of them)."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    out, groupsize = 16 * draw(st.integers(1, 3)), draw(st.sampled_from([32, 64]))
+    n = groupsize * draw(st.integers(1, 3))
+    scale = 2.0 ** draw(st.integers(-6, 2))
+    x = torch.zeros(draw(st.integers(1, 4)), n)
+    for row in x:
+        row[torch.randperm(n, generator=g)[:8]] = torch.randint(-1, 2, (8,), generator=g).float()
+    q8 = torch.randint(-15, 16, (out, n), generator=g, dtype=torch.int8)
+    q4 = torch.randint(4, 13, (out, n), generator=g, dtype=torch.uint8)  # |level - 8| <= 4
+    zeros = torch.randint(-3, 4, (out, n // groupsize), generator=g) * scale  # |w| <= 7 steps
+    return x, q8, q4, torch.full((out,), scale), torch.full((out, n // groupsize), scale), zeros
+
+
+@settings(max_examples=50, deadline=None)
+@given(exact_cases(), st.sampled_from(DTYPES))
+def test_every_kernel_is_exact_where_the_arithmetic_is(case, dtype):
+    """A scale, zero or packing slip of any size shows here, which the rounding tolerance above can hide in bf16."""
+    x, q8, q4, scales8, scales4, zeros = case
+    layers = []
+    for kernel in INT8_HERE:
+        layer = Int8Linear(q8.shape[1], q8.shape[0], dtype)
+        layer.weight, layer.scales = q8, scales8.to(dtype)
+        layers.append((kernel, layer, int8.dequantize(q8, scales8)))
+    for kernel in INT4_HERE:
+        layer = Int4Linear.from_levels(q4, scales4.to(dtype), zeros.to(dtype))
+        layers.append((kernel, layer, int4.dequantize(q4, scales4, zeros)))
+    for kernel, layer, w_hat in layers:
+        if kernel != "fallback" and dtype not in layer.KERNELS[kernel].dtypes:
+            continue
+        assert layer.pack_for(CPU, kernel) == kernel
+        assert torch.equal(layer(x.to(dtype)).double(), reference(x, w_hat)), (type(layer).__name__, kernel)
+
+
+def test_float64_activations_take_the_fallback_in_float64():
+    g = torch.Generator().manual_seed(0)
+    layer = Int4Linear.from_float(linear(torch.randn(32, 64, generator=g, dtype=torch.bfloat16)), 32)
+    layer.pack_for(CPU)
+    x = torch.randn(3, 64, generator=g, dtype=torch.float64)
+    w_hat = int4.dequantize(int4.unpack(layer.weight), layer.scales, layer.zeros)
+    assert layer.kernel == "cpu" and layer(x).dtype == torch.float64
+    assert torch.allclose(layer(x), reference(x, w_hat), rtol=1e-12, atol=1e-12)
+
+
+def test_the_choice_follows_the_registry_the_shape_and_the_dtype():
+    bf16 = torch.bfloat16
+    assert Int4Linear.from_float(linear(torch.randn(32, 64, dtype=bf16)), 32).pack_for(CPU) == "cpu"
+    assert Int4Linear.from_float(linear(torch.randn(24, 64, dtype=bf16)), 32).pack_for(CPU) == "fallback"  # 24 % 16
+    assert Int4Linear.from_float(linear(torch.randn(32, 64)), 32).pack_for(CPU) == "fallback"  # fp32
+    assert Int8Linear.from_float(linear(torch.randn(5, 7, dtype=bf16))).pack_for(CPU) == "cpu"
+    assert Int8Linear.from_float(linear(torch.randn(5, 7, dtype=torch.float16))).pack_for(CPU) == "fallback"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Int4Linear.from_float(linear(torch.randn(24, 64, dtype=bf16)), 32).pack_for(CPU, "cpu")
+    with pytest.raises(ValueError, match="takes bfloat16 only"):
+        Int8Linear.from_float(linear(torch.randn(32, 64))).pack_for(CPU, "cpu")
+    with pytest.raises(ValueError, match="runs on cuda only"):
+        Int4Linear.from_float(linear(torch.randn(32, 64, dtype=bf16)), 32).pack_for(CPU, "cuda")
+
+
+def test_a_layer_packed_for_another_device_refuses_to_run():
+    layer = Int4Linear.from_float(linear(torch.randn(32, 64, dtype=torch.bfloat16)), 32)
+    layer.pack_for(CPU)
+    layer.kernel = "cuda"  # as if packed on a GPU and then moved
+    with pytest.raises(RuntimeError, match="pack_for"):
+        layer(torch.randn(2, 64))
