@@ -1,0 +1,110 @@
+"""The correctness matrix: every quant mode x draft kind through the whole pipeline, on the tiny
+random recipe. tox's factors pick rows with RUNNER_MATRIX_QUANT / RUNNER_MATRIX_DRAFT (comma
+lists); with neither set, every combination runs.
+
+Reference: plain greedy decoding of the same (quantized) target. Speculative decoding must match
+it token for token; a checkpoint written by `runner quantize` must give the tokens that
+quantizing on load gives.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import pipeline
+from runner.config.resolve import resolve
+from runner.config.schema import DraftKind, QuantMode
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-random.yaml")
+CALIBRATION = " ".join(["Once upon a time there was a little model that learned to count: one, two, three."] * 40)
+
+
+def selected(variable: str, every: list[str]) -> list[str]:
+    chosen = os.environ.get(variable)
+    return every if not chosen else [value for value in chosen.split(",") if value]
+
+
+QUANTS = selected("RUNNER_MATRIX_QUANT", [m.value for m in QuantMode])
+DRAFTS = selected("RUNNER_MATRIX_DRAFT", [k.value for k in DraftKind])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("home")
+    (path / "calibration.txt").write_text(CALIBRATION)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def runner_home(home, monkeypatch):
+    monkeypatch.setenv("RUNNER_HOME", str(home))
+
+
+def quant_overrides(mode: str, home: Path) -> list[str]:
+    out = [f"quant.mode={mode}"]
+    if mode.startswith("int4"):
+        out.append("quant.groupsize=32")
+    if mode == "int4-gptq":
+        out += [f"quant.calibration.path={home / 'calibration.txt'}", "quant.calibration.samples=4",
+                "quant.calibration.seq_len=32"]
+    return out
+
+
+def draft_overrides(kind: str) -> list[str]:
+    if kind == "model":
+        # The target drafts for itself in int8: a cheap draft whose proposals are mostly right.
+        return ["draft.kind=model", "draft.model=${model}", "draft.quant.mode=int8", "draft.speculate_k=3"]
+    if kind == "ngram":
+        return ["draft.kind=ngram", "draft.speculate_k=4"]
+    return []
+
+
+def greedy(overrides: list[str]) -> tuple[list[int], object]:
+    recipe = resolve(RECIPE, overrides + ["generate.temperature=0", "generate.max_new_tokens=24",
+                                          "generate.prompt=one two three one two three one two"], check_files=True)
+    built = pipeline.build(recipe, RECIPE)
+    return pipeline.generate(built, pipeline.encode_prompt(built, RECIPE))
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+@pytest.mark.parametrize("mode", QUANTS)
+def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, home):
+    quant = quant_overrides(mode, home)
+    expected, _ = greedy(quant)
+    tokens, stats = greedy(quant + draft_overrides(draft))
+    assert tokens == expected
+    assert len(tokens) == 24
+    if draft != "none":
+        spec = stats.speculative
+        assert spec.target_forwards < len(tokens) or spec.accepted == 0
+        assert sum(spec.histogram()) == len(spec.accepted_lengths)
+
+
+@pytest.mark.parametrize("mode", [m for m in QUANTS if m != "none"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_quantized_checkpoint_gives_the_tokens_of_quantizing_on_load(mode, dtype, home, tmp_path):
+    overrides = quant_overrides(mode, home) + [f"dtype={dtype}"]
+    on_load, _ = greedy(overrides)
+    recipe = resolve(RECIPE, overrides, check_files=True)
+    out = tmp_path / "quantized.pth"
+    pipeline.write_quantized(recipe, RECIPE, out)
+    stored = torch.load(out, weights_only=True, mmap=True)
+    assert stored["quant"]["mode"] == mode
+    loaded, _ = greedy(overrides + [f"model.checkpoint={out}"])
+    assert loaded == on_load
+
+
+@pytest.mark.parametrize("mode", [m for m in QUANTS if m != "none"])
+def test_a_quantized_checkpoint_refuses_another_mode(mode, home, tmp_path):
+    from runner.config.errors import ConfigError
+
+    overrides = quant_overrides(mode, home)
+    out = tmp_path / "quantized.pth"
+    pipeline.write_quantized(resolve(RECIPE, overrides, check_files=True), RECIPE, out)
+    other = "int8" if mode != "int8" else "none"
+    with pytest.raises(ConfigError) as info:
+        greedy([f"quant.mode={other}", f"model.checkpoint={out}"])
+    assert "quant.mode" in str(info.value) and mode in str(info.value)
