@@ -129,14 +129,10 @@ class SpeculativeDecoder:
                 logits = self.model(tokens, positions)[0]  # [1 + k, V]
                 p = logits_to_probs(logits, self.sampling)
                 spec.target_forwards += 1
-                if drafted:
-                    new = verify(drafted, q.to(p.device), p, generator)
-                    spec.proposed += len(drafted)
-                    spec.accepted += len(new) - 1
-                    spec.accepted_lengths.append(len(new) - 1)
-                else:
-                    new = [int(sample(p[0], generator))]
+                new = verify(drafted, q.to(p.device), p, generator) if drafted else [int(sample(p[0], generator))]
+                appended = 0
                 for token in new:
+                    appended += 1
                     out.append(token)
                     sequence.append(token)
                     if first is None:
@@ -145,6 +141,10 @@ class SpeculativeDecoder:
                         on_token(token)
                     if token in eos_ids or len(out) == max_new_tokens:
                         break
+                if drafted:  # count only the kept drafts that were output (EOS or the budget may cut a round)
+                    spec.proposed += len(drafted)
+                    spec.accepted += min(len(new) - 1, appended)
+                    spec.accepted_lengths.append(min(len(new) - 1, appended))
                 if out[-1] in eos_ids:
                     break
         end = time.perf_counter()
