@@ -55,6 +55,9 @@ def run(recipe, overrides):
     report = Reporter()
     built = pipeline.build(resolved, recipe, report.note)
     prompt = pipeline.encode_prompt(built, recipe)
+    compile_seconds = pipeline.warm_up(built, prompt)
+    if compile_seconds:
+        report.note(f"compiled in {compile_seconds:.1f} s (not counted below)")
     n = resolved.generate.num_samples
     for i in range(n):
         if n > 1:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from runner import decoders, loaders, sources, tokenizers, transforms
+from runner.transforms import compile as compile_step
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind
 from runner.decoders.stats import Stats
@@ -22,6 +23,7 @@ class Pipeline:
     tokenizer: Tokenizer
     model: torch.nn.Module
     decoder: object
+    forward: object = None  # what the decoder calls: the model, or its compiled steps
 
 
 # The file a source directory (an HF snapshot) holds for each tokenizer kind.
@@ -58,7 +60,16 @@ def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None =
         draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model")
         draft_model = load(draft_path, recipe.draft.model.arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
                            note, key="draft")
-    return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model, draft_model))
+    forward = compile_step.apply(model, recipe.compile, recipe_file, note)
+    return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model, draft_model, forward), forward)
+
+
+def warm_up(pipeline: Pipeline, prompt: list[int]) -> float:
+    """Compile the compiled steps on the real shapes before timing anything; returns the seconds it took."""
+    if pipeline.forward is pipeline.model:
+        return 0.0
+    pipeline.decoder.generate(prompt, min(2, pipeline.recipe.generate.max_new_tokens))
+    return pipeline.forward.compile_seconds
 
 
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
@@ -146,6 +157,9 @@ def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
         raise ConfigError([problem(recipe_file, "generate.prompt",
                                    f"is {len(ids)} tokens; with generate.max_new_tokens={recipe.generate.max_new_tokens}"
                                    f"{extra} that exceeds {which}={limit}; shorten the prompt or lower max_new_tokens")])
+    if pipeline.decoder.cache_len is None:
+        # One size for the warm-up and every sample, so compiled steps never see a new cache shape.
+        pipeline.decoder.cache_len = len(ids) + recipe.generate.max_new_tokens + lookahead
     return ids
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import typing
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,7 @@ SPECS_DIR = Path(os.environ.get("RUNNER_SPECS", Path(__file__).resolve().parents
 COMMAND_LINE = " (command line)"  # suffix of the recipe path for values set by overrides
 # Keys holding file paths: a relative path is taken relative to the file that set it.
 PATH_KEYS = ("model.checkpoint", "tokenizer.path", "draft.model.checkpoint", "quant.calibration.path",
-             "draft.quant.calibration.path")
+             "draft.quant.calibration.path", "compile.cache_dir")
 
 
 def known_specs() -> list[str]:
@@ -333,6 +334,19 @@ def _shape_problems(cls, data, prefix, origin) -> list[Problem]:
     return out
 
 
+def _enum_at(key: str):
+    """The Enum type of the recipe field at dotted `key`, or None."""
+    cls = Recipe
+    *parents, leaf = key.split(".")
+    for part in parents:
+        cls = _dataclass_of(typing.get_type_hints(cls).get(part)) if cls is not None else None
+    hint = typing.get_type_hints(cls).get(leaf) if cls is not None else None
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, Enum):
+            return t
+    return None
+
+
 def _drop(data: dict, key: str) -> bool:
     *parents, leaf = key.split(".")
     for part in parents:
@@ -358,4 +372,9 @@ def _merge_typed(data: dict, origin) -> tuple[DictConfig | None, list[Problem]]:
             if isinstance(e, ConfigKeyError):
                 continue  # an unknown key, already reported with a suggestion
             message = str(e.msg).split("\n")[0]
+            enum = _enum_at(key)
+            if enum is not None:  # omegaconf lists the members' Python names; users write their values
+                message = f"must be one of {', '.join(m.value for m in enum)}"
+                problems.append(problem(origin(key), key, message, e.value if hasattr(e, "value") else None))
+                continue
             problems.append(problem(origin(key), key, message))

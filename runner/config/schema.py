@@ -221,17 +221,32 @@ class ParallelSection:
         return []
 
 
+class CompileMode(Enum):
+    default = "default"
+    reduce_overhead = "reduce-overhead"
+    max_autotune = "max-autotune"
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
+class CompileFallback(Enum):
+    none = "none"  # a compile failure stops the run with the compiler's error, summarised
+    eager = "eager"  # a compile failure is reported and the run goes on in eager mode
+
+
 @dataclass(frozen=True)
 class CompileSection:
-    decode: bool = False
-    prefill: bool = False
+    """torch.compile of the model's forward, as a step transform."""
+
+    decode: bool = False  # the one-token step (static shapes: compiled once)
+    prefill: bool = False  # the prompt pass and speculative verification (dynamic shapes)
+    mode: CompileMode = CompileMode.default
+    fullgraph: bool = True  # a graph break is an error rather than a silent slowdown
+    dynamic: Optional[bool] = None  # prefill's dynamic-shape setting; None: torch decides
+    cache_dir: Optional[str] = None  # inductor's cache (TORCHINDUCTOR_CACHE_DIR); None: torch's default
+    fallback: CompileFallback = CompileFallback.none
 
     def problems(self) -> list[tuple[str, object, str]]:
-        return [
-            (key, True, "torch.compile is not supported yet; use false")
-            for key in ("decode", "prefill")
-            if getattr(self, key)
-        ]
+        return []
 
 
 @dataclass(frozen=True)

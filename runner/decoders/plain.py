@@ -13,8 +13,9 @@ from runner.decoders.stats import Stats, peak_memory
 class PlainDecoder:
     """Greedy or sampled decoding of one sequence over the model's static KV cache."""
 
-    def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None):
+    def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None, forward=None):
         self.model = model
+        self.forward = forward or model  # the model, or its compiled steps (runner.transforms.compile)
         self.sampling = sampling
         self.cache_len = cache_len
         self.device = next(model.parameters()).device
@@ -38,7 +39,7 @@ class PlainDecoder:
         start = time.perf_counter()
         with torch.inference_mode():
             tokens = torch.tensor([prompt], device=self.device)  # [1, T]
-            logits = self.model(tokens, torch.arange(len(prompt), device=self.device))  # [1, T, V]
+            logits = self.forward(tokens, torch.arange(len(prompt), device=self.device))  # [1, T, V]
             token = next_token(logits[0, -1], self.sampling, generator)
             first = time.perf_counter()
             pos = torch.tensor([len(prompt)], device=self.device)
@@ -48,7 +49,7 @@ class PlainDecoder:
                     on_token(out[-1])
                 if out[-1] in eos_ids or len(out) == max_new_tokens:
                     break
-                logits = self.model(token.view(1, 1), pos)  # [1, 1, V]
+                logits = self.forward(token.view(1, 1), pos)  # [1, 1, V]
                 token = next_token(logits[0, -1], self.sampling, generator)
                 pos += 1
         end = time.perf_counter()

@@ -86,8 +86,9 @@ class SpeculativeDecoder:
     """Draft with a Proposer, verify with the target model over its static KV cache."""
 
     def __init__(self, model: torch.nn.Module, proposer: Proposer, sampling: Sampling, speculate_k: int,
-                 cache_len: int | None = None):
+                 cache_len: int | None = None, forward=None):
         self.model = model
+        self.forward = forward or model  # the model, or its compiled steps
         self.proposer = proposer
         self.sampling = sampling
         self.speculate_k = speculate_k
@@ -118,7 +119,7 @@ class SpeculativeDecoder:
         with torch.inference_mode():
             # Prefill all but the last prompt token: each round feeds the pending token plus the drafts.
             if len(prompt) > 1:
-                self.model(torch.tensor([prompt[:-1]], device=self.device), torch.arange(len(prompt) - 1, device=self.device))
+                self.forward(torch.tensor([prompt[:-1]], device=self.device), torch.arange(len(prompt) - 1, device=self.device))
             while len(out) < max_new_tokens:
                 room = cache_len - len(sequence)  # positions left in the cache after the pending token
                 k = max(0, min(self.speculate_k, max_new_tokens - len(out) - 1, room))
@@ -126,7 +127,7 @@ class SpeculativeDecoder:
                 pending = len(sequence) - 1
                 tokens = torch.tensor([sequence[-1:] + drafted], device=self.device)  # [1, 1 + k]
                 positions = torch.arange(pending, pending + 1 + len(drafted), device=self.device)
-                logits = self.model(tokens, positions)[0]  # [1 + k, V]
+                logits = self.forward(tokens, positions)[0]  # [1 + k, V]
                 p = logits_to_probs(logits, self.sampling)
                 spec.target_forwards += 1
                 new = verify(drafted, q.to(p.device), p, generator) if drafted else [int(sample(p[0], generator))]

@@ -1,0 +1,89 @@
+"""torch.compile as a step transform: same tokens as eager, no recompiles per token, clear failures.
+
+Compiling is slow on two cores, so these few tests run in tox's `compile` factor only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import pipeline
+from runner.config.errors import ConfigError
+from runner.config.resolve import resolve
+
+pytestmark = pytest.mark.compile
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-random.yaml")
+GREEDY = ["generate.temperature=0", "generate.max_new_tokens=20", "threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+    torch._dynamo.reset()
+
+
+def run(overrides):
+    recipe = resolve(RECIPE, GREEDY + overrides, check_files=True)
+    built = pipeline.build(recipe, RECIPE)
+    prompt = pipeline.encode_prompt(built, RECIPE)
+    compile_seconds = pipeline.warm_up(built, prompt)
+    tokens, _ = pipeline.generate(built, prompt)
+    return built, prompt, tokens, compile_seconds
+
+
+@pytest.mark.parametrize("steps", [["compile.decode=true"], ["compile.decode=true", "compile.prefill=true"]])
+def test_compiled_greedy_tokens_equal_eager_and_no_step_recompiles(steps):
+    _, _, eager, _ = run([])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    # After the warm-up compiled each step, a recompile (a new graph per token) would be an error.
+    built, prompt, _, compile_seconds = run(steps)
+    assert compile_seconds > 0
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tokens, _ = pipeline.generate(built, prompt)
+        tokens_again, _ = pipeline.generate(built, prompt)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert tokens == eager == tokens_again
+
+
+def test_compiled_logits_match_eager():
+    built, prompt, _, _ = run(["compile.decode=true"])
+    model = built.model
+    with torch.inference_mode():
+        model.setup_cache(1, built.decoder.cache_len)
+        model(torch.tensor([prompt[:-1]]), torch.arange(len(prompt) - 1))
+        position = torch.tensor([len(prompt) - 1])
+        eager = model(torch.tensor([[prompt[-1]]]), position)
+        compiled = built.forward(torch.tensor([[prompt[-1]]]), position)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+def test_a_compile_failure_is_summarised_or_falls_back_when_asked(monkeypatch):
+    _, _, eager, _ = run([])
+
+    def broken(model, **options):
+        def fail(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n" + "trace line\n" * 300)
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ConfigError) as info:
+        run(["compile.decode=true"])
+    message = str(info.value)
+    assert "compile.decode" in message and "CppCompileError" in message and "compile.fallback: eager" in message
+    assert message.count("trace line") <= 1
+    _, _, tokens, _ = run(["compile.decode=true", "compile.fallback=eager"])
+    assert tokens == eager
+
+
+def test_an_unknown_compile_mode_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        resolve(RECIPE, ["compile.mode=fastest"])
+    message = str(info.value)
+    assert "compile.mode" in message and "fastest" in message
+    assert all(mode in message for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
