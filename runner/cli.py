@@ -145,6 +145,79 @@ def quantize(recipe, overrides, out):
 
 
 @cli.command()
+@click.argument("args", nargs=-1, required=True)
+@click.option("--runs", default=5, show_default=True, help="Timed generations per recipe (after a warm-up).")
+@click.option("--tokens", "new_tokens", default=128, show_default=True, help="New tokens per generation.")
+@click.option("--prompt", default="Hello, my name is", show_default=True, help="The prompt every recipe runs.")
+@click.option("--vs", "versus", type=click.Choice(["hf"]), default=None, help="Also time HF transformers' generate.")
+@click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and show each figure's share.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
+def bench(args, runs, new_tokens, prompt, versus, roofline, json_path):
+    """Time recipes: RECIPE... [key=value ...] (overrides apply to every recipe).
+
+    Greedy decoding of --tokens tokens from --prompt, after a warm-up; prints decode tokens/s
+    (median, min, max), time to first token, prefill speed, model size, effective bandwidth
+    (weights read per token x tokens/s), peak memory and compile time, one row per recipe.
+
+    \b
+    Example:
+      runner bench recipes/smollm2-135m.yaml dtype=bfloat16 --vs hf --json out.json
+      runner bench recipes/smollm2-135m.yaml recipes/smollm2-135m.yaml quant.mode=int8 dtype=bfloat16
+    """
+    import json
+
+    from runner.config.resolve import resolve
+
+    recipes = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if not recipes:
+        raise click.UsageError("name at least one recipe")
+    fixed = [f"generate.prompt={prompt}", f"generate.max_new_tokens={new_tokens}", "generate.temperature=0",
+             "generate.chat=false", "generate.num_samples=1"]
+    resolved = [resolve(r, fixed + overrides, check_files=True) for r in recipes]
+
+    from runner import bench as measure
+    from runner.report import Reporter
+
+    report = Reporter()
+    ceiling = measure.read_bandwidth() if roofline else None
+    rows = []
+    for path, recipe in zip(recipes, resolved):
+        label = " ".join([Path(path).stem, *overrides])
+        report.note(f"bench: {label}")
+        figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note)
+        if versus == "hf":
+            figures.hf_decode_tokens_per_s = measure.hf_decode_speed(built, ids, new_tokens, max(1, runs // 2))
+            figures.vs_hf_ratio = figures.median / figures.hf_decode_tokens_per_s
+        rows.append(figures)
+        del built
+    import torch
+
+    report.line(f"machine: {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
+    report.line(measure.table(rows, ceiling))
+    if json_path:
+        data = {"machine": _cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "read_bandwidth_gb_s": ceiling, "prompt": prompt, "new_tokens": new_tokens, "runs": runs,
+                "results": [r.as_dict() for r in rows]}
+        if len(rows) == 1:
+            data.update(rows[0].as_dict())  # one recipe: its figures at the top level (e.g. vs_hf_ratio)
+        Path(json_path).write_text(json.dumps(data, indent=2))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+@cli.command()
 @click.argument("spec")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
