@@ -109,6 +109,19 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     return statistics.median(rates)
 
 
+def cpu_name() -> str:
+    """The CPU's model name, for the figures' caption."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """The machine's read bandwidth in GB/s: torch sums a `gib` GiB tensor (median of repeats)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)

@@ -193,28 +193,16 @@ def bench(args, runs, new_tokens, prompt, versus, roofline, json_path):
         del built
     import torch
 
-    report.line(f"machine: {_cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    report.line(f"machine: {measure.cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
                 + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
     report.line(measure.table(rows, ceiling))
     if json_path:
-        data = {"machine": _cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        data = {"machine": measure.cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "read_bandwidth_gb_s": ceiling, "prompt": prompt, "new_tokens": new_tokens, "runs": runs,
                 "results": [r.as_dict() for r in rows]}
         if len(rows) == 1:
             data.update(rows[0].as_dict())  # one recipe: its figures at the top level (e.g. vs_hf_ratio)
         Path(json_path).write_text(json.dumps(data, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 @cli.command()
