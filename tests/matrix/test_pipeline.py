@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from runner import pipeline
+from runner.config.errors import ConfigError
 from runner.config.resolve import resolve
 from runner.config.schema import DraftKind, QuantMode
 
@@ -83,28 +84,25 @@ def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, home):
         assert sum(spec.histogram()) == len(spec.accepted_lengths)
 
 
-@pytest.mark.parametrize("mode", [m for m in QUANTS if m != "none"])
+@pytest.mark.parametrize("mode", QUANTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_quantized_checkpoint_gives_the_tokens_of_quantizing_on_load(mode, dtype, home, tmp_path):
+def test_runner_quantize_writes_what_loading_reproduces_and_guards(mode, dtype, home, tmp_path):
+    """A quantized checkpoint gives the tokens of quantizing on load, and refuses another quant mode;
+    with quant.mode none there is nothing to quantize, and saying so is an error."""
     overrides = quant_overrides(mode, home) + [f"dtype={dtype}"]
-    on_load, _ = greedy(overrides)
     recipe = resolve(RECIPE, overrides, check_files=True)
+    if mode == "none":
+        with pytest.raises(ConfigError, match="nothing to quantize"):
+            pipeline.quantized_path(recipe, RECIPE)
+        return
+    on_load, _ = greedy(overrides)
     out = tmp_path / "quantized.pth"
     pipeline.write_quantized(recipe, RECIPE, out)
     stored = torch.load(out, weights_only=True, mmap=True)
     assert stored["quant"]["mode"] == mode
     loaded, _ = greedy(overrides + [f"model.checkpoint={out}"])
     assert loaded == on_load
-
-
-@pytest.mark.parametrize("mode", [m for m in QUANTS if m != "none"])
-def test_a_quantized_checkpoint_refuses_another_mode(mode, home, tmp_path):
-    from runner.config.errors import ConfigError
-
-    overrides = quant_overrides(mode, home)
-    out = tmp_path / "quantized.pth"
-    pipeline.write_quantized(resolve(RECIPE, overrides, check_files=True), RECIPE, out)
     other = "int8" if mode != "int8" else "none"
     with pytest.raises(ConfigError) as info:
-        greedy([f"quant.mode={other}", f"model.checkpoint={out}"])
+        greedy([f"quant.mode={other}", f"model.checkpoint={out}", f"dtype={dtype}"])
     assert "quant.mode" in str(info.value) and mode in str(info.value)
