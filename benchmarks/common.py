@@ -3,27 +3,27 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from runner.bench import cpu_name
 from runner.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two outputs share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def cpu_flags() -> list[str]:
@@ -47,7 +47,7 @@ def load_average() -> str:
 
 def machine() -> dict:
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -208,15 +208,6 @@ def measure_speed(models: dict[str, torch.nn.Module], recipe, prompt: list[int],
     return rates, outputs
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # --- report -----------------------------------------------------------------------------
 
 
@@ -400,7 +391,7 @@ def main() -> None:
             rates, outputs = measure_speed(models, speed_recipe, prompt, new_tokens, args.runs, args.warmup_tokens)
             for label, runs in rates.items():
                 by_label[label].speed[dtype] = {"runs": runs, "median": common.median(runs), "new_tokens": new_tokens}
-                by_label[label].matches_float[dtype] = common_prefix(outputs[label], outputs["none"])
+                by_label[label].matches_float[dtype] = common.common_prefix(outputs[label], outputs["none"])
 
     info["load_average_end"] = common.load_average()
     seconds = time.perf_counter() - start

@@ -141,15 +141,6 @@ def measure(args, configs: list[Config], prompts: dict[str, list[int]]) -> dict[
     return cells
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default=str(common.RECIPE))
@@ -199,7 +190,7 @@ def main() -> None:
                 if not cell.rates:
                     continue
                 rate = common.median(cell.rates)
-                same = None if c.alone else common_prefix(cell.tokens, plain.tokens)
+                same = None if c.alone else common.common_prefix(cell.tokens, plain.tokens)
                 rows.append([pname, c.name, common.fmt(cell.acceptance, ".1%"), common.fmt(cell.drafted_per_round, ".2f"),
                              common.fmt(cell.per_forward, ".2f"), f"{rate:.1f}", f"{rate / base:.2f}",
                              "-" if same is None else f"{same}/{len(plain.tokens)}"])
@@ -211,7 +202,7 @@ def main() -> None:
         header = ["prompt", "configuration", "acceptance", "drafted / round", "tokens / target forward", "tokens/s",
                   "x plain", "greedy = plain"]
         sections += [f"## Target {dtype}", ""] + common.table(header, rows) + [""]
-        sections += [f"Prompt tokens: " + ", ".join(f"{n} {len(ids)}" for n, ids in prompts.items()) +
+        sections += ["Prompt tokens: " + ", ".join(f"{n} {len(ids)}" for n, ids in prompts.items()) +
                      ". What plain greedy decoding wrote (first 400 characters):", ""]
         for pname in prompts:
             text = tok.decode(cells["plain", pname].tokens)[:400].replace("```", "'''")
