@@ -5,15 +5,20 @@ same prompt and length after a warm-up (which also compiles compiled steps); med
 """
 from __future__ import annotations
 
+import importlib.util
 import statistics
-from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from runner import pipeline
 from runner.config.schema import Recipe
+
+
+# The baselines --vs can time, and their names in tables and JSON keys (vs_<key>_ratio).
+BASELINES = {"hf": "HF eager", "hf-compile": "HF static+compile", "llamacpp": "llama.cpp"}
 
 
 @dataclass
@@ -26,8 +31,7 @@ class Figures:
     bytes_per_token: int = 0  # weights read per decoded token
     peak_memory_bytes: int = 0
     compile_seconds: float = 0.0
-    vs_hf_ratio: float | None = None
-    hf_decode_tokens_per_s: float | None = None
+    baselines: dict[str, float] = field(default_factory=dict)  # --vs name -> its decode tokens/s
 
     @property
     def median(self) -> float:
@@ -37,9 +41,16 @@ class Figures:
     def bandwidth_gb_s(self) -> float:
         return self.bytes_per_token * self.median / 1e9
 
+    def ratio(self, baseline: str) -> float:
+        return self.median / self.baselines[baseline]
+
     def as_dict(self) -> dict:
         out = asdict(self)
         out.update(decode_tokens_per_s_median=self.median, effective_bandwidth_gb_s=self.bandwidth_gb_s)
+        for name, rate in self.baselines.items():
+            key = name.replace("-", "_")
+            out[f"{key}_decode_tokens_per_s"] = rate
+            out[f"vs_{key}_ratio"] = self.ratio(name)
         return out
 
 
@@ -72,12 +83,34 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return total, total if tied else total - embedding.numel() * embedding.element_size()
 
 
-def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int, runs: int) -> float:
+class _Clock:
+    """A generation streamer that notes when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def decode_rate(self) -> float:
+        """Tokens/s after the first token, as ours are counted (prefill excluded)."""
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int, runs: int,
+                    compiled: bool = False) -> float:
     """HF transformers' greedy `generate` decode tokens/s on the same weights, dtype, threads and prompt.
 
-    Decode rate = (n - 1) / (time(n tokens) - time(1 token)), so prefill is excluded as in ours.
+    compiled: with a static cache and torch.compile (what HF offers for speed); compiling happens
+    in the warm-up and is not counted.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
     from runner.loaders import load_state_dict, stored_quant
     from runner.loaders.hf_layout import hf_config, to_hf
@@ -94,19 +127,81 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     if spec.tie_embeddings:
         hf.tie_weights()
     ids = torch.tensor([prompt])
+    options = {}
+    if compiled:
+        # HF compiles generate's forward by itself only on accelerators; this asks for it on the CPU too.
+        config = CompileConfig()
+        config._compile_all_devices = True  # a class attribute, not an argument
+        options = {"cache_implementation": "static", "compile_config": config}
 
-    def timed(n: int) -> float:
-        start = time.perf_counter()
+    def rate() -> float:
+        clock = _Clock()
         with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock, **options)
+        return clock.decode_rate()
 
-    timed(4)  # warm-up
-    rates = []
-    for _ in range(runs):
-        rates.append((new_tokens - 1) / (timed(new_tokens) - timed(1)))
-    return statistics.median(rates)
+    rate()  # warm-up (and compile)
+    return statistics.median(rate() for _ in range(runs))
+
+
+def llamacpp_decode_speed(built: pipeline.Pipeline, recipe_file: str, prompt: list[int], new_tokens: int,
+                          runs: int, note=None) -> float:
+    """llama.cpp's (llama-cpp-python) greedy decode tokens/s on the recipe's GGUF source, same prompt and threads.
+
+    It runs in a child process, apart from torch's thread pool. Should llama.cpp crash there (its
+    AMX weight repacking does in some sandboxes), it runs again without repacking, and says so.
+    """
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("needs llama-cpp-python: pip install 'runner[llamacpp]'")
+    from runner import sources
+
+    source = built.recipe.model.source
+    if source is None or not source.lower().endswith(".gguf"):
+        raise ValueError(f"runs the recipe's GGUF model.source, but that is {source!r}")
+    job = {"gguf": str(sources.fetch(source, recipe_file)), "prompt": prompt, "new_tokens": new_tokens,
+           "runs": runs, "threads": torch.get_num_threads(), "repack": True}
+    for repack in (True, False):
+        job["repack"] = repack
+        done = subprocess.run([sys.executable, "-m", "runner.bench", json.dumps(job)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return float(done.stdout.strip().splitlines()[-1])
+        if repack and done.returncode < 0 and note is not None:
+            note(f"bench: llama.cpp crashed (signal {-done.returncode}); running it again without weight repacking")
+    raise ValueError(f"llama.cpp failed: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
+
+
+def _llamacpp_rate(job: dict) -> float:
+    import llama_cpp.llama as llama_module
+    from llama_cpp import Llama
+
+    if not job["repack"]:
+        defaults = llama_module.llama_cpp.llama_model_default_params
+
+        def without_repacking():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_repacking
+    prompt, new_tokens = job["prompt"], job["new_tokens"]
+    llm = Llama(model_path=job["gguf"], n_ctx=len(prompt) + new_tokens + 8, n_threads=job["threads"],
+                n_threads_batch=job["threads"], verbose=False)
+
+    def rate() -> float:
+        times = []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == new_tokens:
+                break
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    rate()  # warm-up
+    return statistics.median(rate() for _ in range(job["runs"]))
 
 
 def cpu_name() -> str:
@@ -136,8 +231,9 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def table(rows: list[Figures], roofline: float | None) -> str:
     """A Markdown comparison table."""
+    compared = [name for name in BASELINES if any(name in r.baselines for r in rows)]
     head = ["recipe", "decode tok/s (median [min, max])", "TTFT ms", "prefill tok/s", "model MB", "GB/s",
-            "peak MiB", "compile s", "vs HF"]
+            "peak MiB", "compile s", *(f"vs {BASELINES[name]}" for name in compared)]
     if roofline:
         head.insert(6, "of roofline")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,8 +242,47 @@ def table(rows: list[Figures], roofline: float | None) -> str:
                  f"{statistics.median(r.time_to_first_token_s) * 1000:.0f}",
                  f"{statistics.median(r.prefill_tokens_per_s):.0f}", f"{r.model_bytes / 1e6:.0f}",
                  f"{r.bandwidth_gb_s:.1f}", f"{r.peak_memory_bytes / 2**20:.0f}", f"{r.compile_seconds:.1f}",
-                 "" if r.vs_hf_ratio is None else f"{r.vs_hf_ratio:.2f}x ({r.hf_decode_tokens_per_s:.1f} tok/s)"]
+                 *(f"{r.ratio(name):.2f}x ({r.baselines[name]:.1f} tok/s)" if name in r.baselines else ""
+                   for name in compared)]
         if roofline:
             cells.insert(6, f"{r.bandwidth_gb_s / roofline:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(rows: list[Figures], path: str, caption: str) -> None:
+    """A bar chart of decode tokens/s (median, with min-max whiskers) per recipe and baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, lows, highs, colors = [], [], [], [], []
+    for r in rows:
+        labels.append(r.label)
+        values.append(r.median)
+        lows.append(r.median - min(r.decode_tokens_per_s))
+        highs.append(max(r.decode_tokens_per_s) - r.median)
+        colors.append("tab:blue")
+        for name, rate in r.baselines.items():
+            labels.append(f"{BASELINES[name]}\n({r.label})")
+            values.append(rate)
+            lows.append(0.0)
+            highs.append(0.0)
+            colors.append("tab:gray")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(labels)), 4.5))
+    bars = ax.bar(range(len(labels)), values, yerr=[lows, highs], color=colors, capsize=4)
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(caption, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the llama.cpp baseline's child process: python -m runner.bench JOB_JSON
+    import json
+    import sys
+
+    print(_llamacpp_rate(json.loads(sys.argv[1])))

@@ -147,12 +147,18 @@ def quantize(recipe, overrides, out):
 @cli.command()
 @click.argument("args", nargs=-1, required=True)
 @click.option("--runs", default=5, show_default=True, help="Timed generations per recipe (after a warm-up).")
-@click.option("--tokens", "new_tokens", default=128, show_default=True, help="New tokens per generation.")
+@click.option("--tokens", "new_tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="New tokens per generation.")
 @click.option("--prompt", default="Hello, my name is", show_default=True, help="The prompt every recipe runs.")
-@click.option("--vs", "versus", type=click.Choice(["hf"]), default=None, help="Also time HF transformers' generate.")
+@click.option("--vs", "versus", type=click.Choice(["hf", "hf-compile", "llamacpp"]), multiple=True,
+              help="Also time a baseline on the same weights, prompt and threads (repeatable): HF transformers' "
+                   "generate (hf), HF with a static cache and torch.compile (hf-compile), llama.cpp on the "
+                   "recipe's GGUF (llamacpp, needs llama-cpp-python).")
 @click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and show each figure's share.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
-def bench(args, runs, new_tokens, prompt, versus, roofline, json_path):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw decode tokens/s as a bar chart (PNG; needs matplotlib: pip install 'runner[plot]').")
+def bench(args, runs, new_tokens, prompt, versus, roofline, json_path, plot_path):
     """Time recipes: RECIPE... [key=value ...] (overrides apply to every recipe).
 
     Greedy decoding of --tokens tokens from --prompt, after a warm-up; prints decode tokens/s
@@ -172,6 +178,11 @@ def bench(args, runs, new_tokens, prompt, versus, roofline, json_path):
     overrides = [a for a in args if "=" in a]
     if not recipes:
         raise click.UsageError("name at least one recipe")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'runner[plot]'") from None
     fixed = [f"generate.prompt={prompt}", f"generate.max_new_tokens={new_tokens}", "generate.temperature=0",
              "generate.chat=false", "generate.num_samples=1"]
     resolved = [resolve(r, fixed + overrides, check_files=True) for r in recipes]
@@ -186,16 +197,27 @@ def bench(args, runs, new_tokens, prompt, versus, roofline, json_path):
         label = " ".join([Path(path).stem, *overrides])
         report.note(f"bench: {label}")
         figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note)
-        if versus == "hf":
-            figures.hf_decode_tokens_per_s = measure.hf_decode_speed(built, ids, new_tokens, max(1, runs // 2))
-            figures.vs_hf_ratio = figures.median / figures.hf_decode_tokens_per_s
+        baseline_runs = max(1, runs // 2)
+        for name in dict.fromkeys(versus):
+            report.note(f"bench: {measure.BASELINES[name]} on the same weights")
+            try:
+                if name == "llamacpp":
+                    rate = measure.llamacpp_decode_speed(built, path, ids, new_tokens, baseline_runs, report.note)
+                else:
+                    rate = measure.hf_decode_speed(built, ids, new_tokens, baseline_runs, compiled=name == "hf-compile")
+            except ValueError as e:
+                raise click.UsageError(f"--vs {name}: {e}") from None
+            figures.baselines[name] = rate
         rows.append(figures)
         del built
     import torch
 
-    report.line(f"machine: {measure.cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
+    caption = (f"machine: {measure.cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+               + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
+    report.line(caption)
     report.line(measure.table(rows, ceiling))
+    if plot_path:
+        measure.plot(rows, plot_path, caption)
     if json_path:
         data = {"machine": measure.cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "read_bandwidth_gb_s": ceiling, "prompt": prompt, "new_tokens": new_tokens, "runs": runs,

@@ -10,6 +10,7 @@ import torch
 
 from runner import decoders, loaders, sources, tokenizers, transforms
 from runner.transforms import compile as compile_step
+from runner.transforms import kernels as kernel_ops
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind
 from runner.decoders.stats import Stats
@@ -60,6 +61,9 @@ def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None =
         draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model")
         draft_model = load(draft_path, recipe.draft.model.arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
                            note, key="draft")
+    for each in (model, draft_model):
+        if each is not None:
+            kernel_ops.apply(each, recipe.kernels, torch.device(recipe.device), recipe_file, note)
     forward = compile_step.apply(model, recipe.compile, recipe_file, note)
     return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model, draft_model, forward), forward)
 

@@ -249,6 +249,12 @@ class CompileSection:
         return []
 
 
+class Kernels(Enum):
+    auto = "auto"  # runner's CPU kernels where they build and apply; torch's ops otherwise (with a note)
+    runner = "runner"  # runner's CPU kernels, or stop with why they cannot be built
+    torch = "torch"  # torch's ops only (the reference math)
+
+
 @dataclass(frozen=True)
 class GenerateSection:
     prompt: str = "Hello, my name is"
@@ -289,7 +295,8 @@ class Recipe:
     generate: GenerateSection = field(default_factory=GenerateSection)
     device: str = "cpu"
     dtype: DType = DType.float32
-    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    threads: Optional[int] = None  # torch intra-op threads; None: torch's default (one per core)
+    kernels: Kernels = Kernels.auto  # the math of batch-1 decoding on CPU (runner.kernels)
 
     def problems(self) -> list[tuple[str, object, str]]:
         out = []

@@ -1,4 +1,8 @@
-"""The model's math as small pure functions: RMSNorm, RoPE, attention over a static cache."""
+"""The model's math as small pure functions: RMSNorm, RoPE, attention over a static cache.
+
+These are the reference ops. runner.kernels.KernelOps has the same signatures and swaps in
+runner's CPU kernels where they apply; the model calls whichever its `ops` attribute names.
+"""
 from __future__ import annotations
 
 import math
@@ -7,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from runner.config.schema import RopeScaling
+
+
+linear = F.linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,3 +71,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def causal_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
     """[T, cache_len]: a query at position p sees cache slots 0..p."""
     return torch.arange(cache_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2 * I] holding gate then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor,
+           n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """One attention layer past its wqkv: RoPE, the cache write, attention over the cache.
+
+    qkv [B, T, (n_heads + 2 n_kv_heads) * D] -> [B, T, n_heads * D]; cache is a KVCache.
+    """
+    B, T, _ = qkv.shape
+    D = cache.k.shape[-1]
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q = q.view(B, T, n_heads, D).transpose(1, 2)  # [B, H, T, D]
+    k = k.view(B, T, n_kv_heads, D).transpose(1, 2)  # [B, KVH, T, D]
+    v = v.view(B, T, n_kv_heads, D).transpose(1, 2)
+    q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+    k, v = cache.update(input_pos, k, v)  # [B, KVH, L, D]
+    y = attention(q, k, v, mask)  # [B, H, T, D]
+    return y.transpose(1, 2).reshape(B, T, n_heads * D)

@@ -15,7 +15,6 @@ q and k rows are in the "rotate half" order of runner.model.functional.apply_rop
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runner.config.schema import ModelSpec
@@ -38,46 +37,52 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class Linear(nn.Linear):
+    """nn.Linear through the model's ops (so runner's kernels can take it); quantization replaces it."""
+
+    ops = fn
+
+    def forward(self, x):
+        return self.ops.linear(x, self.weight)
+
+
 class Attention(nn.Module):
+    ops = fn
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.kv_heads, spec.head_size
-        self.wqkv = nn.Linear(spec.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
+        self.wqkv = Linear(spec.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos):
-        B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KVH, T, D]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = fn.apply_rope(q, cos_sin), fn.apply_rope(k, cos_sin)
-        k, v = self.kv_cache.update(input_pos, k, v)  # [B, KVH, L, D]
-        y = fn.attention(q, k, v, mask)  # [B, H, T, D]
-        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+        y = self.ops.attend(self.wqkv(x), cos_sin, self.kv_cache, input_pos, mask, self.n_heads, self.n_kv_heads)
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):
+    ops = fn
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.w13 = nn.Linear(spec.dim, 2 * spec.intermediate_size, bias=False)
-        self.w2 = nn.Linear(spec.intermediate_size, spec.dim, bias=False)
+        self.w13 = Linear(spec.dim, 2 * spec.intermediate_size, bias=False)
+        self.w2 = Linear(spec.intermediate_size, spec.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.ops.swiglu(self.w13(x)))
 
 
 class RMSNorm(nn.Module):
+    ops = fn
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return fn.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Block(nn.Module):
@@ -94,13 +99,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    ops = fn
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.output = None if spec.tie_embeddings else nn.Linear(spec.dim, spec.vocab_size, bias=False)
+        self.output = None if spec.tie_embeddings else Linear(spec.dim, spec.vocab_size, bias=False)
         self.cache_len = 0
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
@@ -124,4 +131,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos_sin, mask, input_pos)
         x = self.norm(x)
-        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        return self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+
+    def use_ops(self, ops) -> None:
+        """Run the math through `ops` (runner.model.functional, or runner.kernels.KernelOps)."""
+        for module in self.modules():
+            if hasattr(type(module), "ops"):
+                module.ops = ops

@@ -23,6 +23,10 @@ torch's kernels, as found in torch 2.13 (see tests/quant/test_kernels.py):
              then _weight_int4pack_mm(x bf16 [M, K], that, groupsize, scales_and_zeros bf16);
              N a multiple of 8, K of 16 * inner_k_tiles, compute capability >= 8.0.
 All three dequantize as (q - 8) * scale + zero, the neutral format's convention.
+
+runner's own CPU kernels (runner/kernels/cpu.cpp: int8_linear, int4_linear) read the neutral
+layout as is, in fp32 and bf16, and stream it at close to the machine's bandwidth; they are listed
+last, so only the kernels transform (recipe key `kernels`) picks them, by name.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 
 from runner.quant import int4
 
+MAX_ROWS = 16  # runner's GEMV kernels take up to this many rows (as runner.kernels.MAX_ROWS)
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -42,6 +48,8 @@ class Kernel:
     refuses: Callable[[torch.nn.Module, torch.device], str | None]  # why this layer can't use it
     pack: Callable[[torch.nn.Module], dict[str, torch.Tensor]]  # kernel-layout tensors to hold
     matmul: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]  # x [M, K] (compute dtype) -> [M, N]
+    # x [..., K] in the scales' dtype, at most MAX_ROWS rows -> [..., N], called without run()'s casts
+    direct: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor] | None = None
 
 
 def _never(layer, device):
@@ -64,9 +72,28 @@ def _int8_fallback(x, layer):
     return F.linear(x, layer.weight.to(x.dtype)) * layer.scales.to(x.dtype)
 
 
+def _runner_refuses(layer, device):
+    from runner import kernels as runner_kernels
+
+    return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
+
+
+def _int8_runner(x, layer):
+    if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
+        return _int8_fallback(x, layer)
+    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales.to(x.dtype))
+
+
+def _int8_runner_direct(x, layer):
+    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales)
+
+
 INT8_KERNELS = {
     "cpu": Kernel("cpu", (torch.bfloat16,), _never, _nothing, _int8_cpu),
     "fallback": Kernel(None, None, _never, _nothing, _int8_fallback),
+    # Chosen by name only, by the kernels transform (recipe key `kernels`).
+    "runner": Kernel("cpu", (torch.float32, torch.bfloat16), _runner_refuses, _nothing, _int8_runner,
+                     _int8_runner_direct),
 }
 
 
@@ -120,10 +147,29 @@ def _int4_fallback(x, layer):
     return F.linear(x.to(wide), w.to(wide)).to(x.dtype)
 
 
+def _int4_runner_refuses(layer, device):
+    if layer.groupsize % 32:
+        return "groupsize is not a multiple of 32"
+    return _runner_refuses(layer, device)
+
+
+def _int4_runner(x, layer):
+    if x.shape[0] > MAX_ROWS:
+        return _int4_fallback(x, layer)
+    return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
+                                        layer.groupsize)
+
+
+def _int4_runner_direct(x, layer):
+    return torch.ops.runner.int4_linear(x, layer.weight, layer.scales, layer.zeros, layer.groupsize)
+
+
 INT4_KERNELS = {
     "cpu": Kernel("cpu", (torch.bfloat16,), _int4_cpu_refuses, _int4_cpu_pack, _int4_cpu),
     "cuda": Kernel("cuda", (torch.bfloat16,), _int4_cuda_refuses, _int4_cuda_pack, _int4_cuda),
     "fallback": Kernel(None, None, _never, _nothing, _int4_fallback),
+    "runner": Kernel("cpu", (torch.float32, torch.bfloat16), _int4_runner_refuses, _nothing, _int4_runner,
+                     _int4_runner_direct),
 }
 
 

@@ -30,6 +30,9 @@ class QuantizedLinear(nn.Module):
         return self.kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        direct = self.KERNELS[self.kernel].direct
+        if direct is not None and x.dtype == self.scales.dtype and x.numel() <= kernels.MAX_ROWS * self.in_features:
+            return direct(x, self)  # decoding on runner's kernels: no reshaping or casting around the call
         return kernels.run(self.KERNELS, self, x)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
@@ -20,6 +21,7 @@ def test_bench_writes_a_table_and_json_with_the_hf_ratio(tmp_path, monkeypatch):
     for row in data["results"]:
         assert len(row["decode_tokens_per_s"]) == 2 and all(rate > 0 for rate in row["decode_tokens_per_s"])
         assert row["vs_hf_ratio"] == row["decode_tokens_per_s_median"] / row["hf_decode_tokens_per_s"]
+        assert row["hf_decode_tokens_per_s"] > 0 and row["baselines"] == {"hf": row["hf_decode_tokens_per_s"]}
         assert row["model_bytes"] >= row["bytes_per_token"] > 0
         # bfloat16: two bytes per weight, plus norms
         assert row["model_bytes"] < 2 * 170_000 * 1.1  # tiny-llama: about 170k weights of 2 bytes
@@ -33,4 +35,24 @@ def test_bench_with_one_recipe_puts_its_figures_at_the_top(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["decode_tokens_per_s_median"] == data["results"][0]["decode_tokens_per_s_median"]
-    assert data["vs_hf_ratio"] is None
+    assert "vs_hf_ratio" not in data and "| vs HF" not in result.output
+
+
+def test_bench_plots_the_figures(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # the [plot] extra, which the test extra brings in
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    out = tmp_path / "bench.png"
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "2", "--tokens", "4",
+                                      "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_vs_llamacpp_needs_a_gguf_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "1", "--tokens", "4",
+                                      "--vs", "llamacpp"])
+    assert result.exit_code == 2
+    # Without llama-cpp-python the message says how to install it; with it, that a GGUF source is needed.
+    assert "--vs llamacpp" in result.output and ("llama-cpp-python" in result.output or "GGUF" in result.output)
+    assert "Traceback" not in result.output

@@ -34,9 +34,10 @@ def run(overrides):
     return built, prompt, tokens, compile_seconds
 
 
-@pytest.mark.parametrize("steps", [["compile.decode=true"], ["compile.decode=true", "compile.prefill=true"]])
+@pytest.mark.parametrize("steps", [["compile.decode=true"], ["compile.decode=true", "compile.prefill=true"],
+                                   ["compile.decode=true", "kernels=torch"]], ids=["decode", "decode+prefill", "torch-ops"])
 def test_compiled_greedy_tokens_equal_eager_and_no_step_recompiles(steps):
-    _, _, eager, _ = run([])
+    _, _, eager, _ = run([s for s in steps if s.startswith("kernels=")])
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -87,3 +88,44 @@ def test_an_unknown_compile_mode_lists_the_valid_ones():
     message = str(info.value)
     assert "compile.mode" in message and "fastest" in message
     assert all(mode in message for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+
+
+@pytest.mark.parametrize("quant", [["quant.mode=int8"], ["quant.mode=int4", "quant.groupsize=32"]], ids=["int8", "int4"])
+def test_compiled_quantized_decode_on_runner_kernels_equals_eager(quant):
+    bf16 = ["dtype=bfloat16", *quant]
+    eager_built, _, eager, _ = run(bf16)
+    assert eager_built.model.layers[0].attention.wqkv.kernel == "runner"
+    _, _, tokens, _ = run(bf16 + ["compile.decode=true"])
+    assert tokens == eager
+
+
+def test_a_new_cache_size_compiles_the_step_anew():
+    # Dynamo's guards on the modules are filtered out (runner.transforms.compile), but not those on
+    # the cache: a resized cache must get a new graph, not reach the old one.
+    from torch._dynamo.utils import counters
+
+    _, _, eager, _ = run([])
+    built, prompt, tokens, _ = run(["compile.decode=true"])
+    graphs = counters["stats"]["unique_graphs"]
+    built.decoder.cache_len += 7
+    resized, _ = pipeline.generate(built, prompt)
+    assert built.model.cache_len == built.decoder.cache_len
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert tokens == resized == eager
+
+
+def test_bench_times_hf_with_a_static_cache_and_compile(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", RECIPE, "threads=1", "--runs", "2", "--tokens", "4",
+                                      "--vs", "hf-compile", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["hf_compile_decode_tokens_per_s"] > 0
+    assert data["vs_hf_compile_ratio"] == data["decode_tokens_per_s_median"] / data["hf_compile_decode_tokens_per_s"]
+    assert "vs HF static+compile" in result.output

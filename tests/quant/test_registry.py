@@ -5,11 +5,12 @@ import torch
 from runner import quant, transforms
 from runner.config.errors import ConfigError
 from runner.config.schema import ModelSpec, QuantCalibration, QuantMode, QuantSection
+from runner.model.llama import Linear
 from runner.quant.linear import Int4Linear, Int8Linear
 from tests.quant.helpers import float_model, logits, prompts
 
 SPEC = ModelSpec(dim=64, n_layers=1, n_heads=4, vocab_size=64, intermediate_size=64, max_seq_len=64)
-EXPECTED = {QuantMode.none: torch.nn.Linear, QuantMode.int8: Int8Linear, QuantMode.int4: Int4Linear,
+EXPECTED = {QuantMode.none: Linear, QuantMode.int8: Int8Linear, QuantMode.int4: Int4Linear,
             QuantMode.int4_gptq: Int4Linear}
 
 

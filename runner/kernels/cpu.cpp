@@ -1,0 +1,681 @@
+// runner's CPU kernels for batch-1 decoding: what the profile of a decode step asked for.
+//
+// A decode step reads every weight once and does little else, so its time is the time to stream
+// the weights plus the per-op overhead of a few hundred small ops. These kernels stream bf16 and
+// fp32 weights at close to the machine's read bandwidth (AVX512-BF16 / AVX512F where the machine
+// has them, plain loops elsewhere) and fold the small ops of a layer into four calls:
+//
+//   linear(x [M, K], w [N, K]) -> [M, N]               fp32 accumulation; M is small (decode, verify)
+//   int8_linear(x [M, K], w int8 [N, K], scales [N])   weight-only int8 (runner.quant.int8's layout)
+//   int4_linear(x [M, K], w uint8 [N, K/2], scales, zeros [N, K/gs])
+//                                                        weight-only int4 (runner.quant.int4's layout)
+//   rms_norm(x [..., D], w [D], eps) -> [..., D]
+//   swiglu(gate_up [..., 2I]) -> [..., I]              silu(gate) * up
+//   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> [1, 1, H * hd]
+//                                                        one token: RoPE, cache write, GQA attention
+//
+// Each rounds where the torch reference (runner/model/functional.py) rounds, so bf16 results
+// stay within a rounding step of it; tests/kernels compare them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using c10::BFloat16;
+
+inline float widen(float v) { return v; }
+inline float widen(BFloat16 v) { return static_cast<float>(v); }
+
+// The value a float takes once stored as T (round to nearest even for bf16).
+template <typename T>
+inline float round_to(float v) { return widen(static_cast<T>(v)); }
+
+// --- dot products: R weight rows against one activation row, fp32 accumulation ------------------
+
+constexpr int64_t kRows = 4;  // rows per block: four accumulators share each activation load
+// Blocks prefetched ahead: the hardware prefetcher alone left a third of the bandwidth unused
+// (17 -> 23 GB/s on SmolLM2's shapes, two threads of a Sapphire Rapids-class Xeon).
+constexpr int64_t kAhead = 2;
+
+#if defined(__AVX512F__)
+template <typename T>
+inline void prefetch_rows(const T* ahead, int64_t K, int64_t k) {
+  for (int64_t r = 0; r < kRows; ++r) _mm_prefetch((const char*)(ahead + r * K + k), _MM_HINT_T0);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+inline __m512bh load_bh(const BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh load_bh(const BFloat16* p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+#endif
+
+template <typename T>
+void dot_rows(const T* x, const T* w, int64_t K, int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = w + r * K;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += widen(row[k]) * widen(x[k]);
+    out[r] = acc;
+  }
+}
+
+#if defined(__AVX512BF16__)
+template <>
+void dot_rows<BFloat16>(const BFloat16* x, const BFloat16* w, int64_t K, int64_t rows, float* out) {
+  if (rows != kRows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) a = _mm512_dpbf16_ps(a, load_bh(w + r * K + k), load_bh(x + k));
+      if (k < K) {
+        __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+        a = _mm512_dpbf16_ps(a, load_bh(w + r * K + k, m), load_bh(x + k, m));
+      }
+      out[r] = _mm512_reduce_add_ps(a);
+    }
+    return;
+  }
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  const BFloat16* ahead = w + kAhead * kRows * K;  // the same rows, kAhead blocks on
+  for (; k + 32 <= K; k += 32) {
+    prefetch_rows(ahead, K, k);  // one 64-byte line per row: 32 bf16
+    __m512bh xv = load_bh(x + k);
+    a0 = _mm512_dpbf16_ps(a0, load_bh(w + k), xv);
+    a1 = _mm512_dpbf16_ps(a1, load_bh(w + K + k), xv);
+    a2 = _mm512_dpbf16_ps(a2, load_bh(w + 2 * K + k), xv);
+    a3 = _mm512_dpbf16_ps(a3, load_bh(w + 3 * K + k), xv);
+  }
+  if (k < K) {
+    __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh xv = load_bh(x + k, m);
+    a0 = _mm512_dpbf16_ps(a0, load_bh(w + k, m), xv);
+    a1 = _mm512_dpbf16_ps(a1, load_bh(w + K + k, m), xv);
+    a2 = _mm512_dpbf16_ps(a2, load_bh(w + 2 * K + k, m), xv);
+    a3 = _mm512_dpbf16_ps(a3, load_bh(w + 3 * K + k, m), xv);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
+#if defined(__AVX512F__)
+template <>
+void dot_rows<float>(const float* x, const float* w, int64_t K, int64_t rows, float* out) {
+  if (rows != kRows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), _mm512_loadu_ps(x + k), a);
+      if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + r * K + k), _mm512_maskz_loadu_ps(m, x + k), a);
+      }
+      out[r] = _mm512_reduce_add_ps(a);
+    }
+    return;
+  }
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  const float* ahead = w + kAhead * kRows * K;
+  for (; k + 16 <= K; k += 16) {
+    prefetch_rows(ahead, K, k);  // one 64-byte line per row: 16 floats
+    __m512 xv = _mm512_loadu_ps(x + k);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + K + k), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * K + k), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 3 * K + k), xv, a3);
+  }
+  if (k < K) {
+    __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+    __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), xv, a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + K + k), xv, a1);
+    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + 2 * K + k), xv, a2);
+    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + 3 * K + k), xv, a3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
+// --- weight-only int8 and int4: integer weights against fp32 activations ---------------------------
+
+// sum_k x[k] * w[r, k] for int8 rows.
+void dot_rows_i8(const float* x, const int8_t* w, int64_t K, int64_t rows, float* out) {
+  int64_t r = 0;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  const int8_t* ahead = w + kAhead * kRows * K;
+  for (; r + kRows <= rows; r += kRows, w += kRows * K, ahead += kRows * K) {
+    __m512 a[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      if ((k & 63) == 0) prefetch_rows(ahead, K, k);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+      for (int64_t i = 0; i < kRows; ++i) {
+        const __m128i q = _mm_maskz_loadu_epi8(m, w + i * K + k);
+        a[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, a[i]);
+      }
+    }
+    for (int64_t i = 0; i < kRows; ++i) out[r + i] = _mm512_reduce_add_ps(a[i]);
+  }
+#endif
+  for (; r < rows; ++r, w += K) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += x[k] * (float)w[k];
+    out[r] = acc;
+  }
+}
+
+// sum_g scale[g] * sum_{k in g} x[k] q[k] for int4 rows (two levels a byte, even column low);
+// xe, xo: x's even and odd columns. The zero points are added by the caller.
+template <typename T>
+void dot_rows_i4(const float* xe, const float* xo, const uint8_t* w, const T* scales, int64_t K, int64_t gs,
+                 int64_t rows, float* out) {
+  const int64_t bytes = K / 2, G = K / gs, per_group = gs / 2;
+  int64_t r = 0;
+#if defined(__AVX512F__)
+  const __m512i low = _mm512_set1_epi32(0xF);
+  const uint8_t* ahead = w + kAhead * kRows * bytes;
+  for (; r + kRows <= rows; r += kRows, w += kRows * bytes, scales += kRows * G, ahead += kRows * bytes) {
+    __m512 a[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < bytes; b += 16) {  // 16 bytes: 32 columns, all in one group (gs % 32 == 0)
+      if ((b & 63) == 0) prefetch_rows(ahead, bytes, b);
+      const __m512 e = _mm512_loadu_ps(xe + b), o = _mm512_loadu_ps(xo + b);
+      const int64_t g = b / per_group;
+      for (int64_t i = 0; i < kRows; ++i) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i * bytes + b)));
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), e);
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), o, t);
+        a[i] = _mm512_fmadd_ps(t, _mm512_set1_ps(widen(scales[i * G + g])), a[i]);
+      }
+    }
+    for (int64_t i = 0; i < kRows; ++i) out[r + i] = _mm512_reduce_add_ps(a[i]);
+  }
+#endif
+  for (; r < rows; ++r, w += bytes, scales += G) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      float part = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b)
+        part += xe[b] * (float)(w[b] & 0xF) + xo[b] * (float)(w[b] >> 4);
+      acc += part * widen(scales[g]);
+    }
+    out[r] = acc;
+  }
+}
+
+#if defined(__AVX512BF16__)
+// The bf16 twin of dot_rows_i4 for bf16 activations, 128 columns (64 bytes) a step. Each 16-bit
+// lane of the loaded bytes holds four levels, columns 4j..4j+3; OR-ing a level into the bits of
+// bf16 128.0 (0x4300) makes the exact bf16 of 128 + q in one instruction, which vdpbf16ps
+// multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. The caller removes the 128
+// with each group's sum of x. A product lane i covers columns 8i..8i+7 of the step, so its group
+// is `lane_group[i]` steps on from the step's first group.
+constexpr uint16_t kBf16_128 = 0x4300;
+
+
+void dot_rows_i4_bf16(const BFloat16* const xs[4], const uint8_t* w, const BFloat16* scales, int64_t K, int64_t gs,
+                      int64_t rows, float* out) {
+  const int64_t bytes = K / 2, G = K / gs;
+  int32_t lane_group[16];
+  for (int i = 0; i < 16; ++i) lane_group[i] = (int32_t)(gs >= 128 ? 0 : 8 * i / gs);
+  const __m512i groups_of_lanes = _mm512_loadu_si512(lane_group);
+  const __m512i nibble = _mm512_set1_epi16(0xF), offset = _mm512_set1_epi16((short)kBf16_128);
+  const uint8_t* ahead = w + kAhead * kRows * bytes;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows, w += kRows * bytes, scales += kRows * G, ahead += kRows * bytes) {
+    __m512 a[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < bytes; b += 64) {
+      const __mmask64 m = bytes - b >= 64 ? ~0ull : (1ull << (bytes - b)) - 1;
+      const int64_t j = b / 2;  // the step's first entry in each xs[c]
+      const __m512bh x0 = load_bh(xs[0] + j), x1 = load_bh(xs[1] + j), x2 = load_bh(xs[2] + j), x3 = load_bh(xs[3] + j);
+      const int64_t g = 2 * b / gs, span = std::min<int64_t>(std::max<int64_t>(128 / gs, 1), G - g);
+      for (int64_t i = 0; i < kRows; ++i) {
+        _mm_prefetch((const char*)(ahead + i * bytes + b), _MM_HINT_T0);
+        const __m512i q = _mm512_maskz_loadu_epi8(m, w + i * bytes + b);
+        // (q >> s) & 0xF | 0x4300 in one ternary-logic op: A & B | C is 0xEA.
+        const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, offset, 0xEA);
+        const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nibble, offset, 0xEA);
+        const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nibble, offset, 0xEA);
+        const __m512bh n3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 12), nibble, offset, 0xEA);
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), n0, x0);
+        t = _mm512_dpbf16_ps(t, n1, x1);
+        t = _mm512_dpbf16_ps(t, n2, x2);
+        t = _mm512_dpbf16_ps(t, n3, x3);
+        // The step's scales (one to four groups), widened from bf16 and spread over their lanes.
+        const __m128i s16 = _mm_maskz_loadu_epi16((__mmask8)((1u << span) - 1), scales + i * G + g);
+        const __m512 s = _mm512_permutexvar_ps(
+            groups_of_lanes, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(s16), 16))));
+        a[i] = _mm512_fmadd_ps(t, s, a[i]);
+      }
+    }
+    for (int64_t i = 0; i < kRows; ++i) out[r + i] = _mm512_reduce_add_ps(a[i]);
+  }
+  for (; r < rows; ++r, w += bytes, scales += G) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      float part = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+        const int level = (w[k / 2] >> (4 * (k % 2))) & 0xF;
+        part += widen(xs[k % 4][k / 4]) * (float)(128 + level);
+      }
+      acc += part * widen(scales[g]);
+    }
+    out[r] = acc;
+  }
+}
+#endif
+
+template <typename T>
+std::vector<float> widened(const T* x, int64_t n) {
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = widen(x[i]);
+  return out;
+}
+
+template <typename T>
+void int8_linear_impl(const T* x, const int8_t* w, const T* scales, T* y, int64_t M, int64_t N, int64_t K) {
+  const std::vector<float> xf = widened(x, M * K);
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    float acc[kRows];
+    const int64_t n0 = begin * kRows, n1 = std::min(N, end * kRows);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = n0; n < n1; n += kRows) {
+        const int64_t rows = std::min(kRows, n1 - n);
+        dot_rows_i8(xf.data() + m * K, w + n * K, K, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r] * widen(scales[n + r]));
+      }
+    }
+  });
+}
+
+// sum_g (zeros[g] - base * scales[g]) * sums[g]: one row's zero points against x's group sums.
+// (Left scalar, this loop cost as much as the row's dot product: G is K / 32.)
+template <typename T>
+float group_offsets(const T* zeros, const T* scales, const float* sums, int64_t G, float base) {
+  int64_t g = 0;
+  float total = 0.f;
+#if defined(__AVX512BW__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 b = _mm512_set1_ps(-base);
+  for (; g < G; g += 16) {
+    const __mmask16 m = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+    __m512 z, s;
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      z = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, zeros + g)), 16));
+      s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, scales + g)), 16));
+    } else {
+      z = _mm512_maskz_loadu_ps(m, zeros + g);
+      s = _mm512_maskz_loadu_ps(m, scales + g);
+    }
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(s, b, z), _mm512_maskz_loadu_ps(m, sums + g), acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; g < G; ++g) total += (widen(zeros[g]) - base * widen(scales[g])) * sums[g];
+  return total;
+}
+
+template <typename T>
+void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M, int64_t N,
+                      int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  // Each group's sum of x, for the zero points: w = (q - 8) s + z = q s + (z - 8 s).
+  std::vector<float> sums(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sums[m * G + k / gs] += widen(x[m * K + k]);
+  bool bf16_path = false;
+#if defined(__AVX512BF16__)
+  bf16_path = std::is_same_v<T, BFloat16> && K % 8 == 0;
+#endif
+  // The bf16 path sums 128 + q (see dot_rows_i4_bf16): its offset per group is z - 136 s.
+  const float base = bf16_path ? 136.f : 8.f;
+  // x rearranged as each path reads it: by column mod 4 in bf16 (padded to whole steps of 32
+  // entries), or even and odd columns in fp32.
+  const int64_t quarter = (K / 4 + 31) / 32 * 32;
+  std::vector<BFloat16> xq(bf16_path ? M * 4 * quarter : 0, BFloat16(0.f));
+  std::vector<float> xe(bf16_path ? 0 : M * K / 2), xo(bf16_path ? 0 : M * K / 2);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      if (bf16_path)
+        xq[(m * 4 + k % 4) * quarter + k / 4] = BFloat16(widen(x[m * K + k]));
+      else
+        (k % 2 ? xo : xe)[m * K / 2 + k / 2] = widen(x[m * K + k]);
+    }
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    // One call per input row over this thread's rows: the kernels' setup is paid once.
+    const int64_t n = begin * kRows, rows = std::min(N, end * kRows) - n;
+    std::vector<float> acc(rows);
+    for (int64_t m = 0; m < M; ++m) {
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        if (bf16_path) {
+          const BFloat16* xs[4];
+          for (int c = 0; c < 4; ++c) xs[c] = xq.data() + (m * 4 + c) * quarter;
+          dot_rows_i4_bf16(xs, w + n * K / 2, scales + n * G, K, gs, rows, acc.data());
+        }
+      }
+#endif
+      if (!bf16_path)
+        dot_rows_i4(xe.data() + m * K / 2, xo.data() + m * K / 2, w + n * K / 2, scales + n * G, K, gs, rows,
+                    acc.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float offset = group_offsets(zeros + (n + r) * G, scales + (n + r) * G, sums.data() + m * G, G, base);
+        y[m * N + n + r] = static_cast<T>(acc[r] + offset);
+      }
+    }
+  });
+}
+
+// --- ops ------------------------------------------------------------------------------------------
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "runner::", name, ": CPU tensors only, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "runner::", name, ": float32 or bfloat16 only, got ", t.scalar_type());
+}
+
+template <typename T>
+void linear_impl(const T* x, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  // Each thread streams a contiguous run of rows; a block's rows stay in L1 across the M inputs.
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    float acc[kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        dot_rows<T>(x + m * K, w + n0 * K, K, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = static_cast<T>(acc[r]);
+      }
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  check_cpu_float(x, "linear");
+  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "runner::linear: x [..., K] and w [N, K] disagree: ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "runner::linear: x and w dtypes differ");
+  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K);
+  else
+    linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, N, K);
+  return y;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  check_cpu_float(x, "int8_linear");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && x.size(-1) == w.size(1),
+              "runner::int8_linear: w must be int8 [N, K] with x [..., K], got ", w.sizes(), " and ", x.sizes());
+  TORCH_CHECK(scales.numel() == w.size(0) && scales.scalar_type() == x.scalar_type(),
+              "runner::int8_linear: scales must be [N] in x's dtype");
+  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto sc = scales.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    int8_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<int8_t>(), sc.const_data_ptr<BFloat16>(),
+                     y.mutable_data_ptr<BFloat16>(), M, N, K);
+  else
+    int8_linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
+                     y.mutable_data_ptr<float>(), M, N, K);
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
+                       int64_t groupsize) {
+  check_cpu_float(x, "int4_linear");
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == K,
+              "runner::int4_linear: w must be uint8 [N, K / 2] with x [..., K], got ", w.sizes(), " and ", x.sizes());
+  TORCH_CHECK(groupsize > 0 && groupsize % 32 == 0 && K % groupsize == 0,
+              "runner::int4_linear: groupsize must be a multiple of 32 that divides K, got ", groupsize);
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 2 && scales.size(0) == N &&
+                  scales.size(1) == K / groupsize && scales.scalar_type() == x.scalar_type() &&
+                  zeros.scalar_type() == x.scalar_type(),
+              "runner::int4_linear: scales and zeros must be [N, K / groupsize] in x's dtype");
+  const int64_t M = x.numel() / K;
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto sc = scales.contiguous();
+  auto zc = zeros.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto y = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kBFloat16)
+    int4_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<BFloat16>(),
+                     zc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K, groupsize);
+  else
+    int4_linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(),
+                     zc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, N, K, groupsize);
+  return y;
+}
+
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float eps) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xi = x + i * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
+    const float r = 1.f / std::sqrt(ss / D + eps);
+    for (int64_t d = 0; d < D; ++d) y[i * D + d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_cpu_float(x, "rms_norm");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(-1) && w.scalar_type() == x.scalar_type(),
+              "runner::rms_norm: weight must be [", x.size(-1), "] in x's dtype");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  if (x.scalar_type() == at::kBFloat16)
+    rms_norm_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), rows, D, (float)eps);
+  else
+    rms_norm_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), rows, D, (float)eps);
+  return y;
+}
+
+template <typename T>
+void swiglu_impl(const T* gu, T* y, int64_t rows, int64_t I) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* g = gu + i * 2 * I;
+    const T* u = g + I;
+    for (int64_t j = 0; j < I; ++j) {
+      const float gv = widen(g[j]);
+      y[i * I + j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
+    }
+  }
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  check_cpu_float(gate_up, "swiglu");
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "runner::swiglu: the last dimension must be even");
+  auto gc = gate_up.contiguous();
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = I;
+  auto y = at::empty(shape, gate_up.options());
+  if (gate_up.scalar_type() == at::kBFloat16)
+    swiglu_impl(gc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), rows, I);
+  else
+    swiglu_impl(gc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), rows, I);
+  return y;
+}
+
+// RoPE on one head (rotate-half pairing), rounding as the reference does in T.
+template <typename T>
+void rope(const T* in, const float* cos, const float* sin, int64_t hd, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; ++d) {
+    const float rotated = d < half ? -widen(in[d + half]) : widen(in[d - half]);
+    const float a = round_to<T>(widen(in[d]) * round_to<T>(cos[d]));
+    const float b = round_to<T>(rotated * round_to<T>(sin[d]));
+    out[d] = static_cast<T>(a + b);
+  }
+}
+
+// Sixteen values of T as fp32, masked past n.
+#if defined(__AVX512BW__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+#endif
+
+// q . k for fp32 q and a cache row k.
+template <typename T>
+float dot(const float* q, const T* k, int64_t n) {
+#if defined(__AVX512BW__)
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) a = _mm512_fmadd_ps(load16(q + d, first(n - d)), load16(k + d, first(n - d)), a);
+  return _mm512_reduce_add_ps(a);
+#else
+  float a = 0.f;
+  for (int64_t d = 0; d < n; ++d) a += q[d] * widen(k[d]);
+  return a;
+#endif
+}
+
+// acc += p * v for a cache row v.
+template <typename T>
+void axpy(float p, const T* v, float* acc, int64_t n) {
+#if defined(__AVX512BW__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = first(n - d);
+    _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, load16(v + d, m), load16(acc + d, m)));
+  }
+#else
+  for (int64_t d = 0; d < n; ++d) acc[d] += p * widen(v[d]);
+#endif
+}
+
+template <typename T>
+void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, int64_t pos, int64_t H, int64_t KVH,
+                 int64_t hd, int64_t L) {
+  const float* cos = cos_sin;
+  const float* sin = cos_sin + hd;
+  const T* q = qkv;
+  const T* k = qkv + H * hd;
+  const T* v = k + KVH * hd;
+  for (int64_t g = 0; g < KVH; ++g) {
+    rope(k + g * hd, cos, sin, hd, kc + (g * L + pos) * hd);
+    std::copy(v + g * hd, v + (g + 1) * hd, vc + (g * L + pos) * hd);
+  }
+  const int64_t group = H / KVH, n = pos + 1;
+  const float scale = 1.f / std::sqrt((float)hd);
+  // A few heads over a short cache is too little work to share out; a long cache is not.
+  const int64_t grain = n * hd * H < (1 << 16) ? H : 1;
+  at::parallel_for(0, H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> qh(hd);
+    std::vector<float> qf(hd), p(n), acc(hd);
+    for (int64_t h = begin; h < end; ++h) {
+      rope(q + h * hd, cos, sin, hd, qh.data());
+      const T* kh = kc + (h / group) * L * hd;
+      const T* vh = vc + (h / group) * L * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[d] = widen(qh[d]);
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(qf.data(), kh + j * hd, hd) * scale;
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) axpy(p[j], vh + j * hd, acc.data(), hd);
+      for (int64_t d = 0; d < hd; ++d) y[h * hd + d] = static_cast<T>(acc[d] / total);
+    }
+  });
+}
+
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                  const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads) {
+  check_cpu_float(qkv, "attend");
+  const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == 1 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * KVH) * hd,
+              "runner::attend: qkv must be [1, 1, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.size(0) == 1 && k_cache.size(1) == KVH && k_cache.scalar_type() == qkv.scalar_type() &&
+                  v_cache.scalar_type() == qkv.scalar_type(),
+              "runner::attend: caches must be contiguous [1, n_kv_heads, L, head_dim] in qkv's dtype");
+  TORCH_CHECK(H % KVH == 0 && hd % 2 == 0, "runner::attend: n_heads must be a multiple of n_kv_heads");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.numel() == 2 * hd, "runner::attend: cos_sin must be fp32 [1, 2, head_dim]");
+  TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "runner::attend: one int64 position");
+  const int64_t pos = input_pos.item<int64_t>();
+  TORCH_CHECK(pos >= 0 && pos < L, "runner::attend: position ", pos, " is outside the cache of ", L);
+  auto qc = qkv.contiguous();
+  auto cs = cos_sin.contiguous();
+  auto y = at::empty({1, 1, H * hd}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16)
+    attend_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
+                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, H, KVH, hd, L);
+  else
+    attend_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
+                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, H, KVH, hd, L);
+  return y;
+}
+
+std::string isa() {
+#if defined(__AVX512BF16__)
+  return "avx512-bf16";
+#elif defined(__AVX512F__)
+  return "avx512f";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(runner, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("attend(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
+        "int n_heads, int n_kv_heads) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(runner, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("swiglu", &swiglu);
+  m.impl("attend", &attend);
+}

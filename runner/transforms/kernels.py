@@ -1,0 +1,50 @@
+"""runner's CPU kernels as a transform: the model's math goes through runner.kernels.KernelOps.
+
+`kernels: auto` uses them wherever the model runs on the CPU and they build, and otherwise says
+why and keeps torch's ops; `kernels: runner` stops instead; `kernels: torch` never uses them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from runner import kernels
+from runner.config.errors import ConfigError, problem
+from runner.config.schema import Kernels
+
+
+def apply(model: torch.nn.Module, choice: Kernels, device: torch.device, source: str,
+          note: Callable[[str], None] | None = None) -> str | None:
+    """Switch `model` to runner's kernels as `choice` says; returns their instruction set, or None."""
+    say = note or (lambda text: None)
+    if choice is Kernels.torch:
+        return None
+    if device.type != "cpu":
+        if choice is Kernels.runner:
+            raise ConfigError([problem(source, "kernels", f"runner's kernels run on the CPU only, not {device}; "
+                                       "use auto or torch", choice.value)])
+        return None
+    try:
+        isa = kernels.load(say)
+    except kernels.KernelsUnavailable as e:
+        if choice is Kernels.runner:
+            raise ConfigError([problem(source, "kernels", f"runner's CPU kernels cannot be built here ({e}); "
+                                       "use auto or torch to run on torch's ops", choice.value)]) from None
+        say(f"kernels: runner's CPU kernels cannot be built here ({e}); running on torch's ops")
+        return None
+    model.use_ops(kernels.KernelOps)
+    _pack_quantized(model, device)
+    return isa
+
+
+def _pack_quantized(model: torch.nn.Module, device: torch.device) -> None:
+    """Quantized layers switch to runner's integer kernels where those take them."""
+    from runner.quant.linear import QuantizedLinear
+
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear) and "runner" in layer.KERNELS:
+            try:
+                layer.pack_for(device, "runner")
+            except ValueError:  # this layer's shape or dtype: it keeps the kernel it had
+                pass

@@ -1,0 +1,198 @@
+"""runner's CPU kernels against independent references: float64 matmuls, the torch reference ops
+(runner.model.functional) and, through the whole model, HF's LlamaForCausalLM."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner import kernels
+from runner.config.errors import ConfigError
+from runner.config.schema import Kernels, ModelSpec
+from runner.model import functional as fn
+from runner.model.llama import KVCache
+from runner.transforms import kernels as kernel_transform
+from tests.properties.strategies import build_twins, logits_bound, model_cases
+from tests.properties.test_model_vs_hf import run_chunks
+
+PROPERTY = settings(max_examples=50, deadline=None)
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+seeds = st.integers(0, 2**32 - 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    return kernels.load()
+
+
+def randn(*shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@PROPERTY
+@given(rows=st.integers(1, kernels.MAX_ROWS), n=st.integers(1, 70), k=st.integers(1, 300), dtype=DTYPES, seed=seeds)
+def test_linear_is_a_matmul(rows, n, k, dtype, seed):
+    # Every N and K: whole blocks of four rows and the rest, whole vectors of K and a masked tail.
+    x, w = randn(rows, k, seed=seed, dtype=dtype), randn(n, k, seed=seed + 1, dtype=dtype)
+    exact = x.double() @ w.double().T
+    # fp32 accumulation of exact products (gamma_K), then one rounding to the output dtype.
+    bound = k * 2**-23 * (x.double().abs() @ w.double().abs().T) + ulp(dtype) * exact.abs()
+    ours = torch.ops.runner.linear(x, w)
+    assert ours.dtype == dtype and ours.shape == (rows, n)
+    assert ((ours.double() - exact).abs() <= bound).all()
+
+
+def test_linear_takes_any_leading_shape_and_strides():
+    x, w = randn(2, 3, 40, seed=0), randn(24, 40, seed=1)
+    torch.testing.assert_close(torch.ops.runner.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    wt = randn(40, 24, seed=2).T  # a transposed view
+    torch.testing.assert_close(torch.ops.runner.linear(x, wt), F.linear(x, wt), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_splits_rows_across_threads(dtype):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w = randn(1, 576, seed=3, dtype=dtype), randn(4099, 576, seed=4, dtype=dtype)
+        ours = torch.ops.runner.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    exact = x.double() @ w.double().T
+    bound = 576 * 2**-23 * (x.double().abs() @ w.double().abs().T) + ulp(dtype) * exact.abs()
+    assert ((ours.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.runner.linear(torch.ones(1, 8), torch.ones(4, 9)), "disagree"),
+    (lambda: torch.ops.runner.linear(torch.ones(1, 8), torch.ones(4, 8, dtype=torch.bfloat16)), "dtypes differ"),
+    (lambda: torch.ops.runner.linear(torch.ones(1, 8, dtype=torch.float16), torch.ones(4, 8, dtype=torch.float16)),
+     "float32 or bfloat16"),
+    (lambda: torch.ops.runner.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-5), "weight must be"),
+])
+def test_bad_arguments_are_refused_by_name(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def assert_as_reference(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """bf16: within a rounding step of the reference; fp32: within the error of a differently
+    ordered fp32 sum (the kernels sum in their own order)."""
+    assert ours.dtype == reference.dtype and ours.shape == reference.shape
+    rtol = 2 * ulp(torch.bfloat16) if reference.dtype == torch.bfloat16 else 1e-5
+    scale = reference.abs().float() + 1e-6
+    assert ((ours.float() - reference.float()).abs() <= rtol * scale).all()
+
+
+@PROPERTY
+@given(dim=st.integers(1, 100), rows=st.integers(1, 6), eps=st.sampled_from([1e-6, 1e-5]), dtype=DTYPES, seed=seeds)
+def test_rms_norm_is_the_reference(dim, rows, eps, dtype, seed):
+    x, w = randn(rows, 1, dim, seed=seed, dtype=dtype), randn(dim, seed=seed + 1, dtype=dtype)
+    assert_as_reference(torch.ops.runner.rms_norm(x, w, eps), fn.rms_norm(x, w, eps))
+
+
+@PROPERTY
+@given(inner=st.integers(1, 100), rows=st.integers(1, 6), dtype=DTYPES, seed=seeds)
+def test_swiglu_is_the_reference(inner, rows, dtype, seed):
+    gate_up = 3 * randn(rows, 1, 2 * inner, seed=seed, dtype=dtype)
+    assert_as_reference(torch.ops.runner.swiglu(gate_up), fn.swiglu(gate_up))
+
+
+@st.composite
+def attention_cases(draw):
+    n_kv_heads = draw(st.integers(1, 4))
+    n_heads = n_kv_heads * draw(st.integers(1, 4))
+    head_dim = 2 * draw(st.integers(1, 40))
+    cache_len = draw(st.integers(1, 80))
+    pos = draw(st.integers(0, cache_len - 1))
+    return n_heads, n_kv_heads, head_dim, cache_len, pos, draw(DTYPES), draw(seeds)
+
+
+@PROPERTY
+@given(case=attention_cases())
+def test_attend_is_the_reference(case):
+    n_heads, n_kv_heads, head_dim, cache_len, pos, dtype, seed = case
+    qkv = randn(1, 1, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
+    history = randn(2, 1, n_kv_heads, cache_len, head_dim, seed=seed + 1, dtype=dtype)  # earlier positions
+    caches = []
+    for _ in range(2):
+        cache = KVCache(1, n_kv_heads, cache_len, head_dim, dtype, "cpu")
+        cache.k.copy_(history[0])
+        cache.v.copy_(history[1])
+        caches.append(cache)
+    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[pos:pos + 1]
+    input_pos = torch.tensor([pos])
+    mask = fn.causal_mask(input_pos, cache_len)
+    reference = fn.attend(qkv, cos_sin, caches[0], input_pos, mask, n_heads, n_kv_heads)
+    ours = torch.ops.runner.attend(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads)
+    # The new key and value land in the cache at pos, as the reference writes them; nothing else moves.
+    assert_as_reference(caches[1].k, caches[0].k)
+    assert torch.equal(caches[1].v, caches[0].v)
+    # Softmax and the weighted sum round a few times more than one op does.
+    tolerance = (8 * ulp(dtype) if dtype == torch.bfloat16 else 1e-5) * (reference.abs().float().max() + 1e-3)
+    assert ours.shape == reference.shape and (ours.float() - reference.float()).abs().max() <= tolerance
+
+
+def test_attend_refuses_a_position_outside_the_cache():
+    cache = KVCache(1, 1, 4, 8, torch.float32, "cpu")
+    qkv, cos_sin = torch.ones(1, 1, 24), torch.ones(1, 2, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, torch.tensor([4]), 1, 1)
+
+
+@PROPERTY
+@given(case=model_cases(max_len=12, max_batch=1))
+@torch.no_grad()
+def test_model_on_kernels_matches_hf_token_by_token(case):
+    spec, seed, tokens = case
+    hf, ours = build_twins(spec, seed)
+    ours.use_ops(kernels.KernelOps)
+    length = tokens.shape[1]
+    logits = run_chunks(ours, tokens, list(range(1, length)), length + 2)
+    reference = hf(tokens).logits
+    assert (logits - reference).abs().max().item() <= logits_bound(reference)
+
+
+@PROPERTY
+@given(case=model_cases(min_len=2, max_len=12, max_batch=1))
+@torch.no_grad()
+def test_model_on_kernels_in_bf16_stays_with_the_reference_ops(case):
+    spec, seed, tokens = case
+    _, ours = build_twins(spec, seed)
+    ours = ours.to(torch.bfloat16)
+    length = tokens.shape[1]
+    reference = run_chunks(ours, tokens, list(range(1, length)), length).float()
+    ours.use_ops(kernels.KernelOps)
+    logits = run_chunks(ours, tokens, list(range(1, length)), length).float()
+    # Each layer may round differently by one bf16 step; over <= 3 layers that stays small.
+    assert (logits - reference).abs().max().item() <= 0.1 * max(1.0, reference.abs().max().item())
+
+
+SMALL = ModelSpec(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, intermediate_size=40, max_seq_len=64)
+
+
+def test_transform_switches_ops_and_torch_keeps_the_reference():
+    _, model = build_twins(SMALL, 0)
+    assert kernel_transform.apply(model, Kernels.torch, torch.device("cpu"), "r.yaml") is None
+    assert model.layers[0].attention.ops is fn
+    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml") == kernels.load()
+    assert all(m.ops is kernels.KernelOps for m in model.modules() if hasattr(type(m), "ops"))
+
+
+def test_a_failed_build_is_an_error_for_runner_and_a_note_for_auto(monkeypatch, tmp_path):
+    # A real failed build: the compiler is handed a flag it does not know.
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "FLAGS", [*kernels.FLAGS, "-fno-such-flag"])
+    monkeypatch.setattr(kernels, "_loaded", None)
+    _, model = build_twins(SMALL, 0)
+    with pytest.raises(ConfigError) as error:
+        kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    assert "kernels" in str(error.value) and "cannot be built" in str(error.value) and "no-such-flag" in str(error.value)
+    notes = []
+    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert model.layers[0].attention.ops is fn
+    assert any("cannot be built" in n and "torch's ops" in n for n in notes)
