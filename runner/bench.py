@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -275,7 +276,7 @@ def plot(rows: list[Figures], path: str, caption: str) -> None:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(caption, fontsize=9)
+    ax.set_title(textwrap.fill(caption, 90), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
