@@ -111,7 +111,10 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     compiled: with a static cache and torch.compile (what HF offers for speed); compiling happens
     in the warm-up and is not counted.
     """
-    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+    try:
+        from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise ValueError("needs HF transformers: pip install 'runner[hf]'") from None
 
     from runner.loaders import load_state_dict, stored_quant
     from runner.loaders.hf_layout import hf_config, to_hf

@@ -10,6 +10,7 @@ where one applies (CPU, float32 or bfloat16, a few rows at a time), the referenc
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def load(note=None) -> str:
     if fresh and note is not None:
         note(f"kernels: building runner's CPU kernels into {where} (once)")
     where.mkdir(parents=True, exist_ok=True)
+    # The ninja wheel's binary sits beside this interpreter's scripts, on PATH or not (a venv's
+    # runner called without activating it).
+    scripts = sysconfig.get_path("scripts")
+    if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     try:
         cpp_extension.load("runner_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            build_directory=str(where), is_python_module=False, verbose=False)
