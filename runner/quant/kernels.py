@@ -36,9 +36,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from runner import kernels as runner_kernels
+from runner.kernels import MAX_ROWS  # runner's GEMV kernels take up to this many rows
 from runner.quant import int4
-
-MAX_ROWS = 16  # runner's GEMV kernels take up to this many rows (as runner.kernels.MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,6 @@ def _int8_fallback(x, layer):
 
 
 def _runner_refuses(layer, device):
-    from runner import kernels as runner_kernels
-
     return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
 

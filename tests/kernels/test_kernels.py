@@ -130,7 +130,9 @@ def test_attend_is_the_reference(case):
     reference = fn.attend(qkv, cos_sin, caches[0], input_pos, mask, n_heads, n_kv_heads)
     ours = torch.ops.runner.attend(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads)
     # The new key and value land in the cache at pos, as the reference writes them; nothing else moves.
-    assert_as_reference(caches[1].k, caches[0].k)
+    # (RoPE's x cos + rot sin may be one fused multiply-add: near cancellation only an absolute bound holds.)
+    k_error = (caches[1].k.float() - caches[0].k.float()).abs()
+    assert (k_error <= 2 * ulp(dtype) * (caches[0].k.abs().float() + caches[0].k.abs().max().float())).all()
     assert torch.equal(caches[1].v, caches[0].v)
     # Softmax and the weighted sum round a few times more than one op does.
     tolerance = (8 * ulp(dtype) if dtype == torch.bfloat16 else 1e-5) * (reference.abs().float().max() + 1e-3)

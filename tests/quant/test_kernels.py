@@ -18,6 +18,16 @@ from runner.quant.linear import Int4Linear, Int8Linear
 from tests.quant.strategies import DTYPES, weights
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runner_kernels():
+    """The registries' "runner" entries need runner's CPU kernels built and loaded."""
+    from runner import kernels
+
+    return kernels.load()
+
+
 INT8_HERE = [name for name, k in INT8_KERNELS.items() if k.device in (None, "cpu")]
 INT4_HERE = [name for name, k in INT4_KERNELS.items() if k.device in (None, "cpu")]
 
