@@ -248,7 +248,7 @@ def init(spec, out, seed):
 
 @cli.command(name="list")
 def list_():
-    """List what each stage offers: specs, loaders, tokenizers, quant modes, decoders.
+    """List what each stage offers: specs, loaders, tokenizers, quant modes, decoders, kernels.
 
     \b
     Example:
@@ -256,7 +256,7 @@ def list_():
     """
     from runner import decoders, loaders, sources, tokenizers, transforms
     from runner.config.resolve import known_specs
-    from runner.config.schema import DType
+    from runner.config.schema import CompileMode, DType, Kernels
 
     rows = {
         "specs": known_specs(),
@@ -266,6 +266,8 @@ def list_():
         "quant modes": [m.value for m in transforms.QUANT_MODES],
         "dtypes": [d.value for d in DType],
         "draft kinds (decoders)": [f"{k.value} ({d.__name__})" for k, d in decoders.DECODERS.items()],
+        "kernels": [k.value for k in Kernels],
+        "compile modes": [m.value for m in CompileMode],
     }
     for name, values in rows.items():
         click.echo(f"{name}: {', '.join(values)}")

@@ -154,6 +154,7 @@ def test_list_shows_the_specs_and_tokenizers(invoke):
     assert rows["specs"].split(", ") == known_specs() == sorted(p.stem for p in (REPO / "specs").glob("*.yaml"))
     assert sorted(rows["tokenizers"].split(", ")) == sorted(k.value for k in TokenizerKind)
     assert rows["dtypes"].split(", ") == [d.value for d in DType]
+    assert rows["kernels"].split(", ") == ["auto", "runner", "torch"]
 
 
 # --- init ----------------------------------------------------------------------------------
