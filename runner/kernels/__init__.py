@@ -97,7 +97,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("runner::attend")
     def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
-        return qkv.new_empty(1, 1, n_heads * k_cache.shape[-1])
+        return qkv.new_empty(1, qkv.shape[1], n_heads * k_cache.shape[-1])
 
 
 def loaded() -> bool:
@@ -131,6 +131,6 @@ class KernelOps:
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int) -> torch.Tensor:
-        if _fits(qkv) and qkv.shape[:2] == (1, 1) and cache.k.dtype == qkv.dtype:
+        if _fits(qkv) and qkv.shape[0] == 1 and qkv.shape[1] <= MAX_ROWS and cache.k.dtype == qkv.dtype:
             return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads)
         return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)

@@ -11,8 +11,9 @@
 //                                                        weight-only int4 (runner.quant.int4's layout)
 //   rms_norm(x [..., D], w [D], eps) -> [..., D]
 //   swiglu(gate_up [..., 2I]) -> [..., I]              silu(gate) * up
-//   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> [1, 1, H * hd]
-//                                                        one token: RoPE, cache write, GQA attention
+//   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> [1, T, H * hd]
+//                                                        a few tokens (decode, verify): RoPE, cache
+//                                                        write, causal GQA attention over the cache
 //
 // Each rounds where the torch reference (runner/model/functional.py) rounds, so bf16 results
 // stay within a rounding step of it; tests/kernels compare them.
@@ -584,26 +585,32 @@ void axpy(float p, const T* v, float* acc, int64_t n) {
 }
 
 template <typename T>
-void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, int64_t pos, int64_t H, int64_t KVH,
-                 int64_t hd, int64_t L) {
-  const float* cos = cos_sin;
-  const float* sin = cos_sin + hd;
-  const T* q = qkv;
-  const T* k = qkv + H * hd;
-  const T* v = k + KVH * hd;
-  for (int64_t g = 0; g < KVH; ++g) {
-    rope(k + g * hd, cos, sin, hd, kc + (g * L + pos) * hd);
-    std::copy(v + g * hd, v + (g + 1) * hd, vc + (g * L + pos) * hd);
+void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const int64_t* pos, int64_t count, int64_t H,
+                 int64_t KVH, int64_t hd, int64_t L) {
+  const int64_t width = (H + 2 * KVH) * hd;
+  // Every new key and value goes into the cache first: a query sees those at positions up to its own.
+  for (int64_t t = 0; t < count; ++t) {
+    const float* cos = cos_sin + t * 2 * hd;
+    const float* sin = cos + hd;
+    const T* k = qkv + t * width + H * hd;
+    const T* v = k + KVH * hd;
+    for (int64_t g = 0; g < KVH; ++g) {
+      rope(k + g * hd, cos, sin, hd, kc + (g * L + pos[t]) * hd);
+      std::copy(v + g * hd, v + (g + 1) * hd, vc + (g * L + pos[t]) * hd);
+    }
   }
-  const int64_t group = H / KVH, n = pos + 1;
+  const int64_t group = H / KVH;
   const float scale = 1.f / std::sqrt((float)hd);
+  int64_t longest = 0;
+  for (int64_t t = 0; t < count; ++t) longest = std::max(longest, pos[t] + 1);
   // A few heads over a short cache is too little work to share out; a long cache is not.
-  const int64_t grain = n * hd * H < (1 << 16) ? H : 1;
-  at::parallel_for(0, H, grain, [&](int64_t begin, int64_t end) {
+  const int64_t items = count * H, grain = longest * hd * items < (1 << 16) ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> qh(hd);
-    std::vector<float> qf(hd), p(n), acc(hd);
-    for (int64_t h = begin; h < end; ++h) {
-      rope(q + h * hd, cos, sin, hd, qh.data());
+    std::vector<float> qf(hd), p(longest), acc(hd);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / H, h = item % H, n = pos[t] + 1;
+      rope(qkv + t * width + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, qh.data());
       const T* kh = kc + (h / group) * L * hd;
       const T* vh = vc + (h / group) * L * hd;
       for (int64_t d = 0; d < hd; ++d) qf[d] = widen(qh[d]);
@@ -616,7 +623,8 @@ void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, int64_t
       for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) axpy(p[j], vh + j * hd, acc.data(), hd);
-      for (int64_t d = 0; d < hd; ++d) y[h * hd + d] = static_cast<T>(acc[d] / total);
+      T* out = y + (t * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(acc[d] / total);
     }
   });
 }
@@ -625,26 +633,31 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& 
                   const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads) {
   check_cpu_float(qkv, "attend");
   const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == 1 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * KVH) * hd,
-              "runner::attend: qkv must be [1, 1, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == 1 && qkv.size(2) == (H + 2 * KVH) * hd,
+              "runner::attend: qkv must be [1, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
+  const int64_t count = qkv.size(1);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.size(0) == 1 && k_cache.size(1) == KVH && k_cache.scalar_type() == qkv.scalar_type() &&
                   v_cache.scalar_type() == qkv.scalar_type(),
               "runner::attend: caches must be contiguous [1, n_kv_heads, L, head_dim] in qkv's dtype");
   TORCH_CHECK(H % KVH == 0 && hd % 2 == 0, "runner::attend: n_heads must be a multiple of n_kv_heads");
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.numel() == 2 * hd, "runner::attend: cos_sin must be fp32 [1, 2, head_dim]");
-  TORCH_CHECK(input_pos.numel() == 1 && input_pos.scalar_type() == at::kLong, "runner::attend: one int64 position");
-  const int64_t pos = input_pos.item<int64_t>();
-  TORCH_CHECK(pos >= 0 && pos < L, "runner::attend: position ", pos, " is outside the cache of ", L);
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.numel() == count * 2 * hd,
+              "runner::attend: cos_sin must be fp32 [T, 2, head_dim]");
+  TORCH_CHECK(input_pos.numel() == count && input_pos.scalar_type() == at::kLong,
+              "runner::attend: input_pos must be T int64 positions");
+  auto positions = input_pos.contiguous();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < count; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "runner::attend: position ", pos[t], " is outside the cache of ", L);
   auto qc = qkv.contiguous();
   auto cs = cos_sin.contiguous();
-  auto y = at::empty({1, 1, H * hd}, qkv.options());
+  auto y = at::empty({1, count, H * hd}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16)
     attend_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, H, KVH, hd, L);
+                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, count, H, KVH, hd, L);
   else
     attend_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, H, KVH, hd, L);
+                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, count, H, KVH, hd, L);
   return y;
 }
 

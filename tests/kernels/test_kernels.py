@@ -104,19 +104,21 @@ def test_swiglu_is_the_reference(inner, rows, dtype, seed):
 
 @st.composite
 def attention_cases(draw):
+    """One token (decode) or a few at consecutive positions (a speculative verify, a short prompt)."""
     n_kv_heads = draw(st.integers(1, 4))
     n_heads = n_kv_heads * draw(st.integers(1, 4))
     head_dim = 2 * draw(st.integers(1, 40))
     cache_len = draw(st.integers(1, 80))
-    pos = draw(st.integers(0, cache_len - 1))
-    return n_heads, n_kv_heads, head_dim, cache_len, pos, draw(DTYPES), draw(seeds)
+    count = draw(st.integers(1, min(cache_len, kernels.MAX_ROWS)))
+    start = draw(st.integers(0, cache_len - count))
+    return n_heads, n_kv_heads, head_dim, cache_len, start, count, draw(DTYPES), draw(seeds)
 
 
 @PROPERTY
 @given(case=attention_cases())
 def test_attend_is_the_reference(case):
-    n_heads, n_kv_heads, head_dim, cache_len, pos, dtype, seed = case
-    qkv = randn(1, 1, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
+    n_heads, n_kv_heads, head_dim, cache_len, start, count, dtype, seed = case
+    qkv = randn(1, count, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
     history = randn(2, 1, n_kv_heads, cache_len, head_dim, seed=seed + 1, dtype=dtype)  # earlier positions
     caches = []
     for _ in range(2):
@@ -124,8 +126,8 @@ def test_attend_is_the_reference(case):
         cache.k.copy_(history[0])
         cache.v.copy_(history[1])
         caches.append(cache)
-    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[pos:pos + 1]
-    input_pos = torch.tensor([pos])
+    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[start:start + count]
+    input_pos = torch.arange(start, start + count)
     mask = fn.causal_mask(input_pos, cache_len)
     reference = fn.attend(qkv, cos_sin, caches[0], input_pos, mask, n_heads, n_kv_heads)
     ours = torch.ops.runner.attend(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads)
@@ -155,6 +157,21 @@ def test_model_on_kernels_matches_hf_token_by_token(case):
     ours.use_ops(kernels.KernelOps)
     length = tokens.shape[1]
     logits = run_chunks(ours, tokens, list(range(1, length)), length + 2)
+    reference = hf(tokens).logits
+    assert (logits - reference).abs().max().item() <= logits_bound(reference)
+
+
+@PROPERTY
+@given(case=model_cases(min_len=2, max_len=24, max_batch=1), data=st.data())
+@torch.no_grad()
+def test_model_on_kernels_matches_hf_in_chunks(case, data):
+    # Chunks of up to MAX_ROWS tokens (a speculative verify, a short prompt) take the kernels;
+    # longer ones torch's GEMM and attention.
+    spec, seed, tokens = case
+    hf, ours = build_twins(spec, seed)
+    ours.use_ops(kernels.KernelOps)
+    split = data.draw(st.integers(1, tokens.shape[1] - 1), label="first chunk")
+    logits = run_chunks(ours, tokens, [split], tokens.shape[1] + 3)
     reference = hf(tokens).logits
     assert (logits - reference).abs().max().item() <= logits_bound(reference)
 
