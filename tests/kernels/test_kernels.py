@@ -215,3 +215,21 @@ def test_a_failed_build_is_an_error_for_runner_and_a_note_for_auto(monkeypatch, 
     assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
     assert model.layers[0].attention.ops is fn
     assert any("cannot be built" in n and "torch's ops" in n for n in notes)
+
+
+@PROPERTY
+@given(case=model_cases(min_len=3, max_len=20, max_batch=1), dtype=DTYPES, data=st.data())
+@torch.no_grad()
+def test_a_verify_forward_on_kernels_equals_one_token_steps_bit_for_bit(case, dtype, data):
+    # Each token's row takes the same path through the kernels whether it comes alone or with up
+    # to MAX_ROWS - 1 others, so speculative verification agrees exactly with plain decoding.
+    spec, seed, tokens = case
+    _, ours = build_twins(spec, seed)
+    ours = ours.to(dtype)
+    ours.use_ops(kernels.KernelOps)
+    length = tokens.shape[1]
+    start = data.draw(st.integers(1, length - 1), label="tokens before the verify")
+    count = min(length - start, kernels.MAX_ROWS)
+    batched = run_chunks(ours, tokens[:, :start + count], [start], length)[:, start:]
+    stepped = run_chunks(ours, tokens[:, :start + count], list(range(start, start + count)), length)[:, start:]
+    assert torch.equal(batched, stepped)
