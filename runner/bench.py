@@ -168,13 +168,15 @@ def llamacpp_decode_speed(built: pipeline.Pipeline, recipe_file: str, prompt: li
     if source is None or not source.lower().endswith(".gguf"):
         raise ValueError(f"runs the recipe's GGUF model.source, but that is {source!r}")
     job = {"gguf": str(sources.fetch(source, recipe_file)), "prompt": prompt, "new_tokens": new_tokens,
-           "runs": runs, "threads": torch.get_num_threads(), "repack": True}
+           "runs": runs, "threads": torch.get_num_threads()}
     for repack in (True, False):
-        job["repack"] = repack
-        done = subprocess.run([sys.executable, "-m", "runner.bench", json.dumps(job)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "runner.bench", json.dumps(job | {"repack": repack})],
+                              capture_output=True, text=True)
         if done.returncode == 0:
             return float(done.stdout.strip().splitlines()[-1])
-        if repack and done.returncode < 0 and note is not None:
+        if done.returncode > 0:  # an error, not a crash: running it again would not help
+            break
+        if repack and note is not None:
             note(f"bench: llama.cpp crashed (signal {-done.returncode}); running it again without weight repacking")
     raise ValueError(f"llama.cpp failed: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
 

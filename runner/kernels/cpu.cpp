@@ -391,6 +391,13 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
 
 // --- ops ------------------------------------------------------------------------------------------
 
+// An uninitialised tensor shaped like t but for its last dimension, n.
+at::Tensor with_last(const at::Tensor& t, int64_t n) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = n;
+  return at::empty(shape, t.options());
+}
+
 void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "runner::", name, ": CPU tensors only, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
@@ -421,9 +428,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
   auto xc = x.contiguous();
   auto wc = w.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto y = at::empty(shape, x.options());
+  auto y = with_last(x, N);
   if (x.scalar_type() == at::kBFloat16)
     linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K);
   else
@@ -441,9 +446,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto sc = scales.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto y = at::empty(shape, x.options());
+  auto y = with_last(x, N);
   if (x.scalar_type() == at::kBFloat16)
     int8_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<int8_t>(), sc.const_data_ptr<BFloat16>(),
                      y.mutable_data_ptr<BFloat16>(), M, N, K);
@@ -470,9 +473,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   auto wc = w.contiguous();
   auto sc = scales.contiguous();
   auto zc = zeros.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto y = at::empty(shape, x.options());
+  auto y = with_last(x, N);
   if (x.scalar_type() == at::kBFloat16)
     int4_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<BFloat16>(),
                      zc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K, groupsize);
@@ -525,9 +526,7 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.size(-1) % 2 == 0, "runner::swiglu: the last dimension must be even");
   auto gc = gate_up.contiguous();
   const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() = I;
-  auto y = at::empty(shape, gate_up.options());
+  auto y = with_last(gate_up, I);
   if (gate_up.scalar_type() == at::kBFloat16)
     swiglu_impl(gc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), rows, I);
   else
