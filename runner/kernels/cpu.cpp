@@ -2,8 +2,11 @@
 //
 // A decode step reads every weight once and does little else, so its time is the time to stream
 // the weights plus the per-op overhead of a few hundred small ops. These kernels stream bf16 and
-// fp32 weights at close to the machine's read bandwidth (AVX512-BF16 / AVX512F where the machine
-// has them, plain loops elsewhere) and fold the small ops of a layer into four calls:
+// fp32 weights at close to the machine's read bandwidth and fold the small ops of a layer into four
+// calls. One source serves every target (runner/kernels/__init__.py builds it once per instruction
+// set): AVX512-BF16 and AVX-512 have hand-written paths for the hot loops; everything else is
+// written once with GCC/Clang vector extensions, as wide as the target's registers (AVX2's 256
+// bits; SSE pairs on a generic x86-64 target), with scalar loops only for tails:
 //
 //   linear(x [M, K], w [N, K]) -> [M, N]               fp32 accumulation; M is small (decode, verify)
 //   int8_linear(x [M, K], w int8 [N, K], scales [N])   weight-only int8 (runner.quant.int8's layout)
@@ -27,10 +30,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -44,6 +48,108 @@ inline float widen(BFloat16 v) { return static_cast<float>(v); }
 // The value a float takes once stored as T (round to nearest even for bf16).
 template <typename T>
 inline float round_to(float v) { return widen(static_cast<T>(v)); }
+
+// --- portable vectors --------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+typedef int8_t vb __attribute__((vector_size(kLanes)));
+typedef uint8_t vub __attribute__((vector_size(kLanes)));
+
+// Widening loads of kLanes narrow integers into 32-bit lanes. The compilers scalarise
+// __builtin_convertvector from 8- and 16-bit lanes, so x86 gets its one-instruction widenings.
+inline vi widen_u8(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+#else
+  vub b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vi);
+#endif
+}
+inline vi widen_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+#else
+  vb b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vi);
+#endif
+}
+inline vi widen_u16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+#else
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vi);
+#endif
+}
+
+inline vf splat(float v) { return vf{} + v; }
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf vload(const BFloat16* p) { return (vf)(widen_u16((const uint16_t*)p) << 16); }  // bf16: an fp32's top half
+inline vf vload(const int8_t* p) { return __builtin_convertvector(widen_i8(p), vf); }
+// fp32 bits rounded to the nearest bf16, ties to even (finite values).
+inline vu bf16_bits(vf v) {
+  const vu u = (vu)v;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+template <typename T>
+inline vf vround(vf v) {
+  if constexpr (std::is_same_v<T, BFloat16>) return (vf)bf16_bits(v);
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void vstore(BFloat16* p, vf v) {
+  const vi top = (vi)(bf16_bits(v) >> 16);
+#if defined(__AVX512F__)
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)top));
+#elif defined(__AVX2__)
+  const __m256i packed = _mm256_packus_epi32((__m256i)top, (__m256i)top);  // per 128-bit half
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+#else
+  const vh h = __builtin_convertvector(top, vh);
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+// e^x (Cephes' expf: a degree-5 polynomial on [-ln2/2, ln2/2] and a power of two), within 2 ulp.
+inline vf vexp(vf x) {
+  const vf top = splat(88.3762626647949f);
+  x = x < top ? x : top;
+  x = x > -top ? x : -top;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+  n = n > fx ? n - 1.f : n;  // floor
+  x = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.f;
+  return y * (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+}
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 // --- dot products: R weight rows against one activation row, fp32 accumulation ------------------
 
@@ -66,12 +172,29 @@ inline __m512bh load_bh(const BFloat16* p, __mmask32 m) { return (__m512bh)_mm51
 
 template <typename T>
 void dot_rows(const T* x, const T* w, int64_t K, int64_t rows, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = w + r * K;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += widen(row[k]) * widen(x[k]);
-    out[r] = acc;
+  const int64_t whole = K / kLanes * kLanes;
+  if (rows == kRows) {
+    vf a0{}, a1{}, a2{}, a3{};
+    const T* ahead = w + kAhead * kRows * K;
+    for (int64_t k = 0; k < whole; k += kLanes) {
+      if ((k * sizeof(T)) % 64 == 0)
+        for (int64_t r = 0; r < kRows; ++r) prefetch(ahead + r * K + k);
+      const vf xv = vload(x + k);
+      a0 += vload(w + k) * xv;
+      a1 += vload(w + K + k) * xv;
+      a2 += vload(w + 2 * K + k) * xv;
+      a3 += vload(w + 3 * K + k) * xv;
+    }
+    out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      vf a{};
+      for (int64_t k = 0; k < whole; k += kLanes) a += vload(w + r * K + k) * vload(x + k);
+      out[r] = hsum(a);
+    }
   }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = whole; k < K; ++k) out[r] += widen(w[r * K + k]) * widen(x[k]);
 }
 
 #if defined(__AVX512BF16__)
@@ -178,6 +301,22 @@ void dot_rows_i8(const float* x, const int8_t* w, int64_t K, int64_t rows, float
     }
     for (int64_t i = 0; i < kRows; ++i) out[r + i] = _mm512_reduce_add_ps(a[i]);
   }
+#else
+  const int64_t whole = K / kLanes * kLanes;
+  const int8_t* ahead = w + kAhead * kRows * K;
+  for (; r + kRows <= rows; r += kRows, w += kRows * K, ahead += kRows * K) {
+    vf a[kRows] = {};
+    for (int64_t k = 0; k < whole; k += kLanes) {
+      if (k % 64 == 0)
+        for (int64_t i = 0; i < kRows; ++i) prefetch(ahead + i * K + k);
+      const vf xv = vload(x + k);
+      for (int64_t i = 0; i < kRows; ++i) a[i] += vload(w + i * K + k) * xv;
+    }
+    for (int64_t i = 0; i < kRows; ++i) {
+      out[r + i] = hsum(a[i]);
+      for (int64_t k = whole; k < K; ++k) out[r + i] += x[k] * (float)w[i * K + k];
+    }
+  }
 #endif
   for (; r < rows; ++r, w += K) {
     float acc = 0.f;
@@ -210,6 +349,26 @@ void dot_rows_i4(const float* xe, const float* xo, const uint8_t* w, const T* sc
       }
     }
     for (int64_t i = 0; i < kRows; ++i) out[r + i] = _mm512_reduce_add_ps(a[i]);
+  }
+#else
+  const uint8_t* ahead = w + kAhead * kRows * bytes;
+  for (; r + kRows <= rows; r += kRows, w += kRows * bytes, scales += kRows * G, ahead += kRows * bytes) {
+    vf a[kRows] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      vf part[kRows] = {};
+      // A group is gs / 2 >= 16 bytes, a whole number of vectors (gs % 32 == 0).
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; b += kLanes) {
+        if (b % 64 == 0)
+          for (int64_t i = 0; i < kRows; ++i) prefetch(ahead + i * bytes + b);
+        const vf e = vload(xe + b), o = vload(xo + b);
+        for (int64_t i = 0; i < kRows; ++i) {
+          const vi q = widen_u8(w + i * bytes + b);
+          part[i] += __builtin_convertvector(q & 0xF, vf) * e + __builtin_convertvector(q >> 4, vf) * o;
+        }
+      }
+      for (int64_t i = 0; i < kRows; ++i) a[i] += part[i] * widen(scales[i * G + g]);
+    }
+    for (int64_t i = 0; i < kRows; ++i) out[r + i] = hsum(a[i]);
   }
 #endif
   for (; r < rows; ++r, w += bytes, scales += G) {
@@ -332,6 +491,10 @@ float group_offsets(const T* zeros, const T* scales, const float* sums, int64_t 
     acc = _mm512_fmadd_ps(_mm512_fmadd_ps(s, b, z), _mm512_maskz_loadu_ps(m, sums + g), acc);
   }
   total = _mm512_reduce_add_ps(acc);
+#else
+  vf acc{};
+  for (; g + kLanes <= G; g += kLanes) acc += (vload(zeros + g) - base * vload(scales + g)) * vload(sums + g);
+  total = hsum(acc);
 #endif
   for (; g < G; ++g) total += (widen(zeros[g]) - base * widen(scales[g])) * sums[g];
   return total;
@@ -485,12 +648,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float eps) {
+  const int64_t whole = D / kLanes * kLanes;
   for (int64_t i = 0; i < rows; ++i) {
     const T* xi = x + i * D;
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
+    T* yi = y + i * D;
+    vf acc{};
+    for (int64_t d = 0; d < whole; d += kLanes) acc += vload(xi + d) * vload(xi + d);
+    float ss = hsum(acc);
+    for (int64_t d = whole; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
     const float r = 1.f / std::sqrt(ss / D + eps);
-    for (int64_t d = 0; d < D; ++d) y[i * D + d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
+    for (int64_t d = 0; d < whole; d += kLanes) vstore(yi + d, vround<T>(vload(xi + d) * r) * vload(w + d));
+    for (int64_t d = whole; d < D; ++d) yi[d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
   }
 }
 
@@ -511,10 +679,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 
 template <typename T>
 void swiglu_impl(const T* gu, T* y, int64_t rows, int64_t I) {
+  const int64_t whole = I / kLanes * kLanes;
   for (int64_t i = 0; i < rows; ++i) {
     const T* g = gu + i * 2 * I;
     const T* u = g + I;
-    for (int64_t j = 0; j < I; ++j) {
+    for (int64_t j = 0; j < whole; j += kLanes) {
+      const vf gv = vload(g + j);
+      vstore(y + i * I + j, vround<T>(gv / (1.f + vexp(-gv))) * vload(u + j));
+    }
+    for (int64_t j = whole; j < I; ++j) {
       const float gv = widen(g[j]);
       y[i * I + j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
     }
@@ -563,9 +736,12 @@ float dot(const float* q, const T* k, int64_t n) {
   for (int64_t d = 0; d < n; d += 16) a = _mm512_fmadd_ps(load16(q + d, first(n - d)), load16(k + d, first(n - d)), a);
   return _mm512_reduce_add_ps(a);
 #else
-  float a = 0.f;
-  for (int64_t d = 0; d < n; ++d) a += q[d] * widen(k[d]);
-  return a;
+  vf a{};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) a += vload(q + d) * vload(k + d);
+  float total = hsum(a);
+  for (; d < n; ++d) total += q[d] * widen(k[d]);
+  return total;
 #endif
 }
 
@@ -579,7 +755,9 @@ void axpy(float p, const T* v, float* acc, int64_t n) {
     _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, load16(v + d, m), load16(acc + d, m)));
   }
 #else
-  for (int64_t d = 0; d < n; ++d) acc[d] += p * widen(v[d]);
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) vstore(acc + d, vload(acc + d) + p * vload(v + d));
+  for (; d < n; ++d) acc[d] += p * widen(v[d]);
 #endif
 }
 
@@ -664,7 +842,9 @@ std::string isa() {
 #if defined(__AVX512BF16__)
   return "avx512-bf16";
 #elif defined(__AVX512F__)
-  return "avx512f";
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
 #else
   return "generic";
 #endif

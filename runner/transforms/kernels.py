@@ -1,7 +1,8 @@
 """runner's CPU kernels as a transform: the model's math goes through runner.kernels.KernelOps.
 
-`kernels: auto` uses them wherever the model runs on the CPU and they build, and otherwise says
-why and keeps torch's ops; `kernels: runner` stops instead; `kernels: torch` never uses them.
+`kernels: auto` uses them wherever the model runs on the CPU, they build and load, and their
+build has a vector path for this CPU (AVX2 or better); otherwise it says why and keeps torch's
+ops. `kernels: runner` uses them whatever their target, or stops; `kernels: torch` never does.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def apply(model: torch.nn.Module, choice: Kernels, device: torch.device, source:
             raise ConfigError([problem(source, "kernels", f"runner's CPU kernels cannot be built here ({e}); "
                                        "use auto or torch to run on torch's ops", choice.value)]) from None
         say(f"kernels: runner's CPU kernels cannot be built here ({e}); running on torch's ops")
+        return None
+    if choice is Kernels.auto and not kernels.vectorised():
+        say(f"kernels: runner's CPU kernels have no vector path for this CPU ({isa}); running on torch's ops")
         return None
     model.use_ops(kernels.KernelOps)
     _pack_quantized(model, device)

@@ -198,7 +198,8 @@ def test_transform_switches_ops_and_torch_keeps_the_reference():
     _, model = build_twins(SMALL, 0)
     assert kernel_transform.apply(model, Kernels.torch, torch.device("cpu"), "r.yaml") is None
     assert model.layers[0].attention.ops is fn
-    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml") == kernels.load()
+    # runner: whatever the target; auto: only a vectorised build (tested below)
+    assert kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml") == kernels.load()
     assert all(m.ops is kernels.KernelOps for m in model.modules() if hasattr(type(m), "ops"))
 
 
@@ -233,3 +234,89 @@ def test_a_verify_forward_on_kernels_equals_one_token_steps_bit_for_bit(case, dt
     batched = run_chunks(ours, tokens[:, :start + count], [start], length)[:, start:]
     stepped = run_chunks(ours, tokens[:, :start + count], list(range(start, start + count)), length)[:, start:]
     assert torch.equal(batched, stepped)
+
+
+# --- targets: the library is built for what the CPU has, and never loaded where it cannot run -------
+
+V3 = kernels._V3  # an AVX2 CPU (x86-64-v3)
+V4 = kernels._V4
+
+
+def test_the_target_is_the_best_the_cpu_has(monkeypatch):
+    monkeypatch.delenv(kernels.TARGET_VARIABLE, raising=False)
+    names = [t.name for t in kernels.TARGETS]
+    if "avx2" not in names:
+        pytest.skip("x86-64 targets only")  # not reached on CI's x86-64 host
+    assert kernels.choose_target(V4 | {"avx512_bf16", "sse2"}).name == "avx512-bf16"
+    assert kernels.choose_target(V4).name == "avx512"
+    assert kernels.choose_target(V3 | {"avx512_bf16"}).name == "avx2"  # bf16 alone is not AVX-512
+    assert kernels.choose_target(V3 - {"fma"}).name == "generic"
+    assert kernels.choose_target(frozenset()).name == "generic"
+
+
+def test_the_loaded_library_is_the_target_asked_for():
+    # CI runs this file once per target (RUNNER_KERNELS_TARGET): it must be that build that ran.
+    assert torch.ops.runner.isa() == kernels.choose_target().name == kernels.load()
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """kernels.load() as in a new process on a CPU with only AVX2, in an empty RUNNER_HOME; the
+    library loader is replaced by a recorder, so nothing is loaded into this process."""
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
+    monkeypatch.delenv(kernels.TARGET_VARIABLE, raising=False)
+    monkeypatch.setattr(kernels, "_loaded", None)
+    monkeypatch.setattr(kernels, "cpu_features", lambda: V3)
+    loads = []
+
+    def record(name, sources, build_directory, **kwargs):
+        loads.append(build_directory)
+        raise RuntimeError("error: not loading in a test")
+
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "load", record)
+    return loads
+
+
+def test_a_cache_copied_from_an_avx512_machine_is_not_what_an_avx2_cpu_loads(fresh_load, tmp_path):
+    bigger = kernels.build_dir(kernels.TARGETS[0])  # what an AVX512-BF16 machine left in the cache
+    bigger.mkdir(parents=True)
+    (bigger / "runner_kernels.so").write_bytes(b"")
+    with pytest.raises(kernels.KernelsUnavailable):
+        kernels.load()
+    assert fresh_load == [str(kernels.build_dir(next(t for t in kernels.TARGETS if t.name == "avx2")))]
+
+
+def test_a_library_recorded_for_features_the_cpu_lacks_is_refused_before_loading(fresh_load):
+    avx2 = next(t for t in kernels.TARGETS if t.name == "avx2")
+    where = kernels.build_dir(avx2)
+    where.mkdir(parents=True)  # a mislabelled copy: the record says what it really needs
+    (where / "target.json").write_text('{"name": "avx512-bf16", "needs": ["avx2", "avx512f", "avx512_bf16"]}')
+    with pytest.raises(kernels.KernelsUnavailable, match="avx512_bf16, avx512f"):
+        kernels.load()
+    assert fresh_load == []  # refused before anything was loaded
+
+
+def test_a_target_the_cpu_lacks_is_a_note_for_auto_and_an_error_for_runner(fresh_load, monkeypatch):
+    # The host has AVX512-BF16; the simulated CPU does not, so asking for that build must be refused.
+    monkeypatch.setenv(kernels.TARGET_VARIABLE, "avx512-bf16")
+    _, model = build_twins(SMALL, 0)
+    notes = []
+    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert model.layers[0].attention.ops is fn
+    assert any("lacks: avx512_bf16" in n and "torch's ops" in n for n in notes), notes
+    with pytest.raises(ConfigError, match="lacks: avx512_bf16"):
+        kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    assert fresh_load == []
+
+
+def test_auto_keeps_torch_ops_where_the_kernels_have_no_vector_path(monkeypatch):
+    generic = next(t for t in kernels.TARGETS if t.name == "generic")
+    monkeypatch.setattr(kernels, "_loaded", generic)
+    _, model = build_twins(SMALL, 0)
+    notes = []
+    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert model.layers[0].attention.ops is fn
+    assert any("no vector path" in n for n in notes), notes
+    assert kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml") == "generic"
+    assert model.layers[0].attention.ops is kernels.KernelOps
