@@ -33,6 +33,9 @@ class Figures:
     peak_memory_bytes: int = 0
     compile_seconds: float = 0.0
     baselines: dict[str, float] = field(default_factory=dict)  # --vs name -> its decode tokens/s
+    baseline_prefill: dict[str, float] = field(default_factory=dict)  # --vs name -> its prompt tokens/s
+    prompt_tokens: int = 0
+    matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
 
     @property
     def median(self) -> float:
@@ -45,6 +48,13 @@ class Figures:
     def ratio(self, baseline: str) -> float:
         return self.median / self.baselines[baseline]
 
+    @property
+    def prefill(self) -> float:
+        return statistics.median(self.prefill_tokens_per_s)
+
+    def prefill_gflops(self) -> float:
+        return self.prefill * 2 * self.matmul_params / 1e9
+
     def as_dict(self) -> dict:
         out = asdict(self)
         out.update(decode_tokens_per_s_median=self.median, effective_bandwidth_gb_s=self.bandwidth_gb_s)
@@ -52,15 +62,46 @@ class Figures:
             key = name.replace("-", "_")
             out[f"{key}_decode_tokens_per_s"] = rate
             out[f"vs_{key}_ratio"] = self.ratio(name)
+        for name, rate in self.baseline_prefill.items():
+            out[f"{name.replace('-', '_')}_prefill_tokens_per_s"] = rate
+        out["prefill_gflop_s"] = self.prefill_gflops()
         return out
 
 
+# English prose to cut long prompts from (--prompt-tokens): what a chat history or a retrieved
+# document looks like to a tokenizer, unlike one token repeated.
+FILLER = (
+    "The history of the printing press begins long before Gutenberg. Carved wooden blocks were used in "
+    "China to print text and images on cloth and paper, and movable type made of baked clay appeared in "
+    "the eleventh century. What changed in Mainz around 1450 was the combination of a hand mould for "
+    "casting metal type quickly and in quantity, an oil-based ink that held to metal, and a screw press "
+    "adapted from the ones used to make wine and oil. Within fifty years, presses were at work in more "
+    "than two hundred European towns, and the price of a book had fallen so far that students, merchants "
+    "and craftsmen could own several. Scholars still argue about how much of the Reformation, the "
+    "scientific revolution and the rise of vernacular literature follows from this, but few doubt that "
+    "cheap, identical copies changed how knowledge was kept, checked and argued over. "
+)
+
+
+def long_prompt(built: pipeline.Pipeline, tokens: int) -> list[int]:
+    """A prompt of exactly `tokens` tokens (BOS first) cut from English prose."""
+    text, ids = FILLER, []
+    while len(ids) < tokens:
+        ids = built.tokenizer.encode(text, bos=True)
+        text += FILLER
+    return ids[:tokens]
+
+
 def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens: int,
-            note=None) -> tuple[Figures, pipeline.Pipeline, list[int]]:
-    """Build the recipe's pipeline, warm it up, then time `runs` greedy-or-sampled generations."""
+            note=None, prompt_tokens: int | None = None) -> tuple[Figures, pipeline.Pipeline, list[int]]:
+    """Build the recipe's pipeline, warm it up, then time `runs` greedy-or-sampled generations of
+    the recipe's prompt, or of a `prompt_tokens`-token one."""
     built = pipeline.build(recipe, recipe_file, note)
-    prompt = pipeline.encode_prompt(built, recipe_file)
-    figures = Figures(label)
+    if prompt_tokens:
+        prompt = pipeline.fit_prompt(built, long_prompt(built, prompt_tokens), recipe_file)
+    else:
+        prompt = pipeline.encode_prompt(built, recipe_file)
+    figures = Figures(label, prompt_tokens=len(prompt))
     figures.compile_seconds = pipeline.warm_up(built, prompt)
     if not figures.compile_seconds:
         pipeline.generate(built, prompt)  # warm caches and allocator
@@ -71,6 +112,8 @@ def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens:
         figures.prefill_tokens_per_s.append(stats.prompt_tokens / stats.time_to_first_token)
         figures.peak_memory_bytes = max(figures.peak_memory_bytes, stats.peak_memory_bytes)
     figures.model_bytes, figures.bytes_per_token = weight_bytes(built.model)
+    figures.matmul_params = sum(m.in_features * m.out_features for m in built.model.modules()
+                                if hasattr(m, "in_features") and hasattr(m, "out_features"))
     return figures, built, prompt
 
 
@@ -90,6 +133,7 @@ class _Clock:
     def __init__(self):
         self.times: list[float] = []
         self.prompt_seen = False
+        self.start = time.perf_counter()
 
     def put(self, value) -> None:
         if self.prompt_seen:
@@ -103,10 +147,14 @@ class _Clock:
         """Tokens/s after the first token, as ours are counted (prefill excluded)."""
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
+    def prefill_rate(self, prompt_tokens: int) -> float:
+        return prompt_tokens / (self.times[0] - self.start)
+
 
 def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int, runs: int,
-                    compiled: bool = False) -> float:
-    """HF transformers' greedy `generate` decode tokens/s on the same weights, dtype, threads and prompt.
+                    compiled: bool = False) -> tuple[float, float]:
+    """HF transformers' greedy `generate` on the same weights, dtype, threads and prompt: decode
+    tokens/s and prompt tokens/s (medians).
 
     compiled: with a static cache and torch.compile (what HF offers for speed); compiling happens
     in the warm-up and is not counted.
@@ -138,20 +186,25 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
         config._compile_all_devices = True  # a class attribute, not an argument
         options = {"cache_implementation": "static", "compile_config": config}
 
-    def rate() -> float:
+    def rate() -> tuple[float, float]:
         clock = _Clock()
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock, **options)
-        return clock.decode_rate()
+        return clock.decode_rate(), clock.prefill_rate(len(prompt))
 
     rate()  # warm-up (and compile)
-    return statistics.median(rate() for _ in range(runs))
+    return _medians([rate() for _ in range(runs)])
+
+
+def _medians(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def llamacpp_decode_speed(built: pipeline.Pipeline, recipe_file: str, prompt: list[int], new_tokens: int,
-                          runs: int, note=None) -> float:
-    """llama.cpp's (llama-cpp-python) greedy decode tokens/s on the recipe's GGUF source, same prompt and threads.
+                          runs: int, note=None) -> tuple[float, float]:
+    """llama.cpp's (llama-cpp-python) greedy decode and prompt tokens/s on the recipe's GGUF source,
+    same prompt and threads.
 
     It runs in a child process, apart from torch's thread pool. Should llama.cpp crash there (its
     AMX weight repacking does in some sandboxes), it runs again without repacking, and says so.
@@ -173,7 +226,8 @@ def llamacpp_decode_speed(built: pipeline.Pipeline, recipe_file: str, prompt: li
         done = subprocess.run([sys.executable, "-m", "runner.bench", json.dumps(job | {"repack": repack})],
                               capture_output=True, text=True)
         if done.returncode == 0:
-            return float(done.stdout.strip().splitlines()[-1])
+            decode, prefill = json.loads(done.stdout.strip().splitlines()[-1])
+            return decode, prefill
         if done.returncode > 0:  # an error, not a crash: running it again would not help
             break
         if repack and note is not None:
@@ -181,7 +235,7 @@ def llamacpp_decode_speed(built: pipeline.Pipeline, recipe_file: str, prompt: li
     raise ValueError(f"llama.cpp failed: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}")
 
 
-def _llamacpp_rate(job: dict) -> float:
+def _llamacpp_rate(job: dict) -> tuple[float, float]:
     import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
@@ -198,16 +252,16 @@ def _llamacpp_rate(job: dict) -> float:
     llm = Llama(model_path=job["gguf"], n_ctx=len(prompt) + new_tokens + 8, n_threads=job["threads"],
                 n_threads_batch=job["threads"], verbose=False)
 
-    def rate() -> float:
-        times = []
+    def rate() -> tuple[float, float]:
+        times, start = [], time.perf_counter()
         for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
             times.append(time.perf_counter())
             if len(times) == new_tokens:
                 break
-        return (len(times) - 1) / (times[-1] - times[0])
+        return (len(times) - 1) / (times[-1] - times[0]), len(prompt) / (times[0] - start)
 
     rate()  # warm-up
-    return statistics.median(rate() for _ in range(job["runs"]))
+    return _medians([rate() for _ in range(job["runs"])])
 
 
 def cpu_name() -> str:
@@ -235,23 +289,40 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def table(rows: list[Figures], roofline: float | None) -> str:
-    """A Markdown comparison table."""
+def gemm_rate(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """torch's matmul rate in GFLOP/s for `dtype` on square `size` matrices (median of repeats)."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def table(rows: list[Figures], roofline: float | None, gemm: dict[str, float] | None = None) -> str:
+    """A Markdown comparison table; `gemm`: label -> the GEMM GFLOP/s of that row's dtype."""
     compared = [name for name in BASELINES if any(name in r.baselines for r in rows)]
     head = ["recipe", "decode tok/s (median [min, max])", "TTFT ms", "prefill tok/s", "model MB", "GB/s",
             "peak MiB", "compile s", *(f"vs {BASELINES[name]}" for name in compared)]
+    if gemm:
+        head.insert(4, "prefill of GEMM")
     if roofline:
-        head.insert(6, "of roofline")
+        head.insert(6 + bool(gemm), "of roofline")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.label, f"{r.median:.1f} [{min(r.decode_tokens_per_s):.1f}, {max(r.decode_tokens_per_s):.1f}]",
                  f"{statistics.median(r.time_to_first_token_s) * 1000:.0f}",
                  f"{statistics.median(r.prefill_tokens_per_s):.0f}", f"{r.model_bytes / 1e6:.0f}",
                  f"{r.bandwidth_gb_s:.1f}", f"{r.peak_memory_bytes / 2**20:.0f}", f"{r.compile_seconds:.1f}",
-                 *(f"{r.ratio(name):.2f}x ({r.baselines[name]:.1f} tok/s)" if name in r.baselines else ""
+                 *(f"{r.ratio(name):.2f}x ({r.baselines[name]:.1f} tok/s; prefill "
+                   f"{r.baseline_prefill.get(name, float('nan')):.0f} tok/s)" if name in r.baselines else ""
                    for name in compared)]
+        if gemm:
+            cells.insert(4, f"{r.prefill_gflops() / gemm[r.label]:.0%} of {gemm[r.label]:.0f} GFLOP/s")
         if roofline:
-            cells.insert(6, f"{r.bandwidth_gb_s / roofline:.0%}")
+            cells.insert(6 + bool(gemm), f"{r.bandwidth_gb_s / roofline:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -291,4 +362,4 @@ if __name__ == "__main__":  # the llama.cpp baseline's child process: python -m 
     import json
     import sys
 
-    print(_llamacpp_rate(json.loads(sys.argv[1])))
+    print(json.dumps(_llamacpp_rate(json.loads(sys.argv[1]))))

@@ -149,16 +149,20 @@ def quantize(recipe, overrides, out):
 @click.option("--runs", default=5, show_default=True, help="Timed generations per recipe (after a warm-up).")
 @click.option("--tokens", "new_tokens", type=click.IntRange(min=2), default=128, show_default=True,
               help="New tokens per generation.")
-@click.option("--prompt", default="Hello, my name is", show_default=True, help="The prompt every recipe runs.")
+@click.option("--prompt", default="Hello, my name is", show_default=True,
+              help="The prompt every recipe runs (any text, as typed).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=None,
+              help="Instead of --prompt, a prompt of exactly N tokens cut from English prose (prefill, long contexts).")
 @click.option("--vs", "versus", type=click.Choice(["hf", "hf-compile", "llamacpp"]), multiple=True,
               help="Also time a baseline on the same weights, prompt and threads (repeatable): HF transformers' "
                    "generate (hf), HF with a static cache and torch.compile (hf-compile), llama.cpp on the "
                    "recipe's GGUF (llamacpp, needs llama-cpp-python).")
-@click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and show each figure's share.")
+@click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and GEMM rate, and show each "
+              "decode figure's share of the first and each prefill figure's share of the second.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw decode tokens/s as a bar chart (PNG; needs matplotlib: pip install 'runner[plot]').")
-def bench(args, runs, new_tokens, prompt, versus, roofline, json_path, plot_path):
+def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_path, plot_path):
     """Time recipes: RECIPE... [key=value ...] (overrides apply to every recipe).
 
     Greedy decoding of --tokens tokens from --prompt, after a warm-up; prints decode tokens/s
@@ -183,44 +187,59 @@ def bench(args, runs, new_tokens, prompt, versus, roofline, json_path, plot_path
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'runner[plot]'") from None
-    fixed = [f"generate.prompt={prompt}", f"generate.max_new_tokens={new_tokens}", "generate.temperature=0",
-             "generate.chat=false", "generate.num_samples=1"]
+    from dataclasses import replace
+
+    fixed = [f"generate.max_new_tokens={new_tokens}", "generate.temperature=0", "generate.chat=false",
+             "generate.num_samples=1"]
     resolved = [resolve(r, fixed + overrides, check_files=True) for r in recipes]
+    # The prompt is set after resolving: it is text, not a YAML value to parse.
+    resolved = [replace(r, generate=replace(r.generate, prompt=prompt)) for r in resolved]
 
     from runner import bench as measure
     from runner.report import Reporter
 
     report = Reporter()
     ceiling = measure.read_bandwidth() if roofline else None
+    gemm_rates: dict = {}
     rows = []
     for path, recipe in zip(recipes, resolved):
         label = " ".join([Path(path).stem, *overrides])
         report.note(f"bench: {label}")
-        figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note)
+        figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens)
+        if roofline:
+            dtype = built.model.norm.weight.dtype
+            gemm_rates.setdefault(dtype, measure.gemm_rate(dtype))
         baseline_runs = max(1, runs // 2)
         for name in dict.fromkeys(versus):
             report.note(f"bench: {measure.BASELINES[name]} on the same weights")
             try:
                 if name == "llamacpp":
-                    rate = measure.llamacpp_decode_speed(built, path, ids, new_tokens, baseline_runs, report.note)
+                    rate, prefill = measure.llamacpp_decode_speed(built, path, ids, new_tokens, baseline_runs,
+                                                                  report.note)
                 else:
-                    rate = measure.hf_decode_speed(built, ids, new_tokens, baseline_runs, compiled=name == "hf-compile")
+                    rate, prefill = measure.hf_decode_speed(built, ids, new_tokens, baseline_runs,
+                                                            compiled=name == "hf-compile")
             except ValueError as e:
                 raise click.UsageError(f"--vs {name}: {e}") from None
             figures.baselines[name] = rate
+            figures.baseline_prefill[name] = prefill
         rows.append(figures)
+        if roofline:
+            gemm_rates[figures.label] = gemm_rates[dtype]
         del built
     import torch
 
     caption = (f"machine: {measure.cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
     report.line(caption)
-    report.line(measure.table(rows, ceiling))
+    report.line(measure.table(rows, ceiling, {k: v for k, v in gemm_rates.items() if isinstance(k, str)} or None))
     if plot_path:
         measure.plot(rows, plot_path, caption)
     if json_path:
         data = {"machine": measure.cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "read_bandwidth_gb_s": ceiling, "prompt": prompt, "new_tokens": new_tokens, "runs": runs,
+                "read_bandwidth_gb_s": ceiling, "prompt": None if prompt_tokens else prompt,
+                "prompt_tokens": rows[0].prompt_tokens, "new_tokens": new_tokens, "runs": runs,
+                "gemm_gflop_s": {str(k).removeprefix("torch."): v for k, v in gemm_rates.items() if not isinstance(k, str)},
                 "results": [r.as_dict() for r in rows]}
         if len(rows) == 1:
             data.update(rows[0].as_dict())  # one recipe: its figures at the top level (e.g. vs_hf_ratio)

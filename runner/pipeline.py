@@ -152,6 +152,12 @@ def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
         ids = pipeline.tokenizer.encode(text, bos=False, allow_special=True)
     else:
         ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)
+    return fit_prompt(pipeline, ids, recipe_file)
+
+
+def fit_prompt(pipeline: Pipeline, ids: list[int], recipe_file: str) -> list[int]:
+    """Check that prompt `ids` and the new tokens fit the cache, and size the cache for them once."""
+    recipe = pipeline.recipe
     limit = recipe.generate.cache_len or recipe.model.arch.max_seq_len
     # A speculative round writes speculate_k positions past the last accepted token.
     lookahead = recipe.draft.speculate_k if recipe.draft.kind is not DraftKind.none else 0

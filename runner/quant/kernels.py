@@ -151,9 +151,23 @@ def _int4_runner_refuses(layer, device):
     return _runner_refuses(layer, device)
 
 
+TILE_ROWS = 2048  # output rows dequantized at a time for a prompt's GEMM: a few MB, not the whole layer
+
+
+def _int4_gemm(x, layer):
+    """A prompt's int4 matmul: dequantize a tile of output rows exactly in fp32, round it to x's
+    dtype, and multiply in that dtype (torch's GEMM: oneDNN in bf16), tile by tile."""
+    tiles = []
+    for start in range(0, layer.out_features, TILE_ROWS):
+        rows = slice(start, start + TILE_ROWS)
+        w = int4.dequantize(int4.unpack(layer.weight[rows]), layer.scales[rows], layer.zeros[rows])
+        tiles.append(F.linear(x, w.to(x.dtype)))
+    return torch.cat(tiles, dim=-1)
+
+
 def _int4_runner(x, layer):
-    if x.shape[0] > MAX_ROWS:
-        return _int4_fallback(x, layer)
+    if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
+        return _int4_gemm(x, layer)
     return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
                                         layer.groupsize)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from click.testing import CliRunner
@@ -56,3 +57,28 @@ def test_bench_vs_llamacpp_needs_a_gguf_source(tmp_path, monkeypatch):
     # Without llama-cpp-python the message says how to install it; with it, that a GGUF source is needed.
     assert "--vs llamacpp" in result.output and ("llama-cpp-python" in result.output or "GGUF" in result.output)
     assert "Traceback" not in result.output
+
+
+def test_bench_takes_a_prompt_of_n_tokens_and_reports_prefill_against_the_gemm_rate(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "1", "--tokens", "4",
+                                      "--prompt-tokens", "100", "--roofline", "--vs", "hf", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["prompt_tokens"] == 100 and data["prompt"] is None
+    assert data["gemm_gflop_s"]["float32"] > 0 and data["hf_prefill_tokens_per_s"] > 0
+    # prefill's flops: two per weight of every linear layer per prompt token
+    assert data["prefill_gflop_s"] == pytest.approx(
+        statistics.median(data["prefill_tokens_per_s"]) * 2 * data["matmul_params"] / 1e9)
+    assert "GFLOP/s" in result.output
+
+
+@pytest.mark.parametrize("prompt", ["def f(x):\n    return {'a': [1, 2]}\n# done: yes", "null", "- a\n- b", "x: y"])
+def test_bench_prompt_is_text_as_typed(tmp_path, monkeypatch, prompt):
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "1", "--tokens", "2",
+                                      "--prompt", prompt, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["prompt"] == prompt
