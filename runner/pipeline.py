@@ -25,6 +25,7 @@ class Pipeline:
     model: torch.nn.Module
     decoder: object
     forward: object = None  # what the decoder calls: the model, or its compiled steps
+    draft_forward: object = None  # what the draft model's proposer calls, likewise
 
 
 # The file a source directory (an HF snapshot) holds for each tokenizer kind.
@@ -65,15 +66,19 @@ def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None =
         if each is not None:
             kernel_ops.apply(each, recipe.kernels, torch.device(recipe.device), recipe_file, note)
     forward = compile_step.apply(model, recipe.compile, recipe_file, note)
-    return Pipeline(recipe, tokenizer, model, decoders.build(recipe, model, draft_model, forward), forward)
+    # The draft model's steps are compiled as the target's are: its one-token steps are most of a round.
+    draft_forward = compile_step.apply(draft_model, recipe.compile, recipe_file, note) if draft_model else None
+    decoder = decoders.build(recipe, model, draft_model, forward, draft_forward)
+    return Pipeline(recipe, tokenizer, model, decoder, forward, draft_forward)
 
 
 def warm_up(pipeline: Pipeline, prompt: list[int]) -> float:
     """Compile the compiled steps on the real shapes before timing anything; returns the seconds it took."""
-    if pipeline.forward is pipeline.model:
+    steps = [f for f in (pipeline.forward, pipeline.draft_forward) if hasattr(f, "compile_seconds")]
+    if not steps:
         return 0.0
-    pipeline.decoder.generate(prompt, min(2, pipeline.recipe.generate.max_new_tokens))
-    return pipeline.forward.compile_seconds
+    pipeline.decoder.generate(prompt, min(2 + pipeline.recipe.draft.speculate_k, pipeline.recipe.generate.max_new_tokens))
+    return sum(f.compile_seconds for f in steps)
 
 
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,

@@ -18,17 +18,19 @@ def sampling_of(recipe: Recipe) -> Sampling:
     return Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
 
-def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None, forward=None):
+def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None, forward=None,
+          draft_forward=None):
     """The decoder the recipe's draft section selects; draft_model is required for draft.kind: model.
 
-    forward: what the decoder calls instead of model(tokens, input_pos), e.g. its compiled steps.
+    forward: what the decoder calls instead of model(tokens, input_pos), e.g. its compiled steps;
+    draft_forward: the same for the draft model.
     """
     sampling, draft = sampling_of(recipe), recipe.draft
     cache_len = recipe.generate.cache_len
     if draft.kind is DraftKind.none:
         return PlainDecoder(model, sampling, cache_len=cache_len, forward=forward)
     if draft.kind is DraftKind.model:
-        proposer = DraftModelProposer(draft_model, sampling)  # top-k / top-p shape q as they shape p
+        proposer = DraftModelProposer(draft_model, sampling, draft_forward)  # top-k / top-p shape q as they shape p
     else:
         proposer = NGramProposer(model.spec.vocab_size, draft.ngram.max_n, draft.ngram.min_n)
     return SpeculativeDecoder(model, proposer, sampling, draft.speculate_k, cache_len=cache_len, forward=forward)

@@ -13,8 +13,9 @@ class DraftModelProposer:
     prefix with the new sequence) are not fed again, and entries past that prefix are overwritten.
     """
 
-    def __init__(self, model: torch.nn.Module, sampling: Sampling):
+    def __init__(self, model: torch.nn.Module, sampling: Sampling, forward=None):
         self.model = model
+        self.forward = forward or model  # the model, or its compiled steps
         self.sampling = sampling
         self.device = next(model.parameters()).device
         self.cached: list[int] = []
@@ -36,7 +37,7 @@ class DraftModelProposer:
         position = valid
         for _ in range(k):
             tokens = torch.tensor([feed], device=self.device)
-            logits = self.model(tokens, torch.arange(position, position + len(feed), device=self.device))
+            logits = self.forward(tokens, torch.arange(position, position + len(feed), device=self.device))
             q = logits_to_probs(logits[0, -1], self.sampling)  # [V]
             token = int(sample(q, generator))
             drafted.append(token)

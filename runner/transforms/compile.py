@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from typing import Callable
 
 import torch
@@ -79,7 +80,16 @@ class _Step:
 
     def __init__(self, model, name: str, options: dict):
         self.name, self.compiled = name, False
-        self.fn = torch.compile(model, **options, options={"guard_filter_fn": _guards})
+        self.fn = torch.compile(_own_forward(model), **options, options={"guard_filter_fn": _guards})
+
+
+def _own_forward(model: torch.nn.Module):
+    """model.forward with a code object of its own. dynamo keeps its graphs per code object, and
+    with the guards on the model filtered away, two models of one class (a target and its draft)
+    would otherwise run each other's graphs."""
+    fn = type(model).forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, model)
 
 
 def apply(model: torch.nn.Module, section: CompileSection, source: str,

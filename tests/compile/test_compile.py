@@ -129,3 +129,18 @@ def test_bench_times_hf_with_a_static_cache_and_compile(tmp_path):
     assert data["hf_compile_decode_tokens_per_s"] > 0
     assert data["vs_hf_compile_ratio"] == data["decode_tokens_per_s_median"] / data["hf_compile_decode_tokens_per_s"]
     assert "vs HF static+compile" in result.output
+
+
+def test_the_draft_model_is_compiled_too_and_speculative_tokens_equal_plain():
+    draft = ["draft.kind=model", "draft.model=${model}", "draft.quant.mode=int8", "draft.speculate_k=3"]
+    _, _, plain, _ = run([])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    built, prompt, tokens, compile_seconds = run(draft + ["compile.decode=true"])
+    assert built.draft_forward is not None and built.draft_forward.decode.compiled  # compiled in the warm-up
+    assert compile_seconds > 0 and tokens == plain
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert pipeline.generate(built, prompt)[0] == plain
+    assert counters["stats"]["unique_graphs"] == graphs
