@@ -1,4 +1,5 @@
-"""The GGUF loader on files written as llama.cpp's converter writes them, against HF's logits."""
+"""The GGUF loader on files written as llama.cpp's converter writes them, against HF's logits;
+and on quantized blocks whose bytes and values are written here by hand, against those values."""
 import dataclasses
 import math
 import tempfile
@@ -144,3 +145,190 @@ def test_the_reader_sees_ggml_shapes_reversed():
         writer.close()
         t = gguf.GGUFReader(path).tensors[0]
         assert t.shape.tolist() == [4, 6] and np.array_equal(t.data, w)
+
+
+# --- quantized blocks written by hand -----------------------------------------------------------
+# The tests above decode what they wrote with gguf.quants.dequantize, the very function the loader
+# calls, so a slip in it would pass them. Here the bytes follow GGML's block layouts (ggml-common.h,
+# dequantize_row_* in ggml-quants.c) from levels, scales and mins chosen here, and the expected values
+# are computed here in float64. Scales and mins are fp16 values {1..7} * 2^-6..2^0 and levels at most
+# 8 bits, so every value and every partial product is a multiple of 2^-6 below 2^15: at most 21
+# significant bits, exact in float32 whatever the order of operations. The loader must return them exactly.
+
+QK_K = 256  # values per K-quant super-block
+
+
+def half(x: float) -> np.ndarray:
+    """x as the 2 little-endian bytes of an fp16 (ggml_half), which must hold it exactly."""
+    assert float(np.float16(x)) == x
+    return np.array([x], dtype="<f2").view(np.uint8)
+
+
+def scale(rng) -> float:
+    """A scale or min of 3 significant bits, 2^-6 to 7."""
+    return float(rng.integers(1, 8)) * 2.0 ** int(rng.integers(-6, 1))
+
+
+def low_high(q: np.ndarray) -> np.ndarray:
+    """32 levels of 0..15 -> 16 bytes: level j in byte j's low nibble, level j + 16 in its high one."""
+    return (q[:16] | (q[16:] << 4)).astype(np.uint8)
+
+
+def fifth_bits(q: np.ndarray) -> np.ndarray:
+    """32 levels of 0..31 -> qh, a little-endian uint32 whose bit j is level j's bit 4."""
+    return np.array([sum(int(b) << j for j, b in enumerate(q >> 4))], dtype="<u4").view(np.uint8)
+
+
+# Blocks of 32 values: d (fp16), then m (fp16) for the _1 types, qh for Q5, then the levels;
+# a value is d * (q - offset) or d * q + m.
+
+
+def q8_0(rng):
+    d, q = scale(rng), rng.integers(-128, 128, 32)
+    return [half(d), q.astype(np.int8).view(np.uint8)], d * q
+
+
+def q4_0(rng):
+    d, q = scale(rng), rng.integers(0, 16, 32)
+    return [half(d), low_high(q)], d * (q - 8)
+
+
+def q4_1(rng):
+    d, m, q = scale(rng), -scale(rng), rng.integers(0, 16, 32)
+    return [half(d), half(m), low_high(q)], d * q + m
+
+
+def q5_0(rng):
+    d, q = scale(rng), rng.integers(0, 32, 32)
+    return [half(d), fifth_bits(q), low_high(q & 15)], d * (q - 16)
+
+
+def q5_1(rng):
+    d, m, q = scale(rng), -scale(rng), rng.integers(0, 32, 32)
+    return [half(d), half(m), fifth_bits(q), low_high(q & 15)], d * q + m
+
+
+def q2_k(rng):
+    """scales[16] (a 4-bit scale low, a 4-bit min high, per 16 values), qs[64], d, dmin. Value i:
+    2 bits at shift 2j of qs[32h + l], for i = 128h + 32j + l."""
+    d, dmin, q = scale(rng), scale(rng), rng.integers(0, 4, QK_K)
+    sc, m = rng.integers(0, 16, 16), rng.integers(0, 16, 16)
+    qs = np.zeros(64, dtype=np.uint8)
+    for i, level in enumerate(q):
+        h, j, l = i // 128, i % 128 // 32, i % 32
+        qs[32 * h + l] |= level << (2 * j)
+    sub = np.arange(QK_K) // 16
+    return [(sc | (m << 4)).astype(np.uint8), qs, half(d), half(dmin)], d * sc[sub] * q - dmin * m[sub]
+
+
+def q3_k(rng):
+    """hmask[32], qs[64], scales[12] (16 six-bit scales less 32), d. Value i = 128h + 32j + l: 2 low bits
+    as in Q2_K, less 4 unless bit 4h + j of hmask[l] is set."""
+    d, q = scale(rng), rng.integers(-4, 4, QK_K)
+    raw = rng.integers(0, 64, 16)  # scale = raw - 32
+    hmask, qs = np.zeros(32, dtype=np.uint8), np.zeros(64, dtype=np.uint8)
+    for i, level in enumerate(q):
+        h, j, l = i // 128, i % 128 // 32, i % 32
+        qs[32 * h + l] |= (level & 3) << (2 * j)
+        hmask[l] |= int(level >= 0) << (4 * h + j)
+    scales = np.zeros(12, dtype=np.uint8)
+    for k, r in enumerate(raw):  # scale k: low 4 bits in byte k % 8, high 2 bits in byte 8 + k % 4
+        scales[k % 8] |= (r & 15) << (4 * (k // 8))
+        scales[8 + k % 4] |= (r >> 4) << (2 * (k // 4))
+    return [hmask, qs, scales, half(d)], d * (raw[np.arange(QK_K) // 16] - 32) * q
+
+
+def k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes for 8 six-bit scales and mins: 0-3 (6 bits each) in bytes 0-3 and 4-7, 4-7
+    split into 4 low bits (byte 8-11, scale low nibble, min high) and 2 high bits (bytes 0-7's top)."""
+    out = np.zeros(12, dtype=np.uint8)
+    for s in range(4):
+        out[s], out[s + 4] = sc[s], m[s]
+    for s in range(4, 8):
+        out[s + 4] = (sc[s] & 15) | ((m[s] & 15) << 4)
+        out[s - 4] |= (sc[s] >> 4) << 6
+        out[s] |= (m[s] >> 4) << 6
+    return out
+
+
+def q4_k(rng, bits=4):
+    """d, dmin, scales[12], (Q5_K: qh[32],) qs[128]. Value i = 64c + 32n + l: the low (n=0) or high (n=1)
+    nibble of qs[32c + l]; Q5_K's bit 4 is bit i // 32 of qh[l]. Scale and min per 32 values."""
+    d, dmin, q = scale(rng), scale(rng), rng.integers(0, 2 ** bits, QK_K)
+    sc, m = rng.integers(0, 64, 8), rng.integers(0, 64, 8)
+    qs, qh = np.zeros(128, dtype=np.uint8), np.zeros(32, dtype=np.uint8)
+    for i, level in enumerate(q):
+        c, n, l = i // 64, i % 64 // 32, i % 32
+        qs[32 * c + l] |= (level & 15) << (4 * n)
+        qh[l] |= (level >> 4) << (i // 32)
+    sub = np.arange(QK_K) // 32
+    parts = [half(d), half(dmin), k_scales(sc, m)] + ([qh] if bits == 5 else []) + [qs]
+    return parts, d * sc[sub] * q - dmin * m[sub]
+
+
+def q6_k(rng):
+    """ql[128], qh[64], scales[16] (int8, per 16 values), d. Value i = 128h + 32k + l, level + 32 in 6 bits:
+    the low 4 in nibble k // 2 of ql[64h + 32(k % 2) + l], the high 2 at shift 2k of qh[32h + l]."""
+    d, q = scale(rng), rng.integers(-32, 32, QK_K)
+    sc = rng.integers(-128, 128, 16)
+    ql, qh = np.zeros(128, dtype=np.uint8), np.zeros(64, dtype=np.uint8)
+    for i, level in enumerate(q + 32):
+        h, k, l = i // 128, i % 128 // 32, i % 32
+        ql[64 * h + 32 * (k % 2) + l] |= (level & 15) << (4 * (k // 2))
+        qh[32 * h + l] |= (level >> 4) << (2 * k)
+    return [ql, qh, sc.astype(np.int8).view(np.uint8), half(d)], d * sc[np.arange(QK_K) // 16] * q
+
+
+def bf16(rng):
+    """Not quantized, but raw bytes the loader reinterprets itself: a float32's top half ("blocks" of 1)."""
+    v = np.array([rng.integers(-128, 128) * 2.0 ** int(rng.integers(-10, 10))], dtype=np.float32)
+    return [(v.view(np.uint32) >> 16).astype("<u2").view(np.uint8)], v
+
+
+BLOCKS = {Q.Q8_0: q8_0, Q.Q4_0: q4_0, Q.Q4_1: q4_1, Q.Q5_0: q5_0, Q.Q5_1: q5_1, Q.Q2_K: q2_k, Q.Q3_K: q3_k,
+          Q.Q4_K: q4_k, Q.Q5_K: lambda rng: q4_k(rng, bits=5), Q.Q6_K: q6_k, Q.BF16: bf16}
+
+
+def hand_tensor(qtype: Q, rows: int, cols: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes uint8 [rows, row bytes], values float64 [rows, cols]) of blocks drawn and packed by BLOCKS."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data, values = [], []
+    for _ in range(rows * cols // block):
+        parts, v = BLOCKS[qtype](rng)
+        data.append(np.concatenate(parts))
+        values.append(np.asarray(v, dtype=np.float64))
+    data = np.stack(data)
+    assert data.shape[1] == size  # the block layout is complete
+    return data.reshape(rows, -1), np.concatenate(values).reshape(rows, cols)
+
+
+def save_one_quantized(path: Path, spec: ModelSpec, data: np.ndarray, qtype: Q) -> None:
+    """A llama GGUF whose ffn_down holds `data` as `qtype` (its rows span whole K-quant blocks); zeros elsewhere."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    hd = spec.head_size
+    shapes = {"token_embd.weight": (spec.vocab_size, spec.dim), "output_norm.weight": (spec.dim,),
+              "blk.0.attn_norm.weight": (spec.dim,), "blk.0.ffn_norm.weight": (spec.dim,),
+              "blk.0.attn_q.weight": (spec.n_heads * hd, spec.dim), "blk.0.attn_k.weight": (spec.kv_heads * hd, spec.dim),
+              "blk.0.attn_v.weight": (spec.kv_heads * hd, spec.dim), "blk.0.attn_output.weight": (spec.dim, spec.n_heads * hd),
+              "blk.0.ffn_gate.weight": (spec.intermediate_size, spec.dim), "blk.0.ffn_up.weight": (spec.intermediate_size, spec.dim)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_down.weight", data, raw_dtype=qtype)  # shape read from the byte shape
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype", list(BLOCKS), ids=lambda q: q.name)
+def test_hand_written_quantized_blocks_load_to_their_exact_values(tmp_path, qtype):
+    spec = ModelSpec(dim=4, n_layers=1, n_heads=1, vocab_size=8, intermediate_size=2 * QK_K, max_seq_len=16,
+                     tie_embeddings=True)
+    data, expected = hand_tensor(qtype, spec.dim, spec.intermediate_size, seed=list(BLOCKS).index(qtype))
+    assert np.array_equal(expected.astype(np.float32), expected)  # exact in float32, as promised
+    path = tmp_path / f"{qtype.name}.gguf"
+    save_one_quantized(path, spec, data, qtype)
+    model = load_model(path, spec, CPU, torch.float32)
+    loaded = model.layers[0].feed_forward.w2.weight.double()  # [dim, intermediate]
+    assert torch.equal(loaded, torch.from_numpy(expected)), f"max error {(loaded - torch.from_numpy(expected)).abs().max():.3g}"
