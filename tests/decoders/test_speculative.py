@@ -1,7 +1,8 @@
 """SpeculativeDecoder with sampling draws from the target's distribution; verify, statistics, self-drafting.
 
 The distribution check: over N seeded runs, the first two tokens (as pairs) are tested against the
-exact law of plain sampling, p(t1) * p(t2 | t1), computed from the target with logits_to_probs,
+exact law of plain sampling, p(t1) * p(t2 | t1), computed from the target's logits by this file's
+own float64 temperature / top-k / top-p (not runner's, so a bug there cannot hide in the law),
 by a chi-square goodness-of-fit test at ALPHA. The runs are seeded 0..N-1, so the outcome is fixed;
 ALPHA is the chance a correct decoder would have failed for an arbitrary choice of seeds.
 """
@@ -16,7 +17,7 @@ import torch
 from runner.decoders import speculative
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.proposers import DraftModelProposer
-from runner.decoders.sampling import Sampling, logits_to_probs
+from runner.decoders.sampling import Sampling
 from runner.decoders.speculative import SpeculativeDecoder, SpeculativeStats, verify
 from tests.decoders.tiny import chi_square_pvalue, prefill_logits, tiny
 
@@ -55,8 +56,29 @@ def models(case: str):
     return tiny("target-1layer", V, c.target_seed), tiny("draft", V, c.draft_seed), c.sampling, c.draft_sampling
 
 
+def sampling_law(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """What sampling draws from, for logits [V], in float64: softmax(logits / temperature) over the
+    top_k largest logits (ties with the k-th kept), then over the fewest most probable tokens whose
+    mass reaches top_p (a token stays while the mass before it is below top_p)."""
+    assert not sampling.greedy
+    x = logits.double() / sampling.temperature
+    if sampling.top_k is not None:
+        kth = sorted(x.tolist(), reverse=True)[min(sampling.top_k, len(x)) - 1]
+        x = torch.where(x >= kth, x, -math.inf)
+    p = torch.exp(x - x.max())
+    p = p / p.sum()
+    if sampling.top_p < 1.0:
+        keep, before = torch.zeros(len(p), dtype=torch.bool), 0.0
+        for i in sorted(range(len(p)), key=lambda i: -p[i].item()):
+            keep[i] = before < sampling.top_p
+            before += p[i].item()
+        p = torch.where(keep, p, 0.0)
+        p = p / p.sum()
+    return p
+
+
 def next_probs(model, tokens: list[int], sampling: Sampling) -> torch.Tensor:
-    return logits_to_probs(prefill_logits(model, tokens)[-1], sampling).double()  # [V]
+    return sampling_law(prefill_logits(model, tokens)[-1], sampling)  # [V]
 
 
 def exact_pairs(model, sampling: Sampling) -> dict[tuple[int, int], float]:

@@ -80,8 +80,13 @@ def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, home):
     assert len(tokens) == 24
     if draft != "none":
         spec = stats.speculative
-        assert spec.target_forwards < len(tokens) or spec.accepted == 0
-        assert sum(spec.histogram()) == len(spec.accepted_lengths)
+        # Every target forward output the drafts it kept and one token of its own (no EOS cut a round).
+        assert len(tokens) == spec.target_forwards + spec.accepted
+        # Useful, not only correct: drafts were kept (rejecting every draft still decodes right).
+        if draft == "model":
+            assert spec.acceptance_rate >= 0.75  # the target's own int8 copy; measured 0.85 to 1
+        else:
+            assert spec.accepted > 0  # the prompt repeats; measured 1 to 10 of 24 tokens
 
 
 @pytest.mark.parametrize("mode", QUANTS)

@@ -55,20 +55,22 @@ def stops(plain: list[int], eos_ids: frozenset[int]) -> list[int]:
 
 
 class CountingProposer:
-    """Wraps a proposer and records how many tokens each call drafted (k may be cut near the end)."""
+    """Wraps a proposer and records how many tokens each call drafted (k may be cut near the end),
+    and per run (each generate resets it) where each call's sequence stood and what it drafted."""
 
     def __init__(self, inner):
-        self.inner, self.drafted = inner, []
+        self.inner, self.drafted, self.runs = inner, [], []
 
     def reset(self, cache_len: int) -> None:
         self.inner.reset(cache_len)
+        self.runs.append([])
 
     def propose(self, sequence, k, generator):
         drafted, q = self.inner.propose(sequence, k, generator)
         assert len(drafted) <= k and q.shape == (len(drafted), V)
         self.drafted.append(len(drafted))
+        self.runs[-1].append((len(sequence), list(drafted)))
         return drafted, q
-
 
     def rounds(self, accepted_lengths: list[int]) -> list[tuple[int, int]]:
         """(kept, drafted) for every round that verified drafts, given the runs' accepted lengths."""
@@ -254,34 +256,84 @@ def test_caches_after_a_run_equal_a_plain_prefill():
 
 # --- statistics ---------------------------------------------------------------------------------
 
-@PROPERTY
-@given(seed=st.integers(0, 3), use_ngram=st.booleans(), noise=st.sampled_from([0.05, 0.15]),
-       prompt=repetitive_prompts(), k=st.integers(1, 8), n=st.integers(1, 24),
-       sampling=st.sampled_from([GREEDY, SAMPLED]), generator_seed=st.integers(0, 2**32 - 1))
-def test_statistics_count_what_happened(seed, use_ngram, noise, prompt, k, n, sampling, generator_seed):
-    target = tiny("target", V, seed)
-    inner = NGramProposer(V) if use_ngram else DraftModelProposer(tiny("target", V, seed, noise=noise), sampling)
-    proposer = CountingProposer(inner)
-    forwards = []
-    hook = target.register_forward_hook(lambda *args: forwards.append(1))
-    try:
-        out, stats = SpeculativeDecoder(target, proposer, sampling, k).generate(
-            prompt, n, generator=torch.Generator().manual_seed(generator_seed))
-    finally:
-        hook.remove()
-    spec = stats.speculative
+def kept_per_round(calls: list[tuple[int, list[int]]], prompt_len: int, out: list[int]) -> list[int]:
+    """For each round that verified drafts, how many of them it kept and output, read off `out` alone.
 
-    rounds = proposer.rounds(spec.accepted_lengths)  # the rounds that verified drafts
-    assert spec.proposed == sum(drafted for kept, drafted in rounds)
-    assert spec.accepted == sum(spec.accepted_lengths)
-    assert sum(spec.histogram()) == len(rounds)
-    assert all(0 <= kept <= drafted for kept, drafted in rounds)
-    if spec.proposed:
-        assert 0.0 <= spec.acceptance_rate <= 1.0
-    else:
-        assert math.isnan(spec.acceptance_rate)
-    assert spec.target_forwards == len(forwards) - (len(prompt) > 1)  # the prefill is not a round
-    # Without EOS every round yields its kept drafts and one target token, and never overshoots:
-    # tokens per target forward = len(out) / target_forwards = 1 + accepted / target_forwards.
-    assert len(out) == stats.new_tokens == n
-    assert len(out) == spec.accepted + spec.target_forwards
+    A round outputs from where its proposer call's sequence stood up to where the next call's
+    stood (or the end): its kept drafts, then a token of the target's, unless EOS or the budget
+    cut it first. The token drawn after a rejection is never the rejected draft (the residual
+    gives it no mass), so the kept drafts that were output are the longest common prefix.
+    """
+    ends = [start - prompt_len for start, _ in calls[1:]] + [len(out)]
+    kept = []
+    for (start, drafted), end in zip(calls, ends):
+        if drafted:
+            emitted = out[start - prompt_len:end]
+            n = 0
+            while n < min(len(drafted), len(emitted)) and drafted[n] == emitted[n]:
+                n += 1
+            kept.append(n)
+    return kept
+
+
+def check_statistics(calls, prompt: list[int], out: list[int], stats, forwards: int, k: int) -> list[int]:
+    """The speculative statistics agree with what the run drafted and output; returns the kept counts."""
+    spec = stats.speculative
+    kept = kept_per_round(calls, len(prompt), out)
+    assert spec.accepted_lengths == kept
+    assert spec.accepted == sum(kept)
+    assert spec.proposed == sum(len(drafted) for _, drafted in calls)
+    assert spec.histogram() == [kept.count(i) for i in range(k + 1)]
+    assert spec.target_forwards == forwards - (len(prompt) > 1)  # the prefill is not a round
+    # Every round outputs its kept drafts and one token of the target's, except a last round that
+    # EOS cut on a kept draft.
+    last_start = calls[-1][0] - len(prompt) if calls else len(out)
+    ended_on_a_draft = bool(calls and calls[-1][1] and kept[-1] == len(out) - last_start)
+    assert len(out) == stats.new_tokens == spec.accepted + spec.target_forwards - ended_on_a_draft
+    return kept
+
+
+def test_statistics_count_what_the_output_kept_with_and_without_eos():
+    """Without EOS and with an EOS that the run outputs (often among its kept drafts, or as the
+    budget's last token), the statistics count the drafts that were output, not all verify kept."""
+    cut_on_a_draft, eos_last = [], []
+
+    @PROPERTY
+    @given(seed=st.integers(0, 3), draft=st.sampled_from(["ngram", 0.0, 0.05, 0.15]), prompt=repetitive_prompts(),
+           k=st.integers(1, 8), n=st.integers(1, 24), sampling=st.sampled_from([GREEDY, SAMPLED]),
+           generator_seed=st.integers(0, 2**32 - 1), data=st.data())
+    def check(seed, draft, prompt, k, n, sampling, generator_seed, data):
+        """draft: n-gram lookup, or the target with this much noise (0: a copy, whose drafts are all kept)."""
+        target = tiny("target", V, seed)
+        inner = (NGramProposer(V) if draft == "ngram"
+                 else DraftModelProposer(tiny("target", V, seed, noise=draft, instance=1), sampling))
+        proposer = CountingProposer(inner)
+        decoder = SpeculativeDecoder(target, proposer, sampling, k)
+        forwards = []
+        hook = target.register_forward_hook(lambda *args: forwards.append(1))
+        try:
+            out, stats = decoder.generate(prompt, n, generator=torch.Generator().manual_seed(generator_seed))
+            kept = check_statistics(proposer.runs[-1], prompt, out, stats, len(forwards), k)
+            assert len(out) == n
+
+            # EOS: a token first output as a kept draft followed by another kept draft (so EOS cuts the
+            # round short of what verify kept), or the run's last token.
+            starts = [start - len(prompt) for start, drafted in proposer.runs[-1] if drafted]
+            inside = sorted({out[i] for start, m in zip(starts, kept) for i in range(start, start + m - 1)
+                             if out.index(out[i]) == i})
+            eos = data.draw(st.sampled_from(inside) if inside else st.just(out[-1]), label="eos")
+            forwards.clear()
+            out_eos, stats_eos = decoder.generate(prompt, n, frozenset({eos}),
+                                                  generator=torch.Generator().manual_seed(generator_seed))
+            # The same draws up to EOS: the run without EOS, cut there.
+            assert out_eos == stops(out, frozenset({eos}))
+            kept_eos = check_statistics(proposer.runs[-1], prompt, out_eos, stats_eos, len(forwards), k)
+        finally:
+            hook.remove()
+        last = len(kept_eos) - 1
+        cut_on_a_draft.append(last >= 0 and kept_eos[last] < kept[last])
+        eos_last.append(len(out_eos) == n and out_eos[-1] == eos)
+
+    check()
+    # Not vacuous: EOS often cut a round inside its kept drafts, and sometimes ended the budget.
+    assert sum(cut_on_a_draft) >= 5 and sum(eos_last) >= 5, (sum(cut_on_a_draft), sum(eos_last))  # ~12 and ~25

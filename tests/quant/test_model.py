@@ -53,11 +53,23 @@ def test_a_saved_quantized_state_dict_loads_into_the_skeleton_and_gives_the_same
     assert torch.equal(logits(skeleton, tokens), logits(model, tokens))
 
 
-def test_a_bf16_model_with_an_int8_embedding_runs():
+def test_a_bf16_model_with_an_int8_embedding_looks_up_bf16_rows_within_half_a_step():
+    """The int8 rows come back in bf16 (fp32 rows would meet bf16 layers) and stand for the float
+    rows: within half the row's int8 step (max |row| / 127), plus bf16 rounding of scale and result."""
     spec = ModelSpec(dim=64, n_layers=1, n_heads=4, vocab_size=96, intermediate_size=64, max_seq_len=64)
+    reference = float_model(spec, 0, torch.bfloat16)
     model = quant.quantize(float_model(spec, 0, torch.bfloat16),
                            QuantSection(mode=QuantMode.int8, embedding=QuantEmbedding.int8))
-    logits(model, prompts(spec, 0))
+    embedding = model.tok_embeddings
+    assert isinstance(embedding, Int8Embedding) and embedding.weight.dtype == torch.int8
+    tokens = prompts(spec, 0)
+    rows, want = embedding(tokens), reference.tok_embeddings(tokens).float()  # [B, T, dim]
+    assert rows.dtype == torch.bfloat16
+    step = reference.tok_embeddings.weight.float().abs().amax(-1)[tokens][..., None] / 127  # [B, T, 1]
+    assert ((rows.float() - want).abs() <= 0.52 * step + 2**-8 * want.abs()).all()
+    out = logits(model, tokens)
+    assert out.dtype == torch.bfloat16
+    assert (out.argmax(-1) == logits(reference, tokens).argmax(-1)).float().mean() >= 0.9  # measured: 0.96
 
 
 def test_layers_are_replaced_as_the_section_says():
