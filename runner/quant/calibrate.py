@@ -18,7 +18,7 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import QuantSection
 from runner.model import functional as fn
 from runner.model.llama import KVCache
-from runner.quant import gptq
+import runner.quant.gptq as gptq
 from runner.quant.linear import Int4Linear
 from runner.quant.plan import BLOCK_LINEARS, Scheme, module, replace
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from runner.quant import int4
+import runner.quant.int4 as int4
 
 
 class NotPositiveDefinite(ValueError):

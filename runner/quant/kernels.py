@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from runner import kernels as runner_kernels
 from runner.kernels import MAX_ROWS  # runner's GEMV kernels take up to this many rows
-from runner.quant import int4
+import runner.quant.int4 as int4
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runner.quant import int4, int8, kernels
+import runner.quant.int4 as int4
+import runner.quant.int8 as int8
+import runner.quant.kernels as kernels
 
 
 class QuantizedLinear(nn.Module):

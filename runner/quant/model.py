@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from runner.config.schema import QuantEmbedding, QuantMode, QuantOutput, QuantSection
-from runner.quant import calibrate
+import runner.quant.calibrate as calibrate
 from runner.quant.linear import Int8Embedding, QuantizedLinear
 from runner.quant.plan import check_groupsize, make_plan, module, replace, untie
 
