@@ -320,3 +320,26 @@ def test_auto_keeps_torch_ops_where_the_kernels_have_no_vector_path(monkeypatch)
     assert any("no vector path" in n for n in notes), notes
     assert kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml") == "generic"
     assert model.layers[0].attention.ops is kernels.KernelOps
+
+
+@PROPERTY
+@given(case=attention_cases(), extra=st.integers(0, 40))
+def test_rope_write_is_the_reference_rope_and_cache_write(case, extra):
+    # A prompt's RoPE and cache write (any number of tokens), checked like attend's.
+    n_heads, n_kv_heads, head_dim, cache_len, start, count, dtype, seed = case
+    cache_len += extra
+    count = min(count + extra, cache_len - start)
+    qkv = randn(1, count, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
+    caches = [KVCache(1, n_kv_heads, cache_len, head_dim, dtype, "cpu") for _ in range(2)]
+    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[start:start + count]
+    input_pos = torch.arange(start, start + count)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q_ref = fn.apply_rope(q.view(1, count, n_heads, head_dim).transpose(1, 2), cos_sin)
+    k_ref = fn.apply_rope(k.view(1, count, n_kv_heads, head_dim).transpose(1, 2), cos_sin)
+    caches[0].update(input_pos, k_ref, v.view(1, count, n_kv_heads, head_dim).transpose(1, 2))
+    ours = torch.ops.runner.rope_write(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads)
+    # RoPE's x cos + rot sin may be one fused multiply-add: near cancellation only an absolute bound holds.
+    for a, b in ((ours, q_ref), (caches[1].k, caches[0].k)):
+        assert a.shape == b.shape
+        assert ((a.float() - b.float()).abs() <= 2 * ulp(dtype) * (b.abs().float() + b.abs().max().float())).all()
+    assert torch.equal(caches[1].v, caches[0].v)
