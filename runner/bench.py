@@ -253,6 +253,7 @@ def _llamacpp_rate(job: dict) -> tuple[float, float]:
                 n_threads_batch=job["threads"], verbose=False)
 
     def rate() -> tuple[float, float]:
+        llm.reset()  # else generate reuses the prompt cached by the run before, and skips its prefill
         times, start = [], time.perf_counter()
         for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
             times.append(time.perf_counter())

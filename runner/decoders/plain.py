@@ -39,7 +39,7 @@ class PlainDecoder:
         start = time.perf_counter()
         with torch.inference_mode():
             tokens = torch.tensor([prompt], device=self.device)  # [1, T]
-            logits = self.forward(tokens, torch.arange(len(prompt), device=self.device))  # [1, T, V]
+            logits = self.forward(tokens, torch.arange(len(prompt), device=self.device), last_only=True)  # [1, 1, V]
             token = next_token(logits[0, -1], self.sampling, generator)
             first = time.perf_counter()
             pos = torch.tensor([len(prompt)], device=self.device)

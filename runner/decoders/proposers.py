@@ -37,7 +37,7 @@ class DraftModelProposer:
         position = valid
         for _ in range(k):
             tokens = torch.tensor([feed], device=self.device)
-            logits = self.forward(tokens, torch.arange(position, position + len(feed), device=self.device))
+            logits = self.forward(tokens, torch.arange(position, position + len(feed), device=self.device), last_only=True)
             q = logits_to_probs(logits[0, -1], self.sampling)  # [V]
             token = int(sample(q, generator))
             drafted.append(token)

@@ -119,7 +119,8 @@ class SpeculativeDecoder:
         with torch.inference_mode():
             # Prefill all but the last prompt token: each round feeds the pending token plus the drafts.
             if len(prompt) > 1:
-                self.forward(torch.tensor([prompt[:-1]], device=self.device), torch.arange(len(prompt) - 1, device=self.device))
+                self.forward(torch.tensor([prompt[:-1]], device=self.device), torch.arange(len(prompt) - 1, device=self.device),
+                             last_only=True)  # only the cache matters
             while len(out) < max_new_tokens:
                 room = cache_len - len(sequence)  # positions left in the cache after the pending token
                 k = max(0, min(self.speculate_k, max_new_tokens - len(out) - 1, room))

@@ -165,6 +165,14 @@ def _register_fakes() -> None:
     def _(x, w, scales, zeros, groupsize):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
+    @torch.library.register_fake("runner::dequantize_int8")
+    def _(w, scales):
+        return scales.new_empty(w.shape)
+
+    @torch.library.register_fake("runner::dequantize_int4")
+    def _(w, scales, zeros, groupsize):
+        return scales.new_empty(w.shape[0], 2 * w.shape[1])
+
     @torch.library.register_fake("runner::rms_norm")
     def _(x, w, eps):
         return torch.empty_like(x)

@@ -12,6 +12,8 @@
 //   int8_linear(x [M, K], w int8 [N, K], scales [N])   weight-only int8 (runner.quant.int8's layout)
 //   int4_linear(x [M, K], w uint8 [N, K/2], scales, zeros [N, K/gs])
 //                                                        weight-only int4 (runner.quant.int4's layout)
+//   dequantize_int8(w int8 [N, K], scales [N]) -> [N, K]      a prompt's weights, for torch's GEMM
+//   dequantize_int4(w uint8 [N, K/2], scales, zeros [N, K/gs], gs) -> [N, K]   (in the scales' dtype)
 //   rms_norm(x [..., D], w [D], eps) -> [..., D]
 //   swiglu(gate_up [..., 2I]) -> [..., I]              silu(gate) * up
 //   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> [1, T, H * hd]
@@ -580,6 +582,80 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// Rows of quantized weights as T, each value rounded once: q * s, or (q - 8) * s + z.
+template <typename T>
+void dequantize_int8_impl(const int8_t* w, const T* scales, T* y, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float s = widen(scales[n]);
+      const int8_t* q = w + n * K;
+      T* out = y + n * K;
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) vstore(out + k, vload(q + k) * s);
+      for (; k < K; ++k) out[k] = static_cast<T>((float)q[k] * s);
+    }
+  });
+}
+
+template <typename T>
+void dequantize_int4_impl(const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t N, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* q = w + n * K / 2;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = widen(scales[n * G + g]), z = widen(zeros[n * G + g]);
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {  // even column low, odd high
+          row[k] = (float)((q[k / 2] & 0xF) - 8) * s + z;
+          row[k + 1] = (float)((q[k / 2] >> 4) - 8) * s + z;
+        }
+      }
+      T* out = y + n * K;
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) vstore(out + k, vload(row.data() + k));
+      for (; k < K; ++k) out[k] = static_cast<T>(row[k]);
+    }
+  });
+}
+
+at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales) {
+  check_cpu_float(scales, "dequantize_int8");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && scales.numel() == w.size(0),
+              "runner::dequantize_int8: w must be int8 [N, K] and scales [N]");
+  auto wc = w.contiguous();
+  auto sc = scales.contiguous();
+  auto y = at::empty(w.sizes(), scales.options());
+  if (scales.scalar_type() == at::kBFloat16)
+    dequantize_int8_impl(wc.const_data_ptr<int8_t>(), sc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(),
+                         w.size(0), w.size(1));
+  else
+    dequantize_int8_impl(wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+                         w.size(0), w.size(1));
+  return y;
+}
+
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t groupsize) {
+  check_cpu_float(scales, "dequantize_int4");
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && groupsize > 0 && groupsize % 2 == 0 && K % groupsize == 0,
+              "runner::dequantize_int4: w must be uint8 [N, K / 2] with groupsize dividing K");
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 2 && scales.size(0) == N &&
+                  scales.size(1) == K / groupsize && zeros.scalar_type() == scales.scalar_type(),
+              "runner::dequantize_int4: scales and zeros must be [N, K / groupsize] in one dtype");
+  auto wc = w.contiguous();
+  auto sc = scales.contiguous();
+  auto zc = zeros.contiguous();
+  auto y = at::empty({N, K}, scales.options());
+  if (scales.scalar_type() == at::kBFloat16)
+    dequantize_int4_impl(wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<BFloat16>(), zc.const_data_ptr<BFloat16>(),
+                         y.mutable_data_ptr<BFloat16>(), N, K, groupsize);
+  else
+    dequantize_int4_impl(wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(), zc.const_data_ptr<float>(),
+                         y.mutable_data_ptr<float>(), N, K, groupsize);
+  return y;
+}
+
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float eps) {
   const int64_t whole = D / kLanes * kLanes;
@@ -838,6 +914,8 @@ TORCH_LIBRARY(runner, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");
+  m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
+  m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("attend(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
@@ -851,6 +929,8 @@ TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("linear", &linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("dequantize_int8", &dequantize_int8);
+  m.impl("dequantize_int4", &dequantize_int4);
   m.impl("rms_norm", &rms_norm);
   m.impl("swiglu", &swiglu);
   m.impl("attend", &attend);

@@ -123,13 +123,16 @@ class Transformer(nn.Module):
         self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
         self.cache_len = cache_len
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos [T]."""
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos [T]; [B, 1, vocab] for
+        the last token only with last_only (a prompt: the output layer is a fifth of its work)."""
         mask = fn.causal_mask(input_pos, self.cache_len)  # [T, L]
         cos_sin = self.cos_sin[input_pos]  # [T, 2, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
             x = layer(x, cos_sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, dim]
         x = self.norm(x)
         return self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
 

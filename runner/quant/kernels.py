@@ -76,9 +76,21 @@ def _runner_refuses(layer, device):
     return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
 
+TILE_ROWS = 2048  # output rows dequantized at a time for a prompt's GEMM: a few MB, not the whole layer
+
+
+def _tiled_gemm(x, rows: int, dequantize) -> torch.Tensor:
+    """x [M, K] @ W.T for a prompt: W's rows dequantized tile by tile in x's dtype by runner's
+    kernels (each value rounded once), each tile multiplied by torch's GEMM (oneDNN in bf16)."""
+    return torch.cat([F.linear(x, dequantize(slice(start, start + TILE_ROWS)))
+                      for start in range(0, rows, TILE_ROWS)], dim=-1)
+
+
 def _int8_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
-        return _int8_fallback(x, layer)
+        scales = layer.scales.to(x.dtype)
+        return _tiled_gemm(x, layer.out_features,
+                           lambda rows: torch.ops.runner.dequantize_int8(layer.weight[rows], scales[rows]))
     return torch.ops.runner.int8_linear(x, layer.weight, layer.scales.to(x.dtype))
 
 
@@ -151,23 +163,11 @@ def _int4_runner_refuses(layer, device):
     return _runner_refuses(layer, device)
 
 
-TILE_ROWS = 2048  # output rows dequantized at a time for a prompt's GEMM: a few MB, not the whole layer
-
-
-def _int4_gemm(x, layer):
-    """A prompt's int4 matmul: dequantize a tile of output rows exactly in fp32, round it to x's
-    dtype, and multiply in that dtype (torch's GEMM: oneDNN in bf16), tile by tile."""
-    tiles = []
-    for start in range(0, layer.out_features, TILE_ROWS):
-        rows = slice(start, start + TILE_ROWS)
-        w = int4.dequantize(int4.unpack(layer.weight[rows]), layer.scales[rows], layer.zeros[rows])
-        tiles.append(F.linear(x, w.to(x.dtype)))
-    return torch.cat(tiles, dim=-1)
-
-
 def _int4_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
-        return _int4_gemm(x, layer)
+        scales, zeros = layer.scales.to(x.dtype), layer.zeros.to(x.dtype)
+        return _tiled_gemm(x, layer.out_features, lambda rows: torch.ops.runner.dequantize_int4(
+            layer.weight[rows], scales[rows], zeros[rows], layer.groupsize))
     return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
                                         layer.groupsize)
 

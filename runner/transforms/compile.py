@@ -35,15 +35,15 @@ class CompiledForward:
         self.prefill = (_Step(model, "prefill", dict(mode=mode, fullgraph=section.fullgraph, dynamic=section.dynamic))
                         if section.prefill else None)
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         step = self.decode if tokens.shape[1] == 1 else self.prefill
         if step is None:
-            return self.model(tokens, input_pos)
+            return self.model(tokens, input_pos, last_only)
         if step.compiled:
-            return step.fn(tokens, input_pos)
+            return step.fn(tokens, input_pos, last_only)
         start = time.perf_counter()
         try:
-            out = step.fn(tokens, input_pos)
+            out = step.fn(tokens, input_pos, last_only)
         except Exception as e:  # torch raises many types here; the summary is what matters
             summary = _summary(e)
             if self.section.fallback is not CompileFallback.eager:
@@ -52,7 +52,7 @@ class CompiledForward:
                                            "eagerly instead)", True)]) from None
             self.note(f"compile.{step.name}: torch.compile failed ({summary}); running eagerly (compile.fallback: eager)")
             step.fn = self.model
-            out = self.model(tokens, input_pos)
+            out = self.model(tokens, input_pos, last_only)
         step.compiled = True
         self.compile_seconds += time.perf_counter() - start
         return out

@@ -58,6 +58,11 @@ def int4_reference(layer) -> torch.Tensor:
     return int4_weights(int4_levels(layer.weight), layer.scales, layer.zeros)
 
 
+# A few rows (decode, a speculative verify: runner's GEMV kernels) or a prompt's worth (more than
+# MAX_ROWS: runner's kernels dequantize tiles for torch's GEMM).
+ROWS = st.one_of(st.integers(1, 5), st.integers(MAX_ROWS + 1, MAX_ROWS + 24))
+
+
 def tolerance(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     m = x.double().abs() @ w_hat.double().abs().T
     eps = 0.0 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps
@@ -84,7 +89,7 @@ def activations(seed: int, rows: int, w_hat: torch.Tensor, dtype) -> torch.Tenso
 
 
 @settings(max_examples=50, deadline=None)
-@given(weights(max_groups=3), st.sampled_from(INT8_HERE), st.sampled_from(DTYPES), st.integers(1, 5),
+@given(weights(max_groups=3), st.sampled_from(INT8_HERE), st.sampled_from(DTYPES), ROWS,
        st.integers(0, 2**32 - 1))
 def test_int8_linear_is_x_times_dequantized_weight(case, kernel, x_dtype, rows, seed):
     w, _ = case
@@ -116,7 +121,7 @@ def int4_layer(w, groupsize, kernel):
 
 
 @settings(max_examples=50, deadline=None)
-@given(weights(max_groups=3), st.sampled_from(INT4_HERE), st.sampled_from(DTYPES), st.integers(1, 5),
+@given(weights(max_groups=3), st.sampled_from(INT4_HERE), st.sampled_from(DTYPES), ROWS,
        st.integers(0, 2**32 - 1))
 def test_int4_linear_is_x_times_dequantized_weight(case, kernel, x_dtype, rows, seed):
     w, groupsize = case
