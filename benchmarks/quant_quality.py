@@ -10,9 +10,9 @@ Per mode (quant.mode, quant.groupsize):
     - weight error: ||W - W_q|| / ||W|| over all quantized layers, against the float model's weights.
   decode speed, greedy, EOS ignored so every run makes --new-tokens tokens, warmed up once,
   median of --runs runs interleaved across modes (so a load spike hits every mode alike):
-    - bfloat16: the float32 model of the quality pass cast to bfloat16 and re-packed for its
-      kernels (torch's int8/int4 CPU kernels run in bf16 only);
-    - float32: the quality pass's models as they are (quantized layers take the fallback).
+    - bfloat16: the float32 model of the quality pass cast to bfloat16 and re-packed for the
+      kernels the recipe's `kernels` key picks (runner's CPU kernels by default);
+    - float32: the quality pass's models as they are (runner's kernels by default).
 
 Evaluation text: the Python Language Reference topics shipped with every CPython
 (pydoc_data.topics, the text of `help('TOPIC')`), topics in sorted order from the first,
@@ -42,6 +42,7 @@ from runner import decoders, pipeline, quant  # noqa: E402
 from runner.quant import int4, int8  # noqa: E402
 from runner.quant.linear import Int4Linear, Int8Linear  # noqa: E402
 from runner.tokenizers.chat import render_chat  # noqa: E402
+from runner.transforms import kernels as kernel_ops  # noqa: E402
 
 DEFAULT_MODES = "none,int8,int4:32,int4:64,int4-gptq:32,int4-gptq:64"
 
@@ -185,11 +186,13 @@ def kernels_of(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     return sorted(names)
 
 
-def to_bfloat16(model: torch.nn.Module) -> torch.nn.Module:
-    """A bf16 copy, packed for the bf16 kernels (casting rounds scales to nearest: speed only)."""
+def to_bfloat16(model: torch.nn.Module, recipe) -> torch.nn.Module:
+    """A bf16 copy, packed for the kernels the recipe's `kernels` key picks in bf16, as a bf16
+    recipe would run (casting rounds scales to nearest: speed only)."""
     model = copy.deepcopy(model).to(torch.bfloat16)
     if quant.is_quantized(model):
         quant.pack_for(model, "cpu")
+    kernel_ops.apply(model, recipe.kernels, torch.device("cpu"), "benchmarks/quant_quality.py")
     return model
 
 
@@ -367,7 +370,7 @@ def main() -> None:
             common.note(f"{mode.label}: perplexity {result.perplexity:.3f}, top-1 agreement {result.top1_agreement:.2%}")
             result.kernels["float32"] = kernels_of(model, torch.float32)
             if not args.no_speed:
-                bf16 = to_bfloat16(model)
+                bf16 = to_bfloat16(model, recipe)
                 result.kernels["bfloat16"] = kernels_of(bf16, torch.bfloat16)
                 speed16[mode.label] = bf16
                 if mode.label in fp32_speed:

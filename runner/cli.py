@@ -273,10 +273,14 @@ def list_():
     Example:
       runner list
     """
-    from runner import decoders, loaders, sources, tokenizers, transforms
+    from runner import decoders, kernels, loaders, sources, tokenizers, transforms
     from runner.config.resolve import known_specs
     from runner.config.schema import CompileMode, DType, Kernels
 
+    try:
+        here = kernels.choose_target()
+    except kernels.KernelsUnavailable:  # RUNNER_KERNELS_TARGET names one this CPU lacks
+        here = None
     rows = {
         "specs": known_specs(),
         "loaders": list(loaders.LOADERS),
@@ -286,6 +290,7 @@ def list_():
         "dtypes": [d.value for d in DType],
         "draft kinds (decoders)": [f"{k.value} ({d.__name__})" for k, d in decoders.DECODERS.items()],
         "kernels": [k.value for k in Kernels],
+        "kernel targets": [t.name + (" (this CPU's)" if t is here else "") for t in kernels.TARGETS],
         "compile modes": [m.value for m in CompileMode],
     }
     for name, values in rows.items():
