@@ -9,8 +9,8 @@ copied from another machine is refused with a note, never run into an illegal in
 
 The kernels register as torch ops (torch.ops.runner.*), with fake implementations so
 torch.compile can trace them. KernelOps has the signatures of the reference math in
-runner.model.functional and uses a kernel where one applies (CPU, float32 or bfloat16, a few rows
-at a time), the reference elsewhere.
+runner.model.functional and uses a kernel where one applies (CPU, float32 or bfloat16: the GEMV
+kernels for a few rows at a time, RoPE and the cache write for prompts), the reference elsewhere.
 """
 from __future__ import annotations
 
@@ -114,8 +114,13 @@ def load(note=None) -> str:
     where = build_dir(target)
     record = where / "target.json"  # what the library beside it was built for
     if record.exists():
-        built = json.loads(record.read_text())
-        _check_cpu(Target(built["name"], (), frozenset(built["needs"]), False), cpu_features())
+        try:
+            built = json.loads(record.read_text())
+            needs = Target(built["name"], (), frozenset(built["needs"]), False)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KernelsUnavailable(f"{record} is unreadable, so the library beside it cannot be checked; "
+                                     f"remove {where} to rebuild it") from None
+        _check_cpu(needs, cpu_features())
     elif note is not None:
         note(f"kernels: building runner's CPU kernels ({target.name}) into {where} (once)")
     where.mkdir(parents=True, exist_ok=True)

@@ -343,3 +343,12 @@ def test_rope_write_is_the_reference_rope_and_cache_write(case, extra):
         assert a.shape == b.shape
         assert ((a.float() - b.float()).abs() <= 2 * ulp(dtype) * (b.abs().float() + b.abs().max().float())).all()
     assert torch.equal(caches[1].v, caches[0].v)
+
+
+def test_an_unreadable_record_is_refused_before_loading(fresh_load):
+    where = kernels.build_dir(next(t for t in kernels.TARGETS if t.name == "avx2"))
+    where.mkdir(parents=True)
+    (where / "target.json").write_text("{not json")
+    with pytest.raises(kernels.KernelsUnavailable, match="unreadable"):
+        kernels.load()
+    assert fresh_load == []
