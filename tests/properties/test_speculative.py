@@ -298,7 +298,9 @@ def test_statistics_count_what_the_output_kept_with_and_without_eos():
     budget's last token), the statistics count the drafts that were output, not all verify kept."""
     cut_on_a_draft, eos_last = [], []
 
-    @PROPERTY
+    # Derandomized: the count of rounds EOS cut (checked below) varies from run to run with the
+    # examples drawn (4 to 15 seen in 50), and that check must not be a coin toss in CI.
+    @settings(PROPERTY, derandomize=True)
     @given(seed=st.integers(0, 3), draft=st.sampled_from(["ngram", 0.0, 0.05, 0.15]), prompt=repetitive_prompts(),
            k=st.integers(1, 8), n=st.integers(1, 24), sampling=st.sampled_from([GREEDY, SAMPLED]),
            generator_seed=st.integers(0, 2**32 - 1), data=st.data())
