@@ -36,6 +36,7 @@ class Figures:
     baseline_prefill: dict[str, float] = field(default_factory=dict)  # --vs name -> its prompt tokens/s
     prompt_tokens: int = 0
     matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
+    gemm_gflop_s: float = 0.0  # torch's GEMM rate in this recipe's dtype (--roofline); 0: not measured
 
     @property
     def median(self) -> float:
@@ -302,8 +303,9 @@ def gemm_rate(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def table(rows: list[Figures], roofline: float | None, gemm: dict[str, float] | None = None) -> str:
-    """A Markdown comparison table; `gemm`: label -> the GEMM GFLOP/s of that row's dtype."""
+def table(rows: list[Figures], roofline: float | None) -> str:
+    """A Markdown comparison table."""
+    gemm = any(r.gemm_gflop_s for r in rows)
     compared = [name for name in BASELINES if any(name in r.baselines for r in rows)]
     head = ["recipe", "decode tok/s (median [min, max])", "TTFT ms", "prefill tok/s", "model MB", "GB/s",
             "peak MiB", "compile s", *(f"vs {BASELINES[name]}" for name in compared)]
@@ -315,13 +317,13 @@ def table(rows: list[Figures], roofline: float | None, gemm: dict[str, float] | 
     for r in rows:
         cells = [r.label, f"{r.median:.1f} [{min(r.decode_tokens_per_s):.1f}, {max(r.decode_tokens_per_s):.1f}]",
                  f"{statistics.median(r.time_to_first_token_s) * 1000:.0f}",
-                 f"{statistics.median(r.prefill_tokens_per_s):.0f}", f"{r.model_bytes / 1e6:.0f}",
+                 f"{r.prefill:.0f}", f"{r.model_bytes / 1e6:.0f}",
                  f"{r.bandwidth_gb_s:.1f}", f"{r.peak_memory_bytes / 2**20:.0f}", f"{r.compile_seconds:.1f}",
                  *(f"{r.ratio(name):.2f}x ({r.baselines[name]:.1f} tok/s; prefill "
                    f"{r.baseline_prefill.get(name, float('nan')):.0f} tok/s)" if name in r.baselines else ""
                    for name in compared)]
         if gemm:
-            cells.insert(4, f"{r.prefill_gflops() / gemm[r.label]:.0%} of {gemm[r.label]:.0f} GFLOP/s")
+            cells.insert(4, f"{r.prefill_gflops() / r.gemm_gflop_s:.0%} of {r.gemm_gflop_s:.0f} GFLOP/s")
         if roofline:
             cells.insert(6 + bool(gemm), f"{r.bandwidth_gb_s / roofline:.0%}")
         lines.append("| " + " | ".join(cells) + " |")

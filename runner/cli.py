@@ -200,7 +200,7 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
 
     report = Reporter()
     ceiling = measure.read_bandwidth() if roofline else None
-    gemm_rates: dict = {}
+    gemm_rates: dict = {}  # dtype -> torch's GEMM GFLOP/s, measured once per dtype
     rows = []
     for path, recipe in zip(recipes, resolved):
         label = " ".join([Path(path).stem, *overrides])
@@ -208,7 +208,9 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
         figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens)
         if roofline:
             dtype = built.model.norm.weight.dtype
-            gemm_rates.setdefault(dtype, measure.gemm_rate(dtype))
+            if dtype not in gemm_rates:
+                gemm_rates[dtype] = measure.gemm_rate(dtype)
+            figures.gemm_gflop_s = gemm_rates[dtype]
         baseline_runs = max(1, runs // 2)
         for name in dict.fromkeys(versus):
             report.note(f"bench: {measure.BASELINES[name]} on the same weights")
@@ -224,22 +226,20 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
             figures.baselines[name] = rate
             figures.baseline_prefill[name] = prefill
         rows.append(figures)
-        if roofline:
-            gemm_rates[figures.label] = gemm_rates[dtype]
         del built
     import torch
 
     caption = (f"machine: {measure.cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
     report.line(caption)
-    report.line(measure.table(rows, ceiling, {k: v for k, v in gemm_rates.items() if isinstance(k, str)} or None))
+    report.line(measure.table(rows, ceiling))
     if plot_path:
         measure.plot(rows, plot_path, caption)
     if json_path:
         data = {"machine": measure.cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "read_bandwidth_gb_s": ceiling, "prompt": None if prompt_tokens else prompt,
                 "prompt_tokens": rows[0].prompt_tokens, "new_tokens": new_tokens, "runs": runs,
-                "gemm_gflop_s": {str(k).removeprefix("torch."): v for k, v in gemm_rates.items() if not isinstance(k, str)},
+                "gemm_gflop_s_by_dtype": {str(k).removeprefix("torch."): v for k, v in gemm_rates.items()},
                 "results": [r.as_dict() for r in rows]}
         if len(rows) == 1:
             data.update(rows[0].as_dict())  # one recipe: its figures at the top level (e.g. vs_hf_ratio)

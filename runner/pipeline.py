@@ -77,7 +77,10 @@ def warm_up(pipeline: Pipeline, prompt: list[int]) -> float:
     steps = [f for f in (pipeline.forward, pipeline.draft_forward) if hasattr(f, "compile_seconds")]
     if not steps:
         return 0.0
-    pipeline.decoder.generate(prompt, min(2 + pipeline.recipe.draft.speculate_k, pipeline.recipe.generate.max_new_tokens))
+    draft = pipeline.recipe.draft
+    # A speculative round drafts speculate_k tokens: generate enough for one whole round.
+    lookahead = draft.speculate_k if draft.kind is not DraftKind.none else 0
+    pipeline.decoder.generate(prompt, min(2 + lookahead, pipeline.recipe.generate.max_new_tokens))
     return sum(f.compile_seconds for f in steps)
 
 

@@ -67,7 +67,7 @@ def test_bench_takes_a_prompt_of_n_tokens_and_reports_prefill_against_the_gemm_r
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["prompt_tokens"] == 100 and data["prompt"] is None
-    assert data["gemm_gflop_s"]["float32"] > 0 and data["hf_prefill_tokens_per_s"] > 0
+    assert data["gemm_gflop_s_by_dtype"]["float32"] == data["gemm_gflop_s"] > 0 and data["hf_prefill_tokens_per_s"] > 0
     # prefill's flops: two per weight of every linear layer per prompt token
     assert data["prefill_gflop_s"] == pytest.approx(
         statistics.median(data["prefill_tokens_per_s"]) * 2 * data["matmul_params"] / 1e9)

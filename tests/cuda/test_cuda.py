@@ -5,7 +5,6 @@ tests/conftest.py skips where torch sees no CUDA device.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import pipeline
-from runner.config.resolve import resolve
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.proposers import DraftModelProposer, NGramProposer
 from runner.decoders.sampling import Sampling
 from runner.decoders.speculative import SpeculativeDecoder
 from runner.quant.linear import Int4Linear
+from tests.compile.test_compile import run as run_recipe
 from tests.decoders.tiny import tiny
 from tests.quant.strategies import weights
 from tests.quant.test_kernels import activations, int4_reference, int4_weights, linear, one_hot_cases, tolerance
@@ -26,7 +25,6 @@ from tests.quant.test_kernels import activations, int4_reference, int4_weights, 
 pytestmark = pytest.mark.cuda
 
 CUDA = torch.device("cuda")
-RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-random.yaml")
 GREEDY = Sampling(temperature=0)
 
 
@@ -103,14 +101,8 @@ def home(tmp_path_factory, monkeypatch):
 
 
 def run(overrides: list[str]):
-    """Build the tiny random recipe on the GPU and decode 20 tokens greedily (after the warm-up)."""
-    greedy = ["device=cuda", "generate.temperature=0", "generate.max_new_tokens=20"]
-    recipe = resolve(RECIPE, greedy + overrides, check_files=True)
-    built = pipeline.build(recipe, RECIPE)
-    prompt = pipeline.encode_prompt(built, RECIPE)
-    compile_seconds = pipeline.warm_up(built, prompt)
-    tokens, _ = pipeline.generate(built, prompt)
-    return built, prompt, tokens, compile_seconds
+    """The compile tests' run (tiny random recipe, 20 greedy tokens after the warm-up), on the GPU."""
+    return run_recipe(["device=cuda", *overrides])
 
 
 @pytest.mark.compile
