@@ -321,47 +321,54 @@ void dot_rows_i4(const float* xe, const float* xo, const uint8_t* w, const T* sc
 }
 
 #if defined(__AVX512BF16__)
-// The bf16 twin of dot_rows_i4 for bf16 activations, 128 columns (64 bytes) a step. Each 16-bit
-// lane of the loaded bytes holds four levels, columns 4j..4j+3; OR-ing a level into the bits of
-// bf16 128.0 (0x4300) makes the exact bf16 of 128 + q in one instruction, which vdpbf16ps
-// multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. The caller removes the 128
-// with each group's sum of x. A product lane i covers columns 8i..8i+7 of the step, so its group
-// is `lane_group[i]` steps on from the step's first group.
+// The bf16 twin of dot_rows_i4 for bf16 activations, 128 columns (64 bytes) a step, R rows side
+// by side: the step's x is loaded once for all of them, and their R sums are independent chains.
+// Each 16-bit lane of the loaded bytes holds four levels, columns 4j..4j+3; OR-ing a level into
+// the bits of bf16 128.0 (0x4300) makes the exact bf16 of 128 + q in one instruction, which
+// vdpbf16ps multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. The caller removes
+// the 128 with each group's sum of x. A product lane i covers columns 8i..8i+7 of the step, so its
+// scale is the bf16 at `spread`'s word 2i + 1 (a word moved into an fp32's top half is that fp32).
+// One row at a time, with the scales widened by three instructions a step, this ran at 12.6 GB/s
+// on two threads of an AMD EPYC; four rows at a time with one permute for the scales, at 16-18.
 constexpr uint16_t kBf16_128 = 0x4300;
 
-
+template <int R>
 void dot_rows_i4_bf16(const BFloat16* const xs[4], const uint8_t* w, const BFloat16* scales, int64_t K, int64_t gs,
-                      int64_t rows, float* out) {
+                      float* out) {
   const int64_t bytes = K / 2, G = K / gs;
-  int32_t lane_group[16];
-  for (int i = 0; i < 16; ++i) lane_group[i] = (int32_t)(gs >= 128 ? 0 : 8 * i / gs);
-  const __m512i groups_of_lanes = _mm512_loadu_si512(lane_group);
+  int16_t words[32] = {};
+  for (int i = 0; i < 16; ++i) words[2 * i + 1] = (int16_t)(gs >= 128 ? 0 : 8 * i / gs);
+  const __m512i spread = _mm512_loadu_si512(words);
   const __m512i nibble = _mm512_set1_epi16(0xF), offset = _mm512_set1_epi16((short)kBf16_128);
-  for (int64_t r = 0; r < rows; ++r, w += bytes, scales += G) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t b = 0; b < bytes; b += 64) {  // one cache line of levels a step (xs is padded to whole steps)
-      ahead(w + b);
-      const __mmask64 m = bytes - b >= 64 ? ~0ull : (1ull << (bytes - b)) - 1;
-      const int64_t j = b / 2;  // the step's first entry in each xs[c]
-      const int64_t g = 2 * b / gs, span = std::min<int64_t>(std::max<int64_t>(128 / gs, 1), G - g);
-      const __m512i q = _mm512_maskz_loadu_epi8(m, w + b);
+  const int64_t per_step = std::max<int64_t>(128 / gs, 1);
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < bytes; b += 64) {  // one cache line of levels a row and step (xs is padded to whole steps)
+    const __mmask64 m = bytes - b >= 64 ? ~0ull : (1ull << (bytes - b)) - 1;
+    const int64_t j = b / 2;  // the step's first entry in each xs[c]
+    const int64_t g = 2 * b / gs;
+    const __mmask8 sm = (__mmask8)((1u << std::min(per_step, G - g)) - 1);
+    const __m512bh x0 = load_bh(xs[0] + j), x1 = load_bh(xs[1] + j), x2 = load_bh(xs[2] + j), x3 = load_bh(xs[3] + j);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * bytes + b;
+      ahead(row);
+      const __m512i q = _mm512_maskz_loadu_epi8(m, row);
       // (q >> s) & 0xF | 0x4300 in one ternary-logic op: A & B | C is 0xEA.
       const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, offset, 0xEA);
       const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nibble, offset, 0xEA);
       const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nibble, offset, 0xEA);
       const __m512bh n3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 12), nibble, offset, 0xEA);
-      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), n0, load_bh(xs[0] + j));
-      t = _mm512_dpbf16_ps(t, n1, load_bh(xs[1] + j));
-      t = _mm512_dpbf16_ps(t, n2, load_bh(xs[2] + j));
-      t = _mm512_dpbf16_ps(t, n3, load_bh(xs[3] + j));
-      // The step's scales (one to four groups), widened from bf16 and spread over their lanes.
-      const __m128i s16 = _mm_maskz_loadu_epi16((__mmask8)((1u << span) - 1), scales + g);
-      const __m512 s = _mm512_permutexvar_ps(
-          groups_of_lanes, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(s16), 16))));
-      a = _mm512_fmadd_ps(t, s, a);
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), n0, x0);
+      t = _mm512_dpbf16_ps(t, n1, x1);
+      t = _mm512_dpbf16_ps(t, n2, x2);
+      t = _mm512_dpbf16_ps(t, n3, x3);
+      const __m128i s16 = _mm_maskz_loadu_epi16(sm, scales + r * G + g);
+      const __m512 s = _mm512_castsi512_ps(
+          _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_castsi128_si512(s16)));
+      a[r] = _mm512_fmadd_ps(t, s, a[r]);
     }
-    out[r] = _mm512_reduce_add_ps(a);
   }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
 }
 #endif
 
@@ -457,7 +464,10 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
         if (bf16_path) {
           const BFloat16* xs[4];
           for (int c = 0; c < 4; ++c) xs[c] = xq.data() + (m * 4 + c) * quarter;
-          dot_rows_i4_bf16(xs, w + n * K / 2, scales + n * G, K, gs, rows, acc.data());
+          int64_t r = 0;
+          for (; r + kRows <= rows; r += kRows)
+            dot_rows_i4_bf16<kRows>(xs, w + (n + r) * K / 2, scales + (n + r) * G, K, gs, acc.data() + r);
+          for (; r < rows; ++r) dot_rows_i4_bf16<1>(xs, w + (n + r) * K / 2, scales + (n + r) * G, K, gs, acc.data() + r);
         }
       }
 #endif
@@ -545,8 +555,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t K = x.size(-1), N = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == K,
               "runner::int4_linear: w must be uint8 [N, K / 2] with x [..., K], got ", w.sizes(), " and ", x.sizes());
-  TORCH_CHECK(groupsize > 0 && groupsize % 32 == 0 && K % groupsize == 0,
-              "runner::int4_linear: groupsize must be a multiple of 32 that divides K, got ", groupsize);
+  // A power of two: a 128-column step of the bf16 path then starts on a group's first column.
+  TORCH_CHECK(groupsize >= 32 && (groupsize & (groupsize - 1)) == 0 && K % groupsize == 0,
+              "runner::int4_linear: groupsize must be a power of two >= 32 that divides K, got ", groupsize);
   TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) == K / groupsize && scales.scalar_type() == x.scalar_type() &&
                   zeros.scalar_type() == x.scalar_type(),

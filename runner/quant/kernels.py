@@ -158,8 +158,8 @@ def _int4_fallback(x, layer):
 
 
 def _int4_runner_refuses(layer, device):
-    if layer.groupsize % 32:
-        return "groupsize is not a multiple of 32"
+    if layer.groupsize < 32 or layer.groupsize & (layer.groupsize - 1):
+        return "groupsize is not a power of two >= 32"
     return _runner_refuses(layer, device)
 
 

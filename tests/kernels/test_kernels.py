@@ -73,6 +73,9 @@ def test_linear_splits_rows_across_threads(dtype):
     (lambda: torch.ops.runner.linear(torch.ones(1, 8, dtype=torch.float16), torch.ones(4, 8, dtype=torch.float16)),
      "float32 or bfloat16"),
     (lambda: torch.ops.runner.rms_norm(torch.ones(2, 8), torch.ones(7), 1e-5), "weight must be"),
+    # 96 divides K, but a bf16 step of 128 columns would straddle its groups: refused, not misread.
+    (lambda: torch.ops.runner.int4_linear(torch.ones(1, 192), torch.ones(4, 96, dtype=torch.uint8),
+                                          torch.ones(4, 2), torch.ones(4, 2), 96), "power of two"),
 ])
 def test_bad_arguments_are_refused_by_name(call, message):
     with pytest.raises(RuntimeError, match=message):

@@ -78,3 +78,17 @@ def test_sample_draws_follow_the_probabilities(weights, seed):
     freq = torch.bincount(draws, minlength=len(weights)).double() / len(draws)
     assert (freq - probs.double()).abs().max() < 0.02
     assert (freq[probs == 0] == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(weights=st.lists(st.sampled_from([0.05, 0.2, 0.5, 1.0, 3.0]), min_size=1, max_size=6), seed=seeds)
+def test_sparse_draws_follow_the_probabilities(weights, seed):
+    """Top-k's case: a few tokens of a large vocabulary carry all the mass (the CPU path races only
+    those); they land wherever the vocabulary puts them."""
+    g = torch.Generator().manual_seed(seed)
+    where = torch.randperm(2048, generator=g)[:len(weights)]
+    probs = torch.zeros(2048).index_put_((where,), torch.tensor(weights) / sum(weights))
+    draws = sample(probs.repeat(5000, 1), g)
+    freq = torch.bincount(draws, minlength=2048).double() / len(draws)
+    assert (freq - probs.double()).abs().max() < 0.03
+    assert freq[probs == 0].sum() == 0

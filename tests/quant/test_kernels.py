@@ -239,6 +239,21 @@ def test_every_int4_kernel_returns_each_weight_exactly_for_one_hot_inputs(case, 
         assert torch.equal(y.double(), expected[:, start:start + MAX_ROWS].T), (kernel, dtype, start)
 
 
+@settings(max_examples=50, deadline=None)
+@given(one_hot_cases(rows=1, groupsizes=(32, 64, 128, 256)), st.integers(0, 7),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+def test_runner_int4_op_reads_every_weight_exactly_for_any_row_count(case, extra_rows, dtype):
+    """The op itself, on any number of output rows (its blocks of four rows and their tail) and
+    every groupsize, held to the documented layout exactly as above."""
+    q, scales, zeros = case
+    q, scales, zeros = (torch.cat([t, t[:extra_rows]]) for t in (q, scales, zeros))
+    n = q.shape[1]
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    y = torch.ops.runner.int4_linear(torch.eye(n, dtype=dtype), packed, scales.to(dtype), zeros.to(dtype),
+                                     n // scales.shape[1])
+    assert torch.equal(y.double(), int4_weights(q, scales, zeros).T)
+
+
 def test_float64_activations_take_the_fallback_in_float64():
     g = torch.Generator().manual_seed(0)
     layer = Int4Linear.from_float(linear(torch.randn(32, 64, generator=g, dtype=torch.bfloat16)), 32)
