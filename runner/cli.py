@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runner.config.errors import ConfigError
+from runner.config.errors import ConfigError, RankFailed
 
 
 class _DefaultRun(click.Group):
@@ -47,12 +47,38 @@ def run(recipe, overrides):
     from runner.config.resolve import resolve
 
     resolved = resolve(recipe, overrides, check_files=True)  # before importing torch: errors come fast
+    _on_ranks(_generate, resolved, recipe)
 
-    from runner import pipeline
+
+def _on_ranks(task, resolved, recipe: str, *args):
+    """task(resolved, recipe, *args) here, or on parallel.world_size ranks: spawned, or joined under torchrun."""
+    from runner import parallel
+
+    parallel.check(resolved.parallel, resolved.device, recipe)
+    if parallel.world_size(resolved.parallel) == 1:
+        return {0: task(resolved, recipe, *args)}
+    if parallel.under_torchrun():
+        return {0: _as_rank(task, resolved, recipe, *args)}
+    return parallel.launch(_as_rank, (task, resolved, recipe, *args), resolved.parallel.world_size)
+
+
+def _as_rank(task, resolved, recipe: str, *args):
+    from runner import parallel
+
+    parallel.join(resolved.parallel, resolved.device, resolved.threads)
+    try:
+        return task(resolved, recipe, *args)
+    finally:
+        parallel.leave()
+
+
+def _generate(resolved, recipe: str) -> None:
+    from runner import parallel, pipeline
     from runner.report import Reporter
     from runner.tokenizers.base import TextStream
 
-    report = Reporter()
+    rank = parallel.current()
+    report = Reporter(rank=rank.rank if rank else 0)
     built = pipeline.build(resolved, recipe, report.note)
     prompt = pipeline.encode_prompt(built, recipe)
     compile_seconds = pipeline.warm_up(built, prompt)
@@ -308,6 +334,9 @@ def main(argv=None):
         for p in e.problems:
             click.echo(f"error: {p}", err=True)
         sys.exit(2)
+    except RankFailed as e:  # a spawned rank's error, already in the one-line form
+        click.echo(e.message, err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)

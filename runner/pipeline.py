@@ -8,14 +8,17 @@ from typing import Callable
 
 import torch
 
-from runner import decoders, loaders, sources, tokenizers, transforms
+from runner import decoders, loaders, parallel, sharders, sources, tokenizers, transforms
 from runner.transforms import compile as compile_step
 from runner.transforms import kernels as kernel_ops
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind
+from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
 from runner.decoders.stats import Stats
 from runner.tokenizers.base import Tokenizer
 from runner.tokenizers.chat import render_chat
+
+
+Shard = Callable[[torch.nn.Module], torch.nn.Module]
 
 
 @dataclass
@@ -51,17 +54,24 @@ def build_tokenizer(recipe: Recipe, recipe_file: str) -> Tokenizer:
 
 def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None = None) -> Pipeline:
     """Everything needed to generate, from a resolved recipe."""
-    if recipe.threads is not None:
+    rank = parallel.current()  # joined by the caller when parallel.world_size > 1
+    if recipe.threads is not None and rank is None:
         torch.set_num_threads(recipe.threads)
     path = sources.prepare(recipe.model, recipe_file, note)
     tokenizer = build_tokenizer(recipe, recipe_file)
-    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note)
-    # Sharding (parallel.world_size > 1) plugs in here; resolve refuses it for now.
+    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note, shard=_sharder(rank))
     draft_model = None
     if recipe.draft.kind is DraftKind.model:
         draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model")
-        draft_model = load(draft_path, recipe.draft.model.arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
-                           note, key="draft")
+        arch = recipe.draft.model.arch
+        int4 = recipe.draft.quant.mode in (QuantMode.int4, QuantMode.int4_gptq)
+        # A draft whose heads do not split over the ranks runs whole on each of them.
+        splits = rank is not None and not tp_problems(arch, rank.world_size, recipe.draft.quant.groupsize if int4 else None)
+        if rank is not None and not splits:
+            (note or (lambda text: None))(f"draft: its heads do not split over {rank.world_size} ranks; "
+                                          "each rank runs the whole draft model")
+        draft_model = load(draft_path, arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
+                           note, key="draft", shard=_sharder(rank) if splits else None)
     for each in (model, draft_model):
         if each is not None:
             kernel_ops.apply(each, recipe.kernels, torch.device(recipe.device), recipe_file, note)
@@ -84,12 +94,22 @@ def warm_up(pipeline: Pipeline, prompt: list[int]) -> float:
     return sum(f.compile_seconds for f in steps)
 
 
+def _sharder(rank: parallel.Rank | None) -> Shard | None:
+    if rank is None or rank.world_size == 1:
+        return None
+    return lambda model: sharders.shard(model, rank.rank, rank.world_size, torch.distributed.group.WORLD)
+
+
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
-         tokenizer: Tokenizer, note: Callable[[str], None] | None = None, key: str = "model") -> torch.nn.Module:
-    """One model in the recipe's dtype on its device, quantized as `section` says.
+         tokenizer: Tokenizer, note: Callable[[str], None] | None = None, key: str = "model",
+         shard: Shard | None = None) -> torch.nn.Module:
+    """One model in the recipe's dtype on its device, quantized as `section` says, and `shard`ed.
 
     A checkpoint written by `runner quantize` is loaded as it is, and must have been quantized
-    the way `section` says: never a silent mix of two quantizations.
+    the way `section` says: never a silent mix of two quantizations. A float model to be used as
+    it is, and any quantized checkpoint, is sharded while its tensors are still the checkpoint's
+    memory map: each rank reads and copies only its share. A model quantized here is quantized
+    whole, then sharded (sharded quantized weights are then exactly the unsharded ones).
     """
     say = note or (lambda text: None)
     quant_key = "quant" if key == "model" else f"{key}.quant"
@@ -103,10 +123,10 @@ def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, rec
                                        f"{path} was quantized with {_describe(stored)}, but the recipe says "
                                        f"{_describe(quant.metadata(section))}; make them agree, or load the float checkpoint",
                                        section.mode.value)])
-        return loaders.load_model(path, arch, device, dtype, quant.from_metadata(stored))
-    model = loaders.load_model(path, arch, device, dtype)
+        return loaders.load_model(path, arch, device, dtype, quant.from_metadata(stored), shard=shard)
     if section.mode is QuantMode.none:
-        return model
+        return loaders.load_model(path, arch, device, dtype, shard=shard)
+    model = loaders.load_model(path, arch, device, dtype)
     from runner import quant
 
     before = quant.model_bytes(model)
@@ -117,7 +137,7 @@ def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, rec
     progress = (lambda done, total: say(f"{quant_key}: GPTQ layer {done}/{total}")) if calibration is not None else None
     model = transforms.apply(model, section, recipe_file, quant_key, calibration, progress)
     say(f"{key}: {section.mode.value} quantization: {before / 1e6:.1f} MB -> {quant.model_bytes(model) / 1e6:.1f} MB")
-    return model
+    return model if shard is None else shard(model)
 
 
 def quantized_path(recipe: Recipe, recipe_file: str) -> Path:

@@ -29,3 +29,11 @@ class ConfigError(Exception):
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class RankFailed(Exception):
+    """A rank of a tensor-parallel run failed: its one-line error, and the exit status to end with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.message, self.exit_code = message, exit_code

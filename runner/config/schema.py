@@ -211,14 +211,37 @@ class DraftSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    world_size: int = 1
+    world_size: int = 1  # tensor-parallel ranks; > 1 spawns them (or joins torchrun's)
+    backend: Optional[str] = None  # torch.distributed backend; None: gloo on CPU, nccl on CUDA
 
     def problems(self) -> list[tuple[str, object, str]]:
+        out = []
         if self.world_size < 1:
-            return [("world_size", self.world_size, "must be >= 1")]
-        if self.world_size > 1:
-            return [("world_size", self.world_size, "tensor parallelism is not supported yet; use 1")]
+            out.append(("world_size", self.world_size, "must be >= 1"))
+        if self.backend is not None and self.backend not in BACKENDS:
+            out.append(("backend", self.backend, f"must be one of {', '.join(BACKENDS)}, or null for the device's"))
+        return out
+
+
+BACKENDS = ("gloo", "nccl")
+
+
+def tp_problems(arch: ModelSpec, world_size: int, groupsize: int | None = None) -> list[tuple[str, object, str]]:
+    """Why `arch` cannot be split over `world_size` ranks: whole heads and kv heads per rank, an
+    equal share of the feed-forward, and (int4, `groupsize`) input splits on group boundaries."""
+    def splits(n: int) -> bool:
+        return (arch.n_heads % n == 0 and arch.kv_heads % n == 0 and arch.intermediate_size % n == 0
+                and (groupsize is None or (arch.n_heads // n * arch.head_size % groupsize == 0
+                                           and arch.intermediate_size // n % groupsize == 0)))
+
+    if world_size <= 1 or splits(world_size):
         return []
+    works = [1] + [n for n in range(2, 65) if splits(n)]
+    why = (f"does not split n_heads={arch.n_heads}, n_kv_heads={arch.kv_heads} and "
+           f"intermediate_size={arch.intermediate_size} into whole shares")
+    if groupsize is not None:
+        why += f" whose int4 input splits keep whole groups of {groupsize} (quant.groupsize)"
+    return [("world_size", world_size, f"{why}; world sizes that work: {', '.join(map(str, works))}")]
 
 
 class CompileMode(Enum):
@@ -306,8 +329,9 @@ class Recipe:
         if self.draft.kind is DraftKind.model and draft is not None and draft.arch.vocab_size != self.model.arch.vocab_size:
             out.append(("draft.model.arch.vocab_size", draft.arch.vocab_size,
                         f"must equal the target's vocabulary (model.arch.vocab_size={self.model.arch.vocab_size})"))
-        if self.draft.kind is not DraftKind.none and self.parallel.world_size > 1:
-            out.append(("draft.kind", self.draft.kind.value, "speculative decoding with tensor parallelism is not supported yet"))
+        int4 = self.quant.mode in (QuantMode.int4, QuantMode.int4_gptq)
+        out += [(f"parallel.{key}", value, why) for key, value, why in
+                tp_problems(self.model.arch, self.parallel.world_size, self.quant.groupsize if int4 else None)]
         kind = self.device.split(":")[0]
         if kind not in ("cpu", "cuda", "mps"):
             out.append(("device", self.device, "must be cpu, cuda, cuda:N or mps"))

@@ -47,16 +47,20 @@ def load_state_dict(path: Path, spec: ModelSpec, quant: QuantSection | None = No
 
 
 def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-               quant: QuantSection | None = None) -> Transformer:
+               quant: QuantSection | None = None, shard=None) -> Transformer:
     """Build the model for `spec` and fill it from the checkpoint at `path`.
 
     With `quant`, the checkpoint holds quantized weights laid out as that section says; they
-    are packed for `device`'s kernels.
+    are packed for `device`'s kernels. `shard(model)` (tensor parallelism) runs while the
+    weights are still the checkpoint's (memory-mapped) tensors, before any copy or cast.
     """
     state = load_state_dict(path, spec, quant)
     model = _skeleton(spec, quant)
     model.load_state_dict(state, assign=True)
+    del state
     model.cos_sin = torch.empty(0)  # built for real by setup_cache
+    if shard is not None:
+        model = shard(model)
     model = model.to(device=device, dtype=dtype).eval()
     if quant is not None:
         from runner.quant import pack_for

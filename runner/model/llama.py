@@ -45,6 +45,14 @@ class Linear(nn.Linear):
     def forward(self, x):
         return self.ops.linear(x, self.weight)
 
+    def shard_(self, dim: str, keep: torch.Tensor) -> None:
+        """Keep only the output rows (dim "out") or input columns ("in") at indices `keep`, as
+        copies: tensor parallelism's protocol, which every linear type implements for itself."""
+        axis = 0 if dim == "out" else 1
+        self.weight = nn.Parameter(self.weight.detach().index_select(axis, keep.to(self.weight.device)),
+                                   requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
 
 class Attention(nn.Module):
     ops = fn
@@ -117,8 +125,9 @@ class Transformer(nn.Module):
             raise ValueError(f"cache of {cache_len} positions exceeds max_seq_len {self.spec.max_seq_len}")
         weight = self.norm.weight  # float even when the embedding is quantized
         dtype = weight.dtype
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, self.spec.kv_heads, cache_len, self.spec.head_size, dtype, weight.device)
+        for layer in self.layers:  # n_kv_heads: this rank's share under tensor parallelism
+            layer.attention.kv_cache = KVCache(batch, layer.attention.n_kv_heads, cache_len, self.spec.head_size, dtype,
+                                               weight.device)
         inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)
         self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
         self.cache_len = cache_len

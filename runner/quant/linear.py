@@ -40,6 +40,26 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
+    def shard_(self, dim: str, keep: torch.Tensor) -> None:
+        """Keep only the output rows (dim "out") or input columns ("in") at indices `keep`, as
+        copies of the neutral buffers (tensor parallelism's protocol); a packed layer is packed again."""
+        repack = self.kernel != "fallback"
+        for name in self.packed:
+            delattr(self, name)
+        self.kernel, self.packed = "fallback", ()
+        keep = keep.to(self.weight.device)
+        for name, tensor in self._slices(dim, keep).items():
+            setattr(self, name, tensor.contiguous())
+        if dim == "out":
+            self.out_features = len(keep)
+        else:
+            self.in_features = len(keep)
+        if repack:
+            self.pack_for(self.weight.device)
+
+    def _slices(self, dim: str, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
 
 class Int8Linear(QuantizedLinear):
     """weight int8 [out, in], scales [out]: w = weight * scales[:, None]."""
@@ -51,6 +71,11 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features, self.kernel, self.packed = in_features, out_features, "fallback", ()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def _slices(self, dim, keep):
+        if dim == "out":  # per-output-channel scales follow their rows
+            return {"weight": self.weight.index_select(0, keep), "scales": self.scales.index_select(0, keep)}
+        return {"weight": self.weight.index_select(1, keep)}
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -90,6 +115,17 @@ class Int4Linear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groupsize={self.groupsize}"
+
+    def _slices(self, dim, keep):
+        if dim == "out":
+            return {name: getattr(self, name).index_select(0, keep) for name in ("weight", "scales", "zeros")}
+        gs = self.groupsize
+        groups = keep.reshape(-1, gs) if len(keep) % gs == 0 else None
+        if groups is None or (groups[:, 0] % gs).any() or (groups - groups[:, :1] != torch.arange(gs, device=keep.device)).any():
+            raise ValueError(f"an input split of this int4 layer must keep whole groups of {gs} columns")
+        first = groups[:, 0] // gs  # the groups kept
+        return {"weight": self.weight.index_select(1, keep[0::2] // 2),
+                "scales": self.scales.index_select(1, first), "zeros": self.zeros.index_select(1, first)}
 
 
 class Int8Embedding(nn.Module):

@@ -1,0 +1,162 @@
+"""Ranks for tensor parallelism: spawned by runner itself, or joined under torchrun.
+
+`runner RECIPE parallel.world_size=N` starts N local ranks through torch.distributed's elastic
+launcher (a c10d rendezvous on 127.0.0.1 at a free port, no restarts) and waits for them. Under
+torchrun (RANK and WORLD_SIZE set) runner is already one rank of a group, possibly spanning
+machines, and joins it. Each rank runs the same task; only rank 0 speaks.
+
+If any rank fails, the launcher ends the others; the parent prints the failing rank's error once,
+in the usual one-line form, and exits non-zero (2 for a recipe error, 1 otherwise).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from runner.config.errors import ConfigError, RankFailed, problem
+from runner.config.schema import ParallelSection
+
+# How long a rank waits on a collective before it gives up (a peer that hangs, not one that dies:
+# a dead peer's sockets close at once).
+TIMEOUT = datetime.timedelta(seconds=60)
+ERRORS_ENV = "RUNNER_RANK_ERRORS"  # where spawned ranks leave their one-line errors for the parent
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_current: Rank | None = None
+
+
+def current() -> Rank | None:
+    """This process's rank once joined; None outside tensor parallelism."""
+    return _current
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world_size(section: ParallelSection) -> int:
+    """The world size a command runs with: torchrun's, or else the recipe's."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else section.world_size
+
+
+def check(section: ParallelSection, device: str, source: str) -> None:
+    """Recipe errors that need torch: caught before any rank starts."""
+    if under_torchrun() and section.world_size not in (1, int(os.environ["WORLD_SIZE"])):
+        raise ConfigError([problem(source, "parallel.world_size", f"torchrun started {os.environ['WORLD_SIZE']} ranks; "
+                                   "leave world_size at 1 under torchrun, or make them agree", section.world_size)])
+    n = world_size(section)
+    if device.startswith("cuda") and n > 1:
+        visible = torch.cuda.device_count()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+        if local > visible:
+            raise ConfigError([problem(source, "parallel.world_size", f"needs {local} CUDA devices on this machine, "
+                                       f"{visible} visible", n)])
+
+
+def backend(section: ParallelSection, device: str) -> str:
+    return section.backend or ("nccl" if device.startswith("cuda") else "gloo")
+
+
+def join(section: ParallelSection, device: str, threads: int | None) -> Rank:
+    """Join the process group the environment describes (torchrun's, or the launcher's)."""
+    global _current
+    if _current is not None:
+        return _current
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    # The machine's cores shared among its ranks (torchrun would leave each rank one thread).
+    torch.set_num_threads(max(1, (threads or os.cpu_count() or 1) // local_size))
+    torch.distributed.init_process_group(backend(section, device), timeout=TIMEOUT)
+    _current = Rank(rank, size, local_size)
+    return _current
+
+
+def leave() -> None:
+    global _current
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _current = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
+    """Run task(*args) on `size` local ranks; returns each rank's result. The task joins the group."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    import logging
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report is ours to give
+    with tempfile.TemporaryDirectory(prefix="runner-ranks-") as errors:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=size, run_id=uuid.uuid4().hex,
+                              rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                              max_restarts=0, monitor_interval=0.1, start_method="spawn")
+        os.environ[ERRORS_ENV] = errors
+        try:
+            return elastic_launch(config, _rank_main)(task, args)
+        except ChildFailedError as e:
+            raise RankFailed(*_failure(e, Path(errors))) from None
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
+
+
+def _failure(error, errors: Path) -> tuple[str, int]:
+    """The first rank's own error line, or how it died."""
+    written = sorted(errors.glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+    if written:
+        code, _, message = written[0].read_text().partition("\n")
+        return message, int(code)
+    rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
+    status = failure.exitcode
+    how = f"was killed by signal {failure.signal_name()}" if status < 0 else f"exited with status {status}"
+    return f"error: rank {rank} {how}", 1
+
+
+def _rank_main(task: Callable, args: tuple):
+    """A spawned rank: run the task; on failure leave a one-line error for the parent and exit non-zero."""
+    try:
+        return task(*args)
+    except BaseException as e:  # noqa: BLE001: every failure becomes the parent's one line
+        if isinstance(e, ConfigError):
+            code, lines = 2, [f"error: {p}" for p in e.problems]
+        elif isinstance(e, KeyboardInterrupt):
+            code, lines = 130, ["interrupted"]
+        else:
+            code, lines = 1, [f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
+        errors = os.environ.get(ERRORS_ENV)
+        if errors:
+            rank = os.environ.get("RANK", "0")
+            tmp = Path(errors, f".rank-{rank}.partial")
+            tmp.write_text(f"{code}\n" + "\n".join(lines))
+            tmp.replace(Path(errors, f"rank-{rank}.txt"))
+        else:
+            print("\n".join(lines), file=sys.stderr)
+        os._exit(code)  # no teardown: a peer blocked on us must see the sockets close now
