@@ -37,6 +37,7 @@ class Figures:
     prompt_tokens: int = 0
     matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
     gemm_gflop_s: float = 0.0  # torch's GEMM rate in this recipe's dtype (--roofline); 0: not measured
+    rank_peak_memory_bytes: list[int] = field(default_factory=list)  # tensor parallelism: each rank's peak RSS
 
     @property
     def median(self) -> float:
@@ -318,7 +319,7 @@ def table(rows: list[Figures], roofline: float | None) -> str:
         cells = [r.label, f"{r.median:.1f} [{min(r.decode_tokens_per_s):.1f}, {max(r.decode_tokens_per_s):.1f}]",
                  f"{statistics.median(r.time_to_first_token_s) * 1000:.0f}",
                  f"{r.prefill:.0f}", f"{r.model_bytes / 1e6:.0f}",
-                 f"{r.bandwidth_gb_s:.1f}", f"{r.peak_memory_bytes / 2**20:.0f}", f"{r.compile_seconds:.1f}",
+                 f"{r.bandwidth_gb_s:.1f}", _peak(r), f"{r.compile_seconds:.1f}",
                  *(f"{r.ratio(name):.2f}x ({r.baselines[name]:.1f} tok/s; prefill "
                    f"{r.baseline_prefill.get(name, float('nan')):.0f} tok/s)" if name in r.baselines else ""
                    for name in compared)]
@@ -328,6 +329,13 @@ def table(rows: list[Figures], roofline: float | None) -> str:
             cells.insert(6 + bool(gemm), f"{r.bandwidth_gb_s / roofline:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _peak(r: Figures) -> str:
+    """Peak MiB; under tensor parallelism, each rank's."""
+    if r.rank_peak_memory_bytes:
+        return " / ".join(f"{b / 2**20:.0f}" for b in r.rank_peak_memory_bytes) + " (per rank)"
+    return f"{r.peak_memory_bytes / 2**20:.0f}"
 
 
 def plot(rows: list[Figures], path: str, caption: str) -> None:

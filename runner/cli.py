@@ -183,12 +183,15 @@ def quantize(recipe, overrides, out):
               help="Also time a baseline on the same weights, prompt and threads (repeatable): HF transformers' "
                    "generate (hf), HF with a static cache and torch.compile (hf-compile), llama.cpp on the "
                    "recipe's GGUF (llamacpp, needs llama-cpp-python).")
+@click.option("--world-sizes", default=None, metavar="N,M,...",
+              help="Time each recipe at each of these tensor-parallel world sizes (parallel.world_size), "
+                   "with each rank's peak memory.")
 @click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and GEMM rate, and show each "
               "decode figure's share of the first and each prefill figure's share of the second.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw decode tokens/s as a bar chart (PNG; needs matplotlib: pip install 'runner[plot]').")
-def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_path, plot_path):
+def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, roofline, json_path, plot_path):
     """Time recipes: RECIPE... [key=value ...] (overrides apply to every recipe).
 
     Greedy decoding of --tokens tokens from --prompt, after a warm-up; prints decode tokens/s
@@ -217,26 +220,46 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
 
     fixed = [f"generate.max_new_tokens={new_tokens}", "generate.temperature=0", "generate.chat=false",
              "generate.num_samples=1"]
-    resolved = [resolve(r, fixed + overrides, check_files=True) for r in recipes]
-    # The prompt is set after resolving: it is text, not a YAML value to parse.
-    resolved = [replace(r, generate=replace(r.generate, prompt=prompt)) for r in resolved]
+    try:
+        sizes = [int(n) for n in world_sizes.split(",")] if world_sizes else [None]
+    except ValueError:
+        raise click.UsageError(f"--world-sizes takes whole numbers separated by commas, got {world_sizes!r}") from None
+    jobs = []
+    for path in recipes:
+        for size in sizes:
+            more = [] if size is None else [f"parallel.world_size={size}"]
+            recipe = resolve(path, fixed + overrides + more, check_files=True)
+            # The prompt is set after resolving: it is text, not a YAML value to parse.
+            jobs.append((path, more, replace(recipe, generate=replace(recipe.generate, prompt=prompt))))
 
     from runner import bench as measure
+    from runner import parallel
     from runner.report import Reporter
 
+    if versus and any(recipe.parallel.world_size > 1 for _, _, recipe in jobs):
+        raise click.UsageError("--vs times a baseline in this one process: use it with world size 1 only")
     report = Reporter()
     ceiling = measure.read_bandwidth() if roofline else None
     gemm_rates: dict = {}  # dtype -> torch's GEMM GFLOP/s, measured once per dtype
     rows = []
-    for path, recipe in zip(recipes, resolved):
-        label = " ".join([Path(path).stem, *overrides])
+    for path, more, recipe in jobs:
+        label = " ".join([Path(path).stem, *overrides, *more])
         report.note(f"bench: {label}")
-        figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens)
+        parallel.check(recipe.parallel, recipe.device, path)
+        if parallel.world_size(recipe.parallel) == 1:
+            figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens)
+        else:
+            ranks = _on_ranks(_bench_rank, recipe, path, label, runs, new_tokens, prompt_tokens)
+            figures, built = ranks[0], None
+            figures.rank_peak_memory_bytes = [ranks[k].peak_memory_bytes for k in sorted(ranks)]
         if roofline:
-            dtype = built.model.norm.weight.dtype
+            from runner.transforms import torch_dtype
+
+            dtype = torch_dtype(recipe)
             if dtype not in gemm_rates:
                 gemm_rates[dtype] = measure.gemm_rate(dtype)
             figures.gemm_gflop_s = gemm_rates[dtype]
+        rows.append(figures)
         baseline_runs = max(1, runs // 2)
         for name in dict.fromkeys(versus):
             report.note(f"bench: {measure.BASELINES[name]} on the same weights")
@@ -251,7 +274,6 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
                 raise click.UsageError(f"--vs {name}: {e}") from None
             figures.baselines[name] = rate
             figures.baseline_prefill[name] = prefill
-        rows.append(figures)
         del built
     import torch
 
@@ -270,6 +292,18 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, roofline, json_
         if len(rows) == 1:
             data.update(rows[0].as_dict())  # one recipe: its figures at the top level (e.g. vs_hf_ratio)
         Path(json_path).write_text(json.dumps(data, indent=2))
+
+
+def _bench_rank(resolved, recipe: str, label: str, runs: int, new_tokens: int, prompt_tokens: int | None):
+    """One recipe's figures, measured on this rank (every rank of a tensor-parallel run times the same steps)."""
+    from runner import bench as measure
+    from runner import parallel
+    from runner.report import Reporter
+
+    rank = parallel.current()
+    report = Reporter(rank=rank.rank if rank else 0)
+    figures, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens)
+    return figures
 
 
 @cli.command()

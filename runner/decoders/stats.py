@@ -29,5 +29,12 @@ def peak_memory(device: torch.device) -> int:
     """Peak bytes: CUDA's allocator peak on a GPU, the process's peak RSS otherwise."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        # This process image's own peak: ru_maxrss would carry a spawning parent's across exec
+        # (a tensor-parallel rank would report the launcher's peak).
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
