@@ -123,7 +123,11 @@ def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, rec
                                        f"{path} was quantized with {_describe(stored)}, but the recipe says "
                                        f"{_describe(quant.metadata(section))}; make them agree, or load the float checkpoint",
                                        section.mode.value)])
-        return loaders.load_model(path, arch, device, dtype, quant.from_metadata(stored), shard=shard)
+        layout = quant.from_metadata(stored)
+        # The quantized checkpoint's skeleton: its layers' shapes, to load (and shard) it as it is.
+        model = loaders.load_model(path, arch, device, dtype, lambda m: quant.quantized_skeleton(m, layout), shard)
+        quant.pack_for(model, device)
+        return model
     if section.mode is QuantMode.none:
         return loaders.load_model(path, arch, device, dtype, shard=shard)
     model = loaders.load_model(path, arch, device, dtype)

@@ -1,12 +1,13 @@
 """Checkpoint loaders: one per on-disk format, chosen by what the path holds."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import ModelSpec, QuantSection
+from runner.config.schema import ModelSpec
 from runner.loaders import gguf, hf, meta, native
 from runner.model.llama import Transformer
 
@@ -39,44 +40,38 @@ def stored_quant(path: Path) -> dict | None:
     return None if reader is None else reader(path)
 
 
-def load_state_dict(path: Path, spec: ModelSpec, quant: QuantSection | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint at `path` in the native layout, its shapes checked against `spec` (and `quant`)."""
+# Shapes a meta Transformer into what a checkpoint holds (say, quantized layers); identity for float ones.
+Skeleton = Callable[[Transformer], Transformer]
+
+
+def load_state_dict(path: Path, spec: ModelSpec, skeleton: Skeleton | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` in the native layout, its shapes checked against `spec` (as `skeleton` shapes it)."""
     state = LOADERS[detect(path)].load(path, spec)
-    check_shapes(path, _skeleton(spec, quant).state_dict(), state)
+    check_shapes(path, _skeleton(spec, skeleton).state_dict(), state)
     return state
 
 
 def load_model(path: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-               quant: QuantSection | None = None, shard=None) -> Transformer:
-    """Build the model for `spec` and fill it from the checkpoint at `path`.
+               skeleton: Skeleton | None = None, shard: Callable | None = None) -> Transformer:
+    """Build the model for `spec` (shaped by `skeleton`) and fill it from the checkpoint at `path`.
 
-    With `quant`, the checkpoint holds quantized weights laid out as that section says; they
-    are packed for `device`'s kernels. `shard(model)` (tensor parallelism) runs while the
-    weights are still the checkpoint's (memory-mapped) tensors, before any copy or cast.
+    `shard(model)` (tensor parallelism) runs while the weights are still the checkpoint's
+    (memory-mapped) tensors, before any copy or cast.
     """
-    state = load_state_dict(path, spec, quant)
-    model = _skeleton(spec, quant)
+    state = load_state_dict(path, spec, skeleton)
+    model = _skeleton(spec, skeleton)
     model.load_state_dict(state, assign=True)
     del state
     model.cos_sin = torch.empty(0)  # built for real by setup_cache
     if shard is not None:
         model = shard(model)
-    model = model.to(device=device, dtype=dtype).eval()
-    if quant is not None:
-        from runner.quant import pack_for
-
-        pack_for(model, device)
-    return model
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def _skeleton(spec: ModelSpec, quant: QuantSection | None) -> Transformer:
+def _skeleton(spec: ModelSpec, skeleton: Skeleton | None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(spec)
-        if quant is not None:
-            from runner.quant import quantized_skeleton
-
-            quantized_skeleton(model, quant)
-    return model
+        return model if skeleton is None else skeleton(model)
 
 
 def check_shapes(path: Path, expected: dict, found: dict) -> None:
