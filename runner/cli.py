@@ -66,10 +66,11 @@ def _as_rank(task, resolved, recipe: str, *args):
     from runner import parallel
 
     parallel.join(resolved.parallel, resolved.device, resolved.threads)
-    try:
-        return task(resolved, recipe, *args)
-    finally:
-        parallel.leave()
+    # No teardown on failure: the group stays up until this rank has said why it failed (its
+    # peers, seeing it gone, would otherwise report the lost connection first) and exits.
+    result = task(resolved, recipe, *args)
+    parallel.leave()
+    return result
 
 
 def _generate(resolved, recipe: str) -> None:

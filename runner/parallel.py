@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -114,34 +115,61 @@ def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
 
     import logging
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report is ours to give
+    # The failure report is ours to give, once: the launcher's and the ranks' own logs stay quiet.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="runner-ranks-") as errors:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=size, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
                               max_restarts=0, monitor_interval=0.1, start_method="spawn")
-        os.environ[ERRORS_ENV] = errors
+        saved = {key: os.environ.get(key) for key in (ERRORS_ENV, "TORCH_CPP_LOG_LEVEL")}
+        # The ranks inherit these: where to leave their errors, and C++ logs (gloo's) held to fatal ones.
+        os.environ.update({ERRORS_ENV: errors, "TORCH_CPP_LOG_LEVEL": "FATAL"})
         try:
             return elastic_launch(config, _rank_main)(task, args)
         except ChildFailedError as e:
-            raise RankFailed(*_failure(e, Path(errors))) from None
+            raise RankFailed(*_failure(e, Path(errors), size)) from None
         finally:
-            os.environ.pop(ERRORS_ENV, None)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
-def _failure(error, errors: Path) -> tuple[str, int]:
-    """The first rank's own error line, or how it died."""
-    written = sorted(errors.glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+# A rank's error that only says a peer went away: the consequence of the failure, not its cause.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _failure(error, errors: Path, size: int) -> tuple[str, int]:
+    """The failing rank's own error line, or how it died: an error of its own first, then a
+    death by signal (a killed rank writes nothing; its peers only see it gone), then the rest."""
+    written = []
+    for path in sorted(errors.glob("rank-*.txt"), key=lambda p: p.stat().st_mtime):
+        code, _, message = path.read_text().partition("\n")
+        written.append((message, int(code)))
+    own = [w for w in written if not any(gone in w[0] for gone in PEER_GONE)]
+    if own:
+        return own[0]
+    # A rank that wrote nothing and was not stopped by the launcher died on its own: killed.
+    heard = {int(p.stem.split("-")[1]) for p in errors.glob("rank-*.*")}
+    silent = sorted(set(range(size)) - heard)
+    if silent:
+        failure = error.failures.get(silent[0])
+        how = (f"was killed by signal {failure.signal_name()}" if failure is not None and failure.exitcode < 0
+               else "was killed (it ended without an error of its own)")
+        return f"error: rank {silent[0]} {how}", 1
     if written:
-        code, _, message = written[0].read_text().partition("\n")
-        return message, int(code)
+        return written[0]
     rank, failure = min(error.failures.items(), key=lambda item: item[1].timestamp)
-    status = failure.exitcode
-    how = f"was killed by signal {failure.signal_name()}" if status < 0 else f"exited with status {status}"
-    return f"error: rank {rank} {how}", 1
+    return f"error: rank {rank} exited with status {failure.exitcode}", 1
 
 
 def _rank_main(task: Callable, args: tuple):
     """A spawned rank: run the task; on failure leave a one-line error for the parent and exit non-zero."""
+    errors = os.environ.get(ERRORS_ENV)
+    if errors:
+        signal.signal(signal.SIGTERM, lambda *_: _stopped(Path(errors)))
     try:
         return task(*args)
     except BaseException as e:  # noqa: BLE001: every failure becomes the parent's one line
@@ -151,7 +179,6 @@ def _rank_main(task: Callable, args: tuple):
             code, lines = 130, ["interrupted"]
         else:
             code, lines = 1, [f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-        errors = os.environ.get(ERRORS_ENV)
         if errors:
             rank = os.environ.get("RANK", "0")
             tmp = Path(errors, f".rank-{rank}.partial")
@@ -160,3 +187,9 @@ def _rank_main(task: Callable, args: tuple):
         else:
             print("\n".join(lines), file=sys.stderr)
         os._exit(code)  # no teardown: a peer blocked on us must see the sockets close now
+
+
+def _stopped(errors: Path) -> None:
+    """SIGTERM: the launcher stops this rank because another failed; say so, so it is not taken for the cause."""
+    Path(errors, f"rank-{os.environ.get('RANK', '0')}.stopped").touch()
+    os._exit(143)
