@@ -173,10 +173,32 @@ def _override_layer(overrides: typing.Sequence[str], recipe_path: str) -> tuple[
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError([problem(name, "", "overrides are written key=value, e.g. generate.max_new_tokens=50", o) for o in bad])
+    layers = []
     try:
-        return name, OmegaConf.from_dotlist(list(overrides))
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if _is_text(key):  # the text as typed, whatever YAML would make of it (${...} still interpolates)
+                for part in reversed(key.split(".")):
+                    value = {part: value}
+                layers.append(OmegaConf.create(value))
+            else:
+                layers.append(OmegaConf.from_dotlist([override]))
+        return name, OmegaConf.merge(*layers) if layers else OmegaConf.create({})
     except OmegaConfBaseException as e:
         raise ConfigError([problem(name, "", f"cannot parse override: {e.msg}")]) from None
+
+
+def _is_text(key: str) -> bool:
+    """Whether the schema types recipe key `key` (dotted) as a string."""
+    cls, parts = Recipe, key.split(".")
+    for i, part in enumerate(parts):
+        hint = typing.get_type_hints(cls).get(part) if cls is not None else None
+        if hint is None:
+            return False
+        if i == len(parts) - 1:
+            return hint is str or hint == typing.Optional[str]
+        cls = _dataclass_of(hint)
+    return False
 
 
 def _spec_path(name: str) -> Path | None:

@@ -115,7 +115,8 @@ def recipe(tmp_path) -> Path:
         ("generate.temperature=1", lambda r: r.generate.temperature, 1.0),
         ("generate.prompt=hello", lambda r: r.generate.prompt, "hello"),
         ("generate.prompt=two words", lambda r: r.generate.prompt, "two words"),
-        ("generate.prompt='42'", lambda r: r.generate.prompt, "42"),
+        ("generate.prompt=42", lambda r: r.generate.prompt, "42"),
+        ("generate.prompt='42'", lambda r: r.generate.prompt, "'42'"),  # text as typed, quotes and all
         ("generate.top_k=null", lambda r: r.generate.top_k, None),
         ("threads=null", lambda r: r.threads, None),
         ("threads=3", lambda r: r.threads, 3),

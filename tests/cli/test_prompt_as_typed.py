@@ -1,0 +1,45 @@
+"""A command-line value for a string key is the text the user typed, whatever YAML would make of
+it: code, "Q: ... A:", `null`, `[a]`, `{x}`, numbers, quotes, newlines (issue: prompts as typed)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner.config.errors import ConfigError
+from runner.config.resolve import resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny-random.yaml")
+# What YAML reads as something else than the text: the edge cases, then any printable text.
+TRICKY = st.sampled_from(["def fibonacci(n):", "Q: what? A:", "Note: x", "null", "~", "true", "no", "[a]", "{x: 1}",
+                          "- dash", "# comment", "42", "1e3", "'quoted'", '"double"', "a: b: c", "key=value", "",
+                          "line one\nline two: yes", " padded ", "&anchor", "*alias", "!tag x", "%", "@", "`"])
+TEXT = TRICKY | st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00"), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(TEXT.filter(lambda t: "${" not in t and "\\$" not in t))
+def test_any_text_reaches_the_recipe_unchanged(text):
+    assert resolve(TINY, [f"generate.prompt={text}"]).generate.prompt == text
+
+
+def test_interpolation_still_works_on_the_command_line():
+    recipe = resolve(TINY, ["generate.prompt=${model.spec} says hi"])
+    assert recipe.generate.prompt == f"{recipe.model.spec} says hi"
+
+
+def test_a_mapping_where_a_string_belongs_in_a_file_is_an_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {TINY}\ngenerate:\n  prompt: {{a: 1}}\n")
+    with pytest.raises(ConfigError, match="generate.prompt"):
+        resolve(recipe)
+
+
+def test_code_with_a_colon_runs_from_the_command_line():
+    run = subprocess.run([sys.executable, "-m", "runner", TINY, "generate.prompt=def f(n):", "generate.max_new_tokens=3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("def f(n):")
