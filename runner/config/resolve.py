@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from enum import Enum
 from pathlib import Path
@@ -24,7 +25,7 @@ SPECS_DIR = Path(os.environ.get("RUNNER_SPECS", Path(__file__).resolve().parents
 COMMAND_LINE = " (command line)"  # suffix of the recipe path for values set by overrides
 # Keys holding file paths: a relative path is taken relative to the file that set it.
 PATH_KEYS = ("model.checkpoint", "tokenizer.path", "draft.model.checkpoint", "quant.calibration.path",
-             "draft.quant.calibration.path", "compile.cache_dir")
+             "draft.quant.calibration.path", "compile.cache_dir", "generate.prompt_file")
 
 
 def known_specs() -> list[str]:
@@ -53,6 +54,7 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
         message = str(e.msg).splitlines()[0]
         raise ConfigError([problem(origin(e.full_key or ""), e.full_key or "", f"cannot resolve: {message}")]) from None
     _absolutize_paths(data, origin)
+    _read_prompt_file(data, origin)
 
     problems = _shape_problems(Recipe, data, "", origin)
     cfg, type_problems = _merge_typed(data, origin)
@@ -272,11 +274,38 @@ def _nest(section: str, value) -> DictConfig:
     return OmegaConf.create(value)
 
 
+def _read_prompt_file(data: dict, origin: "_Origins") -> None:
+    """generate.prompt_file's text becomes generate.prompt. The later of the two keys wins (a
+    command-line prompt_file over a recipe's prompt); one file or command line naming both is an error."""
+    generate = data.get("generate")
+    if not isinstance(generate, dict) or generate.get("prompt_file") is None:
+        return
+    key, path = "generate.prompt_file", generate["prompt_file"]
+    prompt_layer, file_layer = origin.layer_of("generate.prompt"), origin.layer_of(key)
+    if prompt_layer == file_layer:
+        raise ConfigError([problem(origin(key), key, "and generate.prompt are both set here; keep one", path)])
+    if prompt_layer > file_layer:
+        generate["prompt_file"] = None
+        return
+    if not isinstance(path, str):
+        return  # a wrong type: the schema's check names it
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([problem(origin(key), key, f"cannot read it: {why}", path)]) from None
+    generate["prompt"] = text
+
+
 class _Origins:
     """Which layer last set a dotted key (or the section holding it)."""
 
     def __init__(self, layers):
         self.layers = [(name, set(_flatten(OmegaConf.to_container(cfg)))) for name, cfg in layers]
+
+    def layer_of(self, key: str) -> int:
+        """The index of the last layer that sets `key` itself; -1: none (the schema's default)."""
+        return max((i for i, (_, keys) in enumerate(self.layers) if key in keys), default=-1)
 
     def __call__(self, key: str) -> str:
         parts = key.split(".") if key else []
@@ -303,7 +332,7 @@ def _absolutize_paths(data: dict, origin) -> None:
         for part in parents:
             holder = holder.get(part) if isinstance(holder, dict) else None
         value = holder.get(name) if isinstance(holder, dict) else None
-        if not isinstance(value, str) or value == "???":
+        if not isinstance(value, str) or value in ("???", "-"):  # "-": standard input
             continue
         path = Path(value).expanduser()
         if not path.is_absolute():

@@ -281,6 +281,7 @@ class Kernels(Enum):
 @dataclass(frozen=True)
 class GenerateSection:
     prompt: str = "Hello, my name is"
+    prompt_file: Optional[str] = None  # the prompt's text from this file ("-": standard input), instead of prompt
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0: greedy
     top_k: Optional[int] = 200  # None: no top-k filter

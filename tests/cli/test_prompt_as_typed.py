@@ -43,3 +43,32 @@ def test_code_with_a_colon_runs_from_the_command_line():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("def f(n):")
+
+
+def test_a_prompt_file_is_read_as_it_is(tmp_path):
+    text = "Q: why?\nA: because: {it} is [so] # really\n"
+    (tmp_path / "p.txt").write_text(text)
+    assert resolve(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}"]).generate.prompt == text
+
+
+def test_a_prompt_file_in_a_recipe_is_found_beside_it_and_a_command_line_prompt_wins(tmp_path):
+    (tmp_path / "p.txt").write_text("from the file")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {TINY}\ngenerate:\n  prompt_file: p.txt\n")
+    assert resolve(recipe).generate.prompt == "from the file"
+    assert resolve(recipe, ["generate.prompt=typed"]).generate.prompt == "typed"
+
+
+def test_naming_both_in_one_place_or_a_missing_file_is_an_error(tmp_path):
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(ConfigError, match="generate.prompt_file: and generate.prompt are both set here"):
+        resolve(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}", "generate.prompt=y"])
+    with pytest.raises(ConfigError, match="generate.prompt_file: cannot read it"):
+        resolve(TINY, [f"generate.prompt_file={tmp_path / 'missing.txt'}"])
+
+
+def test_a_prompt_from_standard_input():
+    run = subprocess.run([sys.executable, "-m", "runner", TINY, "generate.prompt_file=-", "generate.max_new_tokens=3"],
+                         cwd=ROOT, input="piped: in\n", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("piped: in\n")
