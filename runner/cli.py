@@ -76,7 +76,7 @@ def _as_rank(task, resolved, recipe: str, *args):
 def _generate(resolved, recipe: str) -> None:
     from runner import parallel, pipeline
     from runner.report import Reporter
-    from runner.tokenizers.base import TextStream
+    from runner.tokenizers.base import StopText, TextStream
 
     rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
@@ -89,10 +89,15 @@ def _generate(resolved, recipe: str) -> None:
     for i in range(n):
         if n > 1:
             report.line(f"--- sample {i + 1}/{n}")
-        stream = TextStream(built.tokenizer)
+        stream, stop = TextStream(built.tokenizer), StopText(resolved.generate.stop)
+
+        def show(token: int) -> bool:
+            report.write(stop.push(stream.push(token)))
+            return stop.stopped
+
         report.write(resolved.generate.prompt + ("\n" if resolved.generate.chat else ""))
-        _, stats = pipeline.generate(built, prompt, lambda t: report.write(stream.push(t)), sample_index=i)
-        report.write(stream.flush())
+        _, stats = pipeline.generate(built, prompt, show, sample_index=i)
+        report.write(stop.push(stream.flush()) + stop.flush())
         report.line()
         report.stats(stats)
 

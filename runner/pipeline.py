@@ -205,9 +205,10 @@ def fit_prompt(pipeline: Pipeline, ids: list[int], recipe_file: str) -> list[int
     return ids
 
 
-def generate(pipeline: Pipeline, prompt: list[int], on_token: Callable[[int], None] | None = None,
+def generate(pipeline: Pipeline, prompt: list[int], on_token: Callable[[int], bool | None] | None = None,
              sample_index: int = 0) -> tuple[list[int], Stats]:
-    """One sample; sample i is seeded with generate.seed + i so each is reproducible on its own."""
+    """One sample; sample i is seeded with generate.seed + i so each is reproducible on its own.
+    on_token(id) sees each new token; when it returns True, generation ends there."""
     g = pipeline.recipe.generate
     generator = torch.Generator(pipeline.decoder.device).manual_seed(g.seed + sample_index)
     eos = pipeline.tokenizer.eos_ids

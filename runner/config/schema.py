@@ -289,6 +289,7 @@ class GenerateSection:
     seed: int = 1234
     num_samples: int = 1
     chat: bool = False  # wrap the prompt in the tokenizer's chat template as a user message
+    stop: list[str] = field(default_factory=list)  # generation ends where the text contains one (not printed)
     cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
 
     def problems(self) -> list[tuple[str, object, str]]:
@@ -303,6 +304,8 @@ class GenerateSection:
             out.append(("top_p", self.top_p, "must be in (0, 1]"))
         if self.num_samples < 1:
             out.append(("num_samples", self.num_samples, "must be >= 1"))
+        if any(not stop for stop in self.stop):
+            out.append(("stop", list(self.stop), "stop strings must not be empty"))
         if self.cache_len is not None and self.cache_len < 2:
             out.append(("cache_len", self.cache_len, "must be >= 2, or null to size it from the prompt"))
         return out

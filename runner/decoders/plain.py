@@ -26,7 +26,7 @@ class PlainDecoder:
         max_new_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
     ) -> tuple[list[int], Stats]:
         """New tokens (ending with the EOS token if one was drawn) and timing statistics."""
         cache_len = self.cache_len or min(len(prompt) + max_new_tokens, self.model.spec.max_seq_len)
@@ -45,9 +45,8 @@ class PlainDecoder:
             pos = torch.tensor([len(prompt)], device=self.device)
             while True:
                 out.append(int(token))  # the one host sync per token; streaming needs it anyway
-                if on_token is not None:
-                    on_token(out[-1])
-                if out[-1] in eos_ids or len(out) == max_new_tokens:
+                stop = on_token is not None and bool(on_token(out[-1]))  # True: the caller has what it wanted
+                if stop or out[-1] in eos_ids or len(out) == max_new_tokens:
                     break
                 logits = self.forward(token.view(1, 1), pos)  # [1, 1, V]
                 token = next_token(logits[0, -1], self.sampling, generator)

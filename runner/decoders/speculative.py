@@ -101,7 +101,7 @@ class SpeculativeDecoder:
         max_new_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int], bool | None] | None = None,
     ) -> tuple[list[int], Stats]:
         """New tokens (ending with EOS if drawn) and statistics, exactly distributed as plain decoding's."""
         # The verify forward writes k + 1 positions past the accepted ones.
@@ -132,22 +132,21 @@ class SpeculativeDecoder:
                 p = logits_to_probs(logits, self.sampling)
                 spec.target_forwards += 1
                 new = verify(drafted, q.to(p.device), p, generator) if drafted else [int(sample(p[0], generator))]
-                appended = 0
+                appended, stop = 0, False
                 for token in new:
                     appended += 1
                     out.append(token)
                     sequence.append(token)
                     if first is None:
                         first = time.perf_counter()
-                    if on_token is not None:
-                        on_token(token)
-                    if token in eos_ids or len(out) == max_new_tokens:
+                    stop = on_token is not None and bool(on_token(token))
+                    if stop or token in eos_ids or len(out) == max_new_tokens:
                         break
                 if drafted:  # count only the kept drafts that were output (EOS or the budget may cut a round)
                     spec.proposed += len(drafted)
                     spec.accepted += min(len(new) - 1, appended)
                     spec.accepted_lengths.append(min(len(new) - 1, appended))
-                if out[-1] in eos_ids:
+                if stop or out[-1] in eos_ids:
                     break
         end = time.perf_counter()
         stats = Stats(

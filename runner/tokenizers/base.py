@@ -54,6 +54,34 @@ class TextStream:
         return self._decoder.decode(b"", final=True)
 
 
+class StopText:
+    """Streamed text cut at the first of `stops`: push() returns what is safe to print, holding
+    back only an ending that may still grow into a stop string; the stop string itself is never
+    returned. `stopped` turns True once one has appeared (across any number of pushes)."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.pending, self.stopped = "", False
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the text has ended without a stop string."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
 def finder(texts: Iterable[str]) -> re.Pattern | None:
     """A regex finding any of `texts` (special tokens): leftmost, then longest, as `tokenizers` does."""
     texts = sorted(set(texts), key=lambda t: (-len(t), t))
