@@ -21,7 +21,7 @@ class _DefaultRun(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.pass_context
 def cli(ctx, debug):
@@ -32,6 +32,23 @@ def cli(ctx, debug):
       runner recipes/tiny-random.yaml generate.max_new_tokens=50
     """
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand is None:  # `runner` alone: what it does, and what there is to run
+        click.echo(ctx.get_help())
+        click.echo()
+        _echo_recipes()
+
+
+def _echo_recipes(folder: Path = Path("recipes")) -> None:
+    from runner.config.resolve import recipes_in
+
+    found = recipes_in(folder)
+    if not found:
+        click.echo(f"No recipes in ./{folder} (run from the project's folder, or name a recipe file).")
+        return
+    click.echo(f"Recipes in ./{folder} (runner RECIPE [key=value ...]):")
+    width = max(len(str(path)) for path, _ in found)
+    for path, description in found:
+        click.echo(f"  {str(path):<{width}}  {description}")
 
 
 @cli.command()
@@ -332,13 +349,19 @@ def init(spec, out, seed):
 
 
 @cli.command(name="list")
-def list_():
-    """List what each stage offers: specs, loaders, tokenizers, quant modes, decoders, kernels.
+@click.argument("what", required=False, type=click.Choice(["recipes"]))
+def list_(what):
+    """List what each stage offers: specs, loaders, tokenizers, quant modes, decoders, kernels;
+    or, with `recipes`, the recipes in ./recipes and what each is for.
 
     \b
     Example:
       runner list
+      runner list recipes
     """
+    if what == "recipes":
+        _echo_recipes()
+        return
     from runner import decoders, kernels, loaders, sources, tokenizers, transforms
     from runner.config.resolve import known_specs
     from runner.config.schema import CompileMode, DType, Kernels

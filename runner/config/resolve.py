@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import itertools
 import os
 import sys
 import typing
@@ -131,9 +132,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def recipes_in(folder: Path) -> list[tuple[Path, str]]:
+    """The recipes in `folder`, each with its one-line description: the first sentence of the
+    comment at its top ("" without one)."""
+    out = []
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        comment = " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda l: l.startswith("#"), lines))
+        sentence = comment.split(". ", 1)[0].rstrip(".")
+        out.append((path, sentence if len(sentence) <= 110 else sentence[:109] + "…"))
+    return out
+
+
+def _not_found(path: Path) -> str:
+    """"file not found", with the closest recipe's path when the name looks mistyped."""
+    folder = path.parent if path.parent.is_dir() else Path("recipes")
+    names = {p.name: p for p, _ in recipes_in(folder)}
+    close = difflib.get_close_matches(path.name, list(names), n=1, cutoff=0.6)
+    return f"file not found; did you mean {names[close[0]]}?" if close else "file not found"
+
+
 def _load_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError([problem(str(path), "", "file not found")])
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name the OS refuses (too long, ...)
+        raise ConfigError([problem(str(path)[:200], "", f"cannot read it: {e.strerror or e}")]) from None
+    if not found:
+        raise ConfigError([problem(str(path), "", _not_found(path))])
     try:
         with open(path) as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
