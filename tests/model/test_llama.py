@@ -23,4 +23,7 @@ def test_last_only_is_the_last_row_of_the_full_logits(case, on_kernels, start):
         outs.append(model(tokens, positions, last_only=last_only))
     full, last = outs
     assert last.shape == (tokens.shape[0], 1, spec.vocab_size)
-    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    # The same math on other matmul shapes (1 row, not T): fp32 sums in another order, so the
+    # bound scales with the logits' size (a wrong row or position would be off by O(them)).
+    scale = full.abs().max().clamp(min=1).item()
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5 * scale * 4)
