@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runner.config.errors import ConfigError, RankFailed
+from runner.config.errors import ConfigError, RankFailed, problem
 
 
 class _DefaultRun(click.Group):
@@ -117,6 +117,38 @@ def _generate(resolved, recipe: str) -> None:
         report.write(stop.push(stream.flush()) + stop.flush())
         report.line()
         report.stats(stats)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def chat(recipe, overrides):
+    """Talk with RECIPE's model, turn after turn (its chat template; the KV cache kept across turns).
+
+    /reset starts over, /exit or Ctrl-D ends, Ctrl-C stops an answer. generate.system sets a
+    system message, generate.stop stop strings, generate.max_new_tokens each answer's length.
+
+    \b
+    Example:
+      runner chat recipes/smollm2-135m.yaml generate.system="You are terse."
+    """
+    from runner.config.resolve import resolve
+
+    resolved = resolve(recipe, overrides, check_files=True)
+    if resolved.parallel.world_size > 1:
+        raise ConfigError([problem(recipe, "parallel.world_size", "runner chat runs in one process; use 1",
+                                   resolved.parallel.world_size)])
+    try:
+        import readline  # noqa: F401: line editing and history for input()
+    except ImportError:
+        pass
+    from runner import chat as chatting
+    from runner import pipeline
+    from runner.report import Reporter
+
+    report = Reporter()
+    built = pipeline.build(resolved, recipe, report.note)
+    chatting.run(built, recipe, report.note)
 
 
 @cli.command()

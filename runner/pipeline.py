@@ -180,7 +180,7 @@ def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
     recipe = pipeline.recipe
     if recipe.generate.chat:
         # The template writes any BOS itself, and its special-token text must become special tokens.
-        text = render_chat(pipeline.tokenizer, recipe.generate.prompt, recipe_file)
+        text = render_chat(pipeline.tokenizer, recipe.generate.prompt, recipe_file, recipe.generate.system)
         ids = pipeline.tokenizer.encode(text, bos=False, allow_special=True)
     else:
         ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)

@@ -289,6 +289,7 @@ class GenerateSection:
     seed: int = 1234
     num_samples: int = 1
     chat: bool = False  # wrap the prompt in the tokenizer's chat template as a user message
+    system: Optional[str] = None  # a system message before the user's (chat template; `runner chat`)
     stop: list[str] = field(default_factory=list)  # generation ends where the text contains one (not printed)
     cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
 

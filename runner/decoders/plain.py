@@ -27,19 +27,26 @@ class PlainDecoder:
         eos_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
         on_token: Callable[[int], bool | None] | None = None,
+        cached: int = 0,
     ) -> tuple[list[int], Stats]:
-        """New tokens (ending with the EOS token if one was drawn) and timing statistics."""
+        """New tokens (ending with the EOS token if one was drawn) and timing statistics.
+
+        cached: how many leading prompt tokens the KV cache already holds (at their positions,
+        from an earlier call with the same cache size): only the rest is prefilled.
+        """
         cache_len = self.cache_len or min(len(prompt) + max_new_tokens, self.model.spec.max_seq_len)
         if len(prompt) + max_new_tokens > cache_len:
             raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the cache ({cache_len})")
         if self.model.cache_len != cache_len:
             self.model.setup_cache(1, cache_len)
+            cached = 0
+        cached = max(0, min(cached, len(prompt) - 1))  # at least the last prompt token runs: its logits
 
         out: list[int] = []
         start = time.perf_counter()
         with torch.inference_mode():
-            tokens = torch.tensor([prompt], device=self.device)  # [1, T]
-            logits = self.forward(tokens, torch.arange(len(prompt), device=self.device), last_only=True)  # [1, 1, V]
+            tokens = torch.tensor([prompt[cached:]], device=self.device)  # [1, T]
+            logits = self.forward(tokens, torch.arange(cached, len(prompt), device=self.device), last_only=True)  # [1, 1, V]
             token = next_token(logits[0, -1], self.sampling, generator)
             first = time.perf_counter()
             pos = torch.tensor([len(prompt)], device=self.device)

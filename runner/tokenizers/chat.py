@@ -17,12 +17,19 @@ from runner.tokenizers.base import Tokenizer
 KEY = "generate.chat"
 
 
-def render_chat(tokenizer: Tokenizer, prompt: str, source: str = "recipe") -> str:
-    """`prompt` as the user's message in the tokenizer's chat template, ready for the reply.
+def render_chat(tokenizer: Tokenizer, prompt: str, source: str = "recipe", system: str | None = None) -> str:
+    """`prompt` as the user's message in the tokenizer's chat template (after `system`'s, if
+    any), ready for the reply.
 
     Encode the result with encode(text, bos=False, allow_special=True): the template writes the
     special tokens, BOS included when the model wants one (as apply_chat_template does).
     """
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return render_messages(tokenizer, messages, source)
+
+
+def render_messages(tokenizer: Tokenizer, messages: list[dict], source: str = "recipe") -> str:
+    """A conversation (role/content dicts) in the tokenizer's chat template, ready for the reply."""
     if tokenizer.chat_template is None:
         raise ConfigError([problem(source, KEY, "the tokenizer has no chat template (its files ship none)")])
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -31,7 +38,7 @@ def render_chat(tokenizer: Tokenizer, prompt: str, source: str = "recipe") -> st
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(tokenizer.chat_template).render(
-            messages=[{"role": "user", "content": prompt}],
+            messages=messages,
             add_generation_prompt=True,
             bos_token=tokenizer.bos_token or "",
             eos_token=tokenizer.eos_token or "",
