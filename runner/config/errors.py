@@ -13,9 +13,12 @@ class Problem:
     has_value: bool = False
 
     def __str__(self) -> str:
-        where = f"{self.source}: {self.key}" if self.key else self.source
+        key = self.key.replace("\n", "\\n")
+        where = f"{self.source}: {key}" if key else self.source
         got = f" (got {self.value!r})" if self.has_value else ""
-        return f"{where}: {self.message}{got}"
+        if len(got) > 200:
+            got = got[:196] + "...)"
+        return " ".join(f"{where}: {self.message}{got}".splitlines())  # one line, whatever the message holds
 
 
 def problem(source: str, key: str, message: str, *value) -> Problem:

@@ -40,13 +40,17 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     have a model.source to fetch it from).
     """
     layers = _recipe_layers(Path(recipe_path)) + [_override_layer(overrides, str(recipe_path))]
-    merged = OmegaConf.merge(*(cfg for _, cfg in layers))
+    merged = _merged(layers)
     for section in ("model", "draft.model"):
-        spec_layer = _spec_layer(merged, layers, section)
+        try:
+            spec_layer = _spec_layer(merged, layers, section)
+        except OmegaConfBaseException as e:  # an interpolation under the section that cannot resolve
+            key = e.full_key or section
+            raise ConfigError([problem(_Origins(layers)(key), key, f"cannot resolve: {str(e.msg).splitlines()[0]}")]) from None
         if spec_layer is not None:
             layers.insert(0, spec_layer)
     # Schema defaults at the bottom, so that `${generate.top_k}` reads a default nobody set.
-    merged = OmegaConf.merge(_defaults(), *(cfg for _, cfg in layers))
+    merged = _merged([("defaults", _defaults())] + layers)
 
     origin = _Origins(layers)
     try:
@@ -60,22 +64,28 @@ def resolve(recipe_path: str | os.PathLike, overrides: typing.Sequence[str] = ()
     problems = _shape_problems(Recipe, data, "", origin)
     cfg, type_problems = _merge_typed(data, origin)
     problems += type_problems
-    missing = sorted(OmegaConf.missing_keys(cfg)) if cfg is not None else []
-    reported = {p.key for p in problems}
-    problems += [problem(origin(k), k, "is required but has no value") for k in missing if k not in reported]
-    if cfg is None or missing:
-        raise ConfigError(problems)
-    recipe: Recipe = OmegaConf.to_object(cfg)
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg)) if cfg is not None else []
+        reported = {p.key for p in problems}
+        problems += [problem(origin(k), k, "is required but has no value") for k in missing if k not in reported]
+        if cfg is None or missing:
+            raise ConfigError(problems)
+        recipe: Recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # a value that only fails when read (text where a number belongs)
+        key = e.full_key or ""
+        raise ConfigError(problems + [problem(origin(key), key, str(e.msg).splitlines()[0])]) from None
     problems += [problem(origin(key), key, why, value) for key, value, why in recipe.problems()]
     if check_files:
         path = recipe.tokenizer.path
         if path is None and recipe.model.source is None:
             problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "is required unless model.source provides the tokenizer"))
-        elif path is not None and not Path(path).exists():
-            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", "not found", path))
-        if not Path(recipe.model.checkpoint).exists() and recipe.model.source is None:
-            problems.append(problem(origin("model.checkpoint"), "model.checkpoint",
-                                    "not found, and no model.source says where to get it", recipe.model.checkpoint))
+        elif path is not None and _path_trouble(Path(path), want_file=False) is not None:
+            problems.append(problem(origin("tokenizer.path"), "tokenizer.path", _path_trouble(Path(path), False), path))
+        checkpoint = Path(recipe.model.checkpoint)
+        trouble = _path_trouble(checkpoint, want_file=False)
+        if trouble is not None and (recipe.model.source is None or trouble.startswith("cannot")):
+            why = trouble if trouble.startswith("cannot") else "not found, and no model.source says where to get it"
+            problems.append(problem(origin("model.checkpoint"), "model.checkpoint", why, recipe.model.checkpoint))
     if problems:
         raise ConfigError(problems)
     return recipe
@@ -126,6 +136,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain name, not a list or mapping",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
             seen.add(key)
@@ -163,21 +176,59 @@ def _load_yaml(path: Path) -> DictConfig:
     if not found:
         raise ConfigError([problem(str(path), "", _not_found(path))])
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        what = getattr(e, "problem", None) or str(e)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError([problem(where, "", f"malformed YAML: {what}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([problem(str(path), "", "is not UTF-8 text: a recipe is a YAML file")]) from None
+    except (ValueError, TypeError, RecursionError, OSError) as e:  # a tag YAML cannot apply, a self-including alias
+        raise ConfigError([problem(str(path), "", f"malformed YAML: {_first_line(e)}")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([problem(str(path), "", f"must be a mapping of keys to values, not a {type(data).__name__}")])
+    problems = _container_problems(Recipe, data, "", str(path))
+    if problems:
+        raise ConfigError(problems)
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as e:
         raise ConfigError([problem(str(path), e.full_key or "", f"malformed value: {str(e.msg).splitlines()[0]}")]) from None
+    except (RecursionError, ValueError, TypeError) as e:
+        raise ConfigError([problem(str(path), "", f"malformed value: {_first_line(e)}")]) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _container_problems(cls, data: dict, prefix: str, source: str) -> list[Problem]:
+    """A list or a scalar where the schema has a section (or the reverse): caught in each file or
+    command line before the layers merge, which cannot merge a list onto a mapping."""
+    hints, out = typing.get_type_hints(cls), []
+    for key, value in data.items():
+        hint = hints.get(key) if isinstance(key, str) else None
+        full = f"{prefix}{key}"
+        if hint is None or value is None or (isinstance(value, str) and "${" in value):
+            continue  # unknown keys, nulls and interpolations are judged once merged
+        inner = _dataclass_of(hint)
+        listed = any(typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
+        if inner is not None:
+            if not isinstance(value, dict):
+                out.append(problem(source, full, "must be a section of keys", value))
+            else:
+                out += _container_problems(inner, value, full + ".", source)
+        elif listed and not isinstance(value, list):
+            out.append(problem(source, full, "must be a list", value))
+        elif not listed and isinstance(value, (dict, list)):
+            out.append(problem(source, full, f"must be a single value, not a {'list' if isinstance(value, list) else 'section'}",
+                               value))
+    return out
 
 
 def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -192,10 +243,20 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, D
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError([problem(str(path), "base", "must be the path of another recipe", base)])
-        if not (path.parent / base).is_file():
-            raise ConfigError([problem(str(path), "base", f"file not found: {os.path.normpath(path.parent / base)}", base)])
+        trouble = _path_trouble(path.parent / base)
+        if trouble:
+            raise ConfigError([problem(str(path), "base", f"{trouble}: {os.path.normpath(path.parent / base)}"[:300], base)])
         layers = _recipe_layers(path.parent / base, seen + (path,)) + layers
     return layers
+
+
+def _merged(layers) -> DictConfig:
+    try:
+        return OmegaConf.merge(*(cfg for _, cfg in layers))
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # shapes two layers disagree on
+        key = getattr(e, "full_key", "") or ""
+        raise ConfigError([problem(_Origins(layers)(key) if key else layers[-1][0], key,
+                                   f"cannot be merged with the recipe it extends: {_first_line(e)}")]) from None
 
 
 def _override_layer(overrides: typing.Sequence[str], recipe_path: str) -> tuple[str, DictConfig]:
@@ -213,9 +274,14 @@ def _override_layer(overrides: typing.Sequence[str], recipe_path: str) -> tuple[
                 layers.append(OmegaConf.create(value))
             else:
                 layers.append(OmegaConf.from_dotlist([override]))
+            problems = _container_problems(Recipe, OmegaConf.to_container(layers[-1]), "", name)
+            if problems:
+                raise ConfigError(problems)
         return name, OmegaConf.merge(*layers) if layers else OmegaConf.create({})
     except OmegaConfBaseException as e:
-        raise ConfigError([problem(name, "", f"cannot parse override: {e.msg}")]) from None
+        raise ConfigError([problem(name, "", f"cannot parse override: {str(e.msg).splitlines()[0]}")]) from None
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        raise ConfigError([problem(name, "", f"cannot parse override: {_first_line(e)}")]) from None
 
 
 def _is_text(key: str) -> bool:
@@ -231,9 +297,21 @@ def _is_text(key: str) -> bool:
     return False
 
 
+def _path_trouble(path: Path, want_file: bool = True) -> str | None:
+    """None when `path` is there (a file, with want_file); else what is wrong with it."""
+    if "\0" in str(path):  # pathlib answers "not there" for these
+        return "cannot be used as a path (it holds a NUL byte)"
+    try:
+        if path.is_file() or (not want_file and path.exists()):
+            return None
+        return "is a folder, not a file" if path.is_dir() else "file not found"
+    except (OSError, ValueError) as e:  # a name the OS refuses: too long, a NUL byte
+        return f"cannot be used as a path ({getattr(e, 'strerror', None) or _first_line(e)})"
+
+
 def _spec_path(name: str) -> Path | None:
     if name.endswith((".yaml", ".yml")):
-        return Path(name) if Path(name).is_file() else None
+        return Path(name) if _path_trouble(Path(name)) is None else None
     by_name = {p.stem.lower(): p for p in SPECS_DIR.glob("*.yaml")}
     return by_name.get(name.lower())
 
@@ -256,9 +334,13 @@ def _spec_layer(merged: DictConfig, layers, section: str = "model") -> tuple[str
     name = model.get("spec")
     if name is None:
         checkpoint = model.get("checkpoint")
+        trouble = _path_trouble(Path(str(checkpoint))) if checkpoint else None
+        if trouble and trouble.startswith("cannot"):
+            where = f"{section}.checkpoint"
+            raise ConfigError([problem(origin(where), where, trouble, str(checkpoint))])
         folder = Path(str(checkpoint)).parent.name if checkpoint else ""
         path = _spec_path(folder) if folder else None
-        if path is None and checkpoint and Path(str(checkpoint)).exists():
+        if path is None and checkpoint and _path_trouble(Path(str(checkpoint)), want_file=False) is None:
             declared = _declared_spec(Path(str(checkpoint)))
             if declared is not None:
                 return str(checkpoint), _nest(section, {"arch": declared})
@@ -319,8 +401,8 @@ def _read_prompt_file(data: dict, origin: "_Origins") -> None:
         return  # a wrong type: the schema's check names it
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
         raise ConfigError([problem(origin(key), key, f"cannot read it: {why}", path)]) from None
     generate["prompt"] = text
 
@@ -362,7 +444,10 @@ def _absolutize_paths(data: dict, origin) -> None:
         value = holder.get(name) if isinstance(holder, dict) else None
         if not isinstance(value, str) or value in ("???", "-"):  # "-": standard input
             continue
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~user of no such user: left as written, to be reported as not found
+            path = Path(value)
         if not path.is_absolute():
             source = origin(key)
             base = Path.cwd() if source.endswith(COMMAND_LINE) else Path(source).parent
@@ -436,9 +521,18 @@ def _drop(data: dict, key: str) -> bool:
     return False
 
 
+def _escaped(data):
+    """Resolved values as text again: a `${` left in them (written escaped, `\\${`) stays text."""
+    if isinstance(data, dict):
+        return {k: _escaped(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_escaped(v) for v in data]
+    return data.replace("${", "\\${") if isinstance(data, str) else data
+
+
 def _merge_typed(data: dict, origin) -> tuple[DictConfig | None, list[Problem]]:
     """Merge onto the schema; a value of the wrong type is reported and dropped, then retried."""
-    data = copy.deepcopy(data)
+    data = _escaped(copy.deepcopy(data))
     problems = []
     schema = OmegaConf.structured(Recipe)
     while True:

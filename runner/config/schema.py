@@ -78,7 +78,7 @@ class ModelSpec:
 
     @property
     def head_size(self) -> int:
-        return self.head_dim or self.dim // self.n_heads
+        return self.head_dim or (self.dim // self.n_heads if self.n_heads > 0 else 0)  # n_heads < 1: reported apart
 
     def problems(self) -> list[tuple[str, object, str]]:
         out = []
@@ -340,6 +340,12 @@ class Recipe:
         kind = self.device.split(":")[0]
         if kind not in ("cpu", "cuda", "mps"):
             out.append(("device", self.device, "must be cpu, cuda, cuda:N or mps"))
-        if self.threads is not None and self.threads < 1:
-            out.append(("threads", self.threads, "must be >= 1, or null for torch's default"))
+        if self.threads is not None and not 1 <= self.threads <= 4096:
+            out.append(("threads", self.threads, "must be >= 1 (and at most 4096), or null for torch's default"))
+        if not 0 <= self.generate.seed < 2**63:
+            out.append(("generate.seed", self.generate.seed, "must be between 0 and 2**63 - 1"))
+        cache = self.generate.cache_len
+        if cache is not None and isinstance(self.model.arch.max_seq_len, int) and cache > self.model.arch.max_seq_len:
+            out.append(("generate.cache_len", cache, f"must be at most model.arch.max_seq_len "
+                                                      f"({self.model.arch.max_seq_len})"))
         return out
