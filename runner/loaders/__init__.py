@@ -1,6 +1,7 @@
 """Checkpoint loaders: one per on-disk format, chosen by what the path holds."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def stored_quant(path: Path) -> dict | None:
 Skeleton = Callable[[Transformer], Transformer]
 
 
-def load_state_dict(path: Path, spec: ModelSpec, skeleton: Skeleton | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint at `path` in the native layout, its shapes checked against `spec` (as `skeleton` shapes it)."""
-    state = LOADERS[detect(path)].load(path, spec)
+def load_state_dict(path: Path, spec: ModelSpec, skeleton: Skeleton | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` in the native layout, its shapes checked against `spec` (as `skeleton`
+    shapes it); a loader that converts layer by layer reports to progress(done, total)."""
+    loader = LOADERS[detect(path)]
+    takes = progress is not None and "progress" in inspect.signature(loader.load).parameters
+    state = loader.load(path, spec, progress=progress) if takes else loader.load(path, spec)
     check_shapes(path, _skeleton(spec, skeleton).state_dict(), state)
     return state
 

@@ -82,8 +82,9 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor to fp32 (F16/BF16 kept as they are) in the native layout."""
+def load(path: Path, spec: ModelSpec, progress=None) -> dict[str, torch.Tensor]:
+    """Dequantize every tensor to fp32 (F16/BF16 kept as they are) in the native layout;
+    progress(layers done, layers) after each layer."""
     tensors = {t.name: t for t in _open(path)[0].tensors}
     used = {ROPE_FREQS}
 
@@ -113,6 +114,8 @@ def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         out[f"{ours}feed_forward.w2.weight"] = get(f"{blk}ffn_down.weight")
         out[f"{ours}attention_norm.weight"] = get(f"{blk}attn_norm.weight")
         out[f"{ours}ffn_norm.weight"] = get(f"{blk}ffn_norm.weight")
+        if progress is not None:
+            progress(i + 1, spec.n_layers)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ConfigError([problem(str(path), KEY, f"has {len(unused)} tensor(s) the spec (model.arch) does not use, "
