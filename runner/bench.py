@@ -123,12 +123,16 @@ def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens:
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes the model holds, bytes one decode step reads): the embedding table is read one row
-    per token, unless the output layer reads it whole (tied embeddings)."""
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per token, unless the output layer reads it whole (tied embeddings); of a mixture of experts'
+    stacked experts a token reads the n_experts_per_token it is routed to."""
+    tensors = {id(t): (name, t) for name, t in model.state_dict(keep_vars=True).items()}
+    total = sum(t.numel() * t.element_size() for _, t in tensors.values())
+    spec = model.spec
+    experts = sum(t.numel() * t.element_size() for name, t in tensors.values() if ".experts." in name)
+    unread = experts - experts * spec.n_experts_per_token // spec.n_experts if spec.moe else 0
     embedding = model.tok_embeddings.weight
     tied = model.output is None or getattr(model.output, "weight", None) is embedding
-    return total, total if tied else total - embedding.numel() * embedding.element_size()
+    return total, total - unread - (0 if tied else embedding.numel() * embedding.element_size())
 
 
 class _Clock:
@@ -164,12 +168,13 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     in the warm-up and is not counted.
     """
     try:
-        from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+        import transformers
+        from transformers import CompileConfig
     except ImportError:
         raise ValueError("needs HF transformers: pip install 'runner[hf]'") from None
 
     from runner.loaders import load_state_dict, stored_quant
-    from runner.loaders.hf_layout import hf_config, to_hf
+    from runner.loaders.hf_layout import hf_class, hf_config, to_hf
 
     recipe = built.recipe
     path = Path(recipe.model.checkpoint)
@@ -178,7 +183,9 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     spec = recipe.model.arch
     state = to_hf(load_state_dict(path, spec), spec)
     dtype = built.model.norm.weight.dtype
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(spec), dtype=dtype)).to(dtype).eval()
+    model_class = getattr(transformers, hf_class(spec))  # Llama, Mistral (a window) or Mixtral (experts)
+    config_class = getattr(transformers, hf_class(spec).replace("ForCausalLM", "Config"))
+    hf = model_class(config_class(**hf_config(spec), dtype=dtype)).to(dtype).eval()
     hf.load_state_dict(state, strict=False)
     if spec.tie_embeddings:
         hf.tie_weights()

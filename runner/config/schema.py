@@ -71,6 +71,16 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
     tie_embeddings: bool = False
+    # Mixture of experts (Mixtral): n_experts SwiGLU feed-forwards per layer, each token routed to
+    # n_experts_per_token of them. None: one dense feed-forward.
+    n_experts: Optional[int] = None
+    n_experts_per_token: int = 2
+    # Keys older than this many positions are masked (Mistral); None: full causal attention.
+    sliding_window: Optional[int] = None
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts is not None
 
     @property
     def kv_heads(self) -> int:
@@ -95,6 +105,12 @@ class ModelSpec:
             out.append(("norm_eps", self.norm_eps, "must be > 0"))
         if self.rope_theta <= 0:
             out.append(("rope_theta", self.rope_theta, "must be > 0"))
+        if self.n_experts is not None and self.n_experts < 1:
+            out.append(("n_experts", self.n_experts, "must be >= 1, or null for a dense feed-forward"))
+        elif self.n_experts is not None and not 1 <= self.n_experts_per_token <= self.n_experts:
+            out.append(("n_experts_per_token", self.n_experts_per_token, f"must be 1 to n_experts ({self.n_experts})"))
+        if self.sliding_window is not None and self.sliding_window < 1:
+            out.append(("sliding_window", self.sliding_window, "must be >= 1, or null for full attention"))
         return out
 
 

@@ -186,8 +186,20 @@ def _register_fakes() -> None:
     def _(gate_up):
         return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
+    @torch.library.register_fake("runner::expert_linear")
+    def _(x, w, ids):
+        return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.register_fake("runner::int8_expert_linear")
+    def _(x, w, scales, ids):
+        return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.register_fake("runner::int4_expert_linear")
+    def _(x, w, scales, zeros, groupsize, ids):
+        return x.new_empty(x.shape[0], w.shape[1])
+
     @torch.library.register_fake("runner::attend")
-    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
+    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window=0):
         return qkv.new_empty(1, qkv.shape[1], n_heads * k_cache.shape[-1])
 
     @torch.library.register_fake("runner::rope_write")
@@ -224,17 +236,27 @@ class KernelOps:
             return torch.ops.runner.swiglu(gate_up)
         return functional.swiglu(gate_up)
 
+    route = staticmethod(functional.route)
+
     @staticmethod
-    def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if _fits(x) and w.dtype == x.dtype and x.shape[0] <= MAX_ROWS:
+            return torch.ops.runner.expert_linear(x, w, ids)
+        return functional.expert_linear(x, w, ids)
+
+    @staticmethod
+    def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,
+               window: int | None = None) -> torch.Tensor:
         if not (_fits(qkv) and qkv.shape[0] == 1 and cache.k.dtype == qkv.dtype):
             return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
         if qkv.shape[1] <= MAX_ROWS:
-            return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads)
+            return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, window or 0)
         # A prompt: RoPE and the cache write in one pass (torch's took a fifth of a bf16 prefill in
         # casts, cats and copies), then torch's flash attention over the cache.
         T = qkv.shape[1]
         q = torch.ops.runner.rope_write(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads)  # [1, H, T, D]
-        if not torch.compiler.is_compiling() and int(input_pos[0]) == 0 and int(input_pos[-1]) == T - 1:
+        fresh = not torch.compiler.is_compiling() and int(input_pos[0]) == 0 and int(input_pos[-1]) == T - 1
+        if fresh and (window is None or T <= window):
             # A fresh prompt sees only its own keys, causally: flash attention then skips the masked
             # half instead of reading a mask over the whole cache (a fourth of a bf16 prefill).
             k, v = cache.k[:, :, :T], cache.v[:, :, :T]

@@ -577,6 +577,90 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// --- experts: stacked weights [E, N, ...]; row m of x goes through expert ids[m] only ------------
+// Each row runs the plain GEMV on its expert's slice, so the experts no row chose are never read
+// and a quantized expert is read once, never dequantized into a copy.
+
+at::Tensor checked_ids(const char* name, const at::Tensor& x, const at::Tensor& ids, int64_t E) {
+  check_cpu_float(x, name);
+  TORCH_CHECK(x.dim() == 2, "runner::", name, ": x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.numel() == x.size(0), "runner::", name,
+              ": ids must be M int64 expert indices for x [M, K]");
+  auto c = ids.contiguous();
+  const int64_t* id = c.const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < x.size(0); ++m)
+    TORCH_CHECK(id[m] >= 0 && id[m] < E, "runner::", name, ": expert ", id[m], " is not one of the ", E);
+  return c;
+}
+
+// f(row m of x, its expert, row m of y), for every row, in x's dtype T.
+template <typename F>
+at::Tensor per_row(const at::Tensor& x, const at::Tensor& ids, int64_t N, F f) {
+  auto xc = x.contiguous();
+  auto y = at::empty({x.size(0), N}, x.options());
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const int64_t K = x.size(1);
+  for (int64_t m = 0; m < x.size(0); ++m) {
+    if (x.scalar_type() == at::kBFloat16)
+      f(xc.const_data_ptr<BFloat16>() + m * K, id[m], y.mutable_data_ptr<BFloat16>() + m * N);
+    else
+      f(xc.const_data_ptr<float>() + m * K, id[m], y.mutable_data_ptr<float>() + m * N);
+  }
+  return y;
+}
+
+at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ids) {
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && x.size(1) == w.size(2) && w.scalar_type() == x.scalar_type() &&
+                  w.is_contiguous(),
+              "runner::expert_linear: w must be contiguous [E, N, K] in x's dtype with x [M, K], got ", w.sizes(),
+              " and ", x.sizes());
+  auto id = checked_ids("expert_linear", x, ids, w.size(0));
+  const int64_t N = w.size(1), K = w.size(2);
+  return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
+    linear_impl(xr, w.const_data_ptr<T>() + e * N * K, yr, 1, N, K);
+  });
+}
+
+at::Tensor int8_expert_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                              const at::Tensor& ids) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kChar && w.is_contiguous() && x.dim() == 2 &&
+                  x.size(1) == w.size(2),
+              "runner::int8_expert_linear: w must be contiguous int8 [E, N, K] with x [M, K], got ", w.sizes(),
+              " and ", x.sizes());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == w.size(0) && scales.size(1) == w.size(1) &&
+                  scales.scalar_type() == x.scalar_type() && scales.is_contiguous(),
+              "runner::int8_expert_linear: scales must be contiguous [E, N] in x's dtype");
+  auto id = checked_ids("int8_expert_linear", x, ids, w.size(0));
+  const int64_t N = w.size(1), K = w.size(2);
+  return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
+    int8_linear_impl(xr, w.const_data_ptr<int8_t>() + e * N * K, scales.const_data_ptr<T>() + e * N, yr, 1, N, K);
+  });
+}
+
+at::Tensor int4_expert_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                              const at::Tensor& zeros, int64_t groupsize, const at::Tensor& ids) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  w.size(2) * 2 == x.size(1),
+              "runner::int4_expert_linear: w must be contiguous uint8 [E, N, K / 2] with x [M, K], got ", w.sizes(),
+              " and ", x.sizes());
+  const int64_t E = w.size(0), N = w.size(1), K = x.size(1);
+  TORCH_CHECK(groupsize >= 32 && (groupsize & (groupsize - 1)) == 0 && K % groupsize == 0,
+              "runner::int4_expert_linear: groupsize must be a power of two >= 32 that divides K, got ", groupsize);
+  const int64_t G = K / groupsize;
+  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 3 && scales.size(0) == E && scales.size(1) == N &&
+                  scales.size(2) == G && scales.scalar_type() == x.scalar_type() &&
+                  zeros.scalar_type() == x.scalar_type() && scales.is_contiguous() && zeros.is_contiguous(),
+              "runner::int4_expert_linear: scales and zeros must be contiguous [E, N, K / groupsize] in x's dtype");
+  auto id = checked_ids("int4_expert_linear", x, ids, E);
+  return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
+    int4_linear_impl(xr, w.const_data_ptr<uint8_t>() + e * N * K / 2, scales.const_data_ptr<T>() + e * N * G,
+                     zeros.const_data_ptr<T>() + e * N * G, yr, 1, N, K, groupsize);
+  });
+}
+
 // Rows of quantized weights as T, each value rounded once: q * s, or (q - 8) * s + z.
 template <typename T>
 void dequantize_int8_impl(const int8_t* w, const T* scales, T* y, int64_t N, int64_t K) {
@@ -752,7 +836,7 @@ float dot(const float* q, const T* k, int64_t n) {
 
 template <typename T>
 void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const int64_t* pos, int64_t count, int64_t H,
-                 int64_t KVH, int64_t hd, int64_t L) {
+                 int64_t KVH, int64_t hd, int64_t L, int64_t window) {
   const int64_t width = (H + 2 * KVH) * hd;
   // Every new key and value goes into the cache first: a query sees those at positions up to its own.
   for (int64_t t = 0; t < count; ++t) {
@@ -775,10 +859,12 @@ void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const i
     std::vector<T> qh(hd);
     std::vector<float> qf(hd), p(longest), acc(hd);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / H, h = item % H, n = pos[t] + 1;
+      // A query at p sees positions up to p; with a sliding window only the last `window` of them.
+      const int64_t t = item / H, h = item % H, first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
+      const int64_t n = pos[t] + 1 - first;
       rope(qkv + t * width + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, qh.data());
-      const T* kh = kc + (h / group) * L * hd;
-      const T* vh = vc + (h / group) * L * hd;
+      const T* kh = kc + ((h / group) * L + first) * hd;
+      const T* vh = vc + ((h / group) * L + first) * hd;
       for (int64_t d = 0; d < hd; ++d) qf[d] = widen(qh[d]);
       float top = -INFINITY;
       for (int64_t j = 0; j < n; ++j) p[j] = dot(qf.data(), kh + j * hd, hd) * scale;
@@ -879,7 +965,8 @@ at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tens
 }
 
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                  const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads) {
+                  const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads, int64_t window) {
+  TORCH_CHECK(window >= 0, "runner::attend: window must be >= 0 (0: none), got ", window);
   auto positions = checked_positions("attend", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads);
   const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3), count = qkv.size(1);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
@@ -888,10 +975,10 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& 
   auto y = at::empty({1, count, H * hd}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16)
     attend_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, count, H, KVH, hd, L);
+                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, count, H, KVH, hd, L, window);
   else
     attend_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, count, H, KVH, hd, L);
+                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, count, H, KVH, hd, L, window);
   return y;
 }
 
@@ -918,9 +1005,12 @@ TORCH_LIBRARY(runner, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   m.def("attend(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
-        "int n_heads, int n_kv_heads) -> Tensor");
+        "int n_heads, int n_kv_heads, int window=0) -> Tensor");
   m.def("rope_write(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
         "int n_heads, int n_kv_heads) -> Tensor");
+  m.def("expert_linear(Tensor x, Tensor w, Tensor ids) -> Tensor");
+  m.def("int8_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor ids) -> Tensor");
+  m.def("int4_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, Tensor ids) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -934,4 +1024,7 @@ TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("swiglu", &swiglu);
   m.impl("attend", &attend);
   m.impl("rope_write", &rope_write);
+  m.impl("expert_linear", &expert_linear);
+  m.impl("int8_expert_linear", &int8_expert_linear);
+  m.impl("int4_expert_linear", &int4_expert_linear);
 }

@@ -48,8 +48,6 @@ def read_spec(path: Path) -> dict:
     def number(key, default=_REQUIRED):
         return _number(reader, path, f"{arch}.{key}", default)
 
-    if number("expert_count", 0):
-        raise ConfigError([problem(str(path), KEY, f"is a mixture of experts ({number('expert_count')} experts); not supported")])
     n_heads = number("attention.head_count")
     head_dim = number("attention.key_length", None)
     head_size = head_dim or number("embedding_length") // max(n_heads, 1)
@@ -64,6 +62,11 @@ def read_spec(path: Path) -> dict:
         norm_eps=number("attention.layer_norm_rms_epsilon"), rope_theta=number("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensors,
     )
+    if number("expert_count", 0):  # Mixtral: llama with expert tensors
+        spec["n_experts"], spec["n_experts_per_token"] = number("expert_count"), number("expert_used_count")
+    window = number("attention.sliding_window", None)
+    if window is not None and 0 < window < spec["max_seq_len"]:
+        spec["sliding_window"] = window
     problems = []
     if number("attention.value_length", head_size) != head_size:
         problems.append(problem(str(path), KEY, "value heads differ in size from key heads; not supported"))
@@ -110,8 +113,14 @@ def load(path: Path, spec: ModelSpec, progress=None) -> dict[str, torch.Tensor]:
         qkv = [heads(f"{blk}attn_q.weight", spec.n_heads), heads(f"{blk}attn_k.weight", spec.kv_heads), get(f"{blk}attn_v.weight")]
         out[f"{ours}attention.wqkv.weight"] = _cat(path, qkv)
         out[f"{ours}attention.wo.weight"] = get(f"{blk}attn_output.weight")
-        out[f"{ours}feed_forward.w13.weight"] = _cat(path, [get(f"{blk}ffn_gate.weight"), get(f"{blk}ffn_up.weight")])
-        out[f"{ours}feed_forward.w2.weight"] = get(f"{blk}ffn_down.weight")
+        if spec.moe:  # stacked [experts, rows, columns]; gate and up side by side per expert
+            out[f"{ours}feed_forward.gate.weight"] = get(f"{blk}ffn_gate_inp.weight")
+            out[f"{ours}feed_forward.experts.w13.weight"] = _cat(
+                path, [get(f"{blk}ffn_gate_exps.weight"), get(f"{blk}ffn_up_exps.weight")], dim=1)
+            out[f"{ours}feed_forward.experts.w2.weight"] = get(f"{blk}ffn_down_exps.weight")
+        else:
+            out[f"{ours}feed_forward.w13.weight"] = _cat(path, [get(f"{blk}ffn_gate.weight"), get(f"{blk}ffn_up.weight")])
+            out[f"{ours}feed_forward.w2.weight"] = get(f"{blk}ffn_down.weight")
         out[f"{ours}attention_norm.weight"] = get(f"{blk}attn_norm.weight")
         out[f"{ours}ffn_norm.weight"] = get(f"{blk}ffn_norm.weight")
         if progress is not None:
@@ -155,11 +164,11 @@ def _tensor(path: Path, t) -> torch.Tensor:
     return out
 
 
-def _cat(path: Path, parts: list[torch.Tensor]) -> torch.Tensor:
-    if len({p.shape[1:] for p in parts}) > 1:
+def _cat(path: Path, parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    if len({p.shape[:dim] + p.shape[dim + 1:] for p in parts}) > 1:
         shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         raise ConfigError([problem(str(path), KEY, f"tensors to stack have mismatched shapes {shapes}")])
-    return torch.cat(parts)
+    return torch.cat(parts, dim=dim)
 
 
 def _shape(path: Path, tensors: dict, name: str) -> tuple[int, ...]:

@@ -12,12 +12,13 @@ from safetensors import SafetensorError, safe_open
 from runner import checkpoint
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec, RopeScaling
-from runner.loaders.hf_layout import from_hf, to_hf
+from runner.loaders.hf_layout import from_hf, per_expert, to_hf
 from runner.model.llama import Transformer
 
 KEY = "model.checkpoint"
 CONFIG = "config.json"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # model_type -> class
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}  # model_type -> class
 # Weight files in the order transformers itself prefers them.
 WEIGHTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer old transformers saved; we compute our own
@@ -58,10 +59,12 @@ def read_spec(path: Path) -> dict:
         rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
-    window = cfg.get("sliding_window") if model_type == "mistral" else None
-    if window is not None and window < spec["max_seq_len"]:
-        # Within the window sliding-window attention is plain causal attention, which is what we run.
-        spec["max_seq_len"] = window
+    if model_type in ("mistral", "mixtral"):
+        # A window as long as the context (or longer) masks nothing: plain causal attention.
+        window = cfg.get("sliding_window")
+        spec["sliding_window"] = window if window is not None and window < spec["max_seq_len"] else None
+    if model_type == "mixtral":
+        spec["n_experts"], spec["n_experts_per_token"] = cfg.get("num_local_experts", 8), cfg.get("num_experts_per_tok", 2)
     if rope_type == "llama3":
         fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         spec["rope_scaling"] = RopeScaling(**{k: rope[k] for k in fields if k in rope})
@@ -82,7 +85,7 @@ def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         names.discard("lm_head.weight")
     # Check names before converting so that a wrong spec reads as such, not as a KeyError.
     with torch.device("meta"):
-        needed = to_hf(Transformer(spec).state_dict(), spec)
+        needed = to_hf(Transformer(spec).state_dict(), spec, "per-expert" if per_expert(names) else "fused")
     if spec.tie_embeddings:
         needed.pop("lm_head.weight")
     missing, extra = [k for k in needed if k not in names], sorted(names - needed.keys())

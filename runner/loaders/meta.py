@@ -51,6 +51,12 @@ def read_spec(path: Path) -> dict:
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise ConfigError([problem(str(path / PARAMS), KEY, f"lacks {', '.join(missing)}")])
+    if "moe" in params or "sliding_window" in params:
+        # Mistral's own consolidated layout (mistral-inference) for Mixtral, whose expert keys no
+        # published description pins down; its HF directory or a GGUF file carries the same weights.
+        raise ConfigError([problem(str(path / PARAMS), KEY, "is Mistral's consolidated mixture-of-experts or "
+                                   "sliding-window layout, which is not supported; use the model's HF directory "
+                                   "(config.json and safetensors) or a GGUF file")])
     first = _read_shard(_shards(path)[0])
     spec = dict(
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],

@@ -68,9 +68,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def causal_mask(input_pos: torch.Tensor, cache_len: int) -> torch.Tensor:
-    """[T, cache_len]: a query at position p sees cache slots 0..p."""
-    return torch.arange(cache_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+def causal_mask(input_pos: torch.Tensor, cache_len: int, window: int | None = None) -> torch.Tensor:
+    """[T, cache_len]: a query at position p sees cache slots 0..p, or with a sliding window only
+    the last `window` of them, p - window + 1..p (HF's and Mistral's convention)."""
+    slots = torch.arange(cache_len, device=input_pos.device)[None, :]
+    mask = slots <= input_pos[:, None]
+    return mask if window is None else mask & (slots > input_pos[:, None] - window)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -79,9 +82,47 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing, as HF computes it: softmax over every expert in fp32, the top k, their
+    weights renormalised to sum to 1. logits [N, E] -> weights fp32 [N, k], expert ids [N, k]."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+GATHER_ROWS = 4  # up to this many rows (a decoded token's experts), expert_linear gathers; above, it groups
+
+
+def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row m of x [M, K] times expert ids[m] of w [E, N, K] -> [M, N]; experts no row chose are never read.
+
+    A few rows (decoding) gather their experts' matrices; many rows (a prompt) are grouped by
+    expert, one matmul per expert in use. A compiled step cannot group (the groups' sizes are
+    data), so there every expert runs on every row and the rows keep their own expert's result.
+    """
+    M = x.shape[0]
+    if M <= GATHER_ROWS:
+        return torch.bmm(w[ids], x[:, :, None])[..., 0]  # [M, N, K] @ [M, K, 1]
+    if torch.compiler.is_compiling():
+        out = x.new_zeros(M, w.shape[1])
+        for e in range(w.shape[0]):
+            out = torch.where((ids == e)[:, None], F.linear(x, w[e]), out)
+        return out
+    order = torch.argsort(ids, stable=True)
+    out = x.new_empty(M, w.shape[1])
+    start = 0
+    for e, count in enumerate(torch.bincount(ids, minlength=w.shape[0]).tolist()):
+        if count:
+            rows = order[start:start + count]
+            out[rows] = F.linear(x[rows], w[e])
+            start += count
+    return out
+
+
 def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor,
-           n_heads: int, n_kv_heads: int) -> torch.Tensor:
+           n_heads: int, n_kv_heads: int, window: int | None = None) -> torch.Tensor:
     """One attention layer past its wqkv: RoPE, the cache write, attention over the cache.
+    `mask` already holds any sliding `window` (which runner's kernel applies itself).
 
     qkv [B, T, (n_heads + 2 n_kv_heads) * D] -> [B, T, n_heads * D]; cache is a KVCache.
     """

@@ -8,6 +8,10 @@ Native state dict layout (what every loader converts to):
   layers.N.ffn_norm.weight               [dim]
   layers.N.feed_forward.w13.weight       [2 * intermediate, dim]  gate (w1) then up (w3)
   layers.N.feed_forward.w2.weight        [dim, intermediate]
+  with n_experts (mixture of experts) the feed-forward is instead:
+  layers.N.feed_forward.gate.weight              [n_experts, dim]  the router
+  layers.N.feed_forward.experts.w13.weight       [n_experts, 2 * intermediate, dim]
+  layers.N.feed_forward.experts.w2.weight        [n_experts, dim, intermediate]
   norm.weight                            [dim]
   output.weight                          [vocab, dim]  (absent when embeddings are tied)
 q and k rows are in the "rotate half" order of runner.model.functional.apply_rope.
@@ -54,18 +58,41 @@ class Linear(nn.Linear):
         self.out_features, self.in_features = self.weight.shape
 
 
+class ExpertLinear(nn.Module):
+    """n_experts linears stacked, weight [E, out, in]: row m of the input goes through expert ids[m]."""
+
+    ops = fn
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.ops.expert_linear(x, self.weight, ids)  # [M, in], [M] -> [M, out]
+
+    def shard_(self, dim: str, keep: torch.Tensor) -> None:
+        """Keep the output rows ("out") or input columns ("in") at `keep` in every expert."""
+        axis = 1 if dim == "out" else 2
+        self.weight = nn.Parameter(self.weight.detach().index_select(axis, keep.to(self.weight.device)),
+                                   requires_grad=False)
+        _, self.out_features, self.in_features = self.weight.shape
+
+
 class Attention(nn.Module):
     ops = fn
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.kv_heads, spec.head_size
+        self.window = spec.sliding_window
         self.wqkv = Linear(spec.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos):
-        y = self.ops.attend(self.wqkv(x), cos_sin, self.kv_cache, input_pos, mask, self.n_heads, self.n_kv_heads)
+        y = self.ops.attend(self.wqkv(x), cos_sin, self.kv_cache, input_pos, mask, self.n_heads, self.n_kv_heads,
+                            self.window)
         return self.wo(y)
 
 
@@ -79,6 +106,44 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(self.ops.swiglu(self.w13(x)))
+
+
+class Experts(nn.Module):
+    """The experts' SwiGLU feed-forwards: each token through its chosen experts, weighted."""
+
+    ops = fn
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.w13 = ExpertLinear(spec.n_experts, spec.dim, 2 * spec.intermediate_size)
+        self.w2 = ExpertLinear(spec.n_experts, spec.intermediate_size, spec.dim)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights and ids [N, k] -> [N, dim]."""
+        N, k = ids.shape
+        rows = x.repeat_interleave(k, dim=0)  # [N * k, dim]: token n's copies at n * k ...
+        chosen = ids.reshape(-1)  # ... each through its own expert
+        y = self.w2(self.ops.swiglu(self.w13(rows, chosen)), chosen)  # [N * k, dim]
+        # Weighted and summed in fp32, rounded once: eager and compiled steps then agree in bf16.
+        return (y.view(N, k, -1).float() * weights[..., None]).sum(dim=1).to(y.dtype)
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward: a router picks n_experts_per_token experts per token."""
+
+    ops = fn
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.top_k = spec.n_experts_per_token
+        self.gate = Linear(spec.dim, spec.n_experts, bias=False)  # never quantized: it is tiny, and decides
+        self.experts = Experts(spec)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, ids = self.ops.route(self.gate(flat), self.top_k)  # [B * T, k] each
+        return self.experts(flat, weights, ids).view(B, T, D)
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +164,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.attention = Attention(spec)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.feed_forward = FeedForward(spec)
+        self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
 
     def forward(self, x, cos_sin, mask, input_pos):
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos)
@@ -135,7 +200,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos [T]; [B, 1, vocab] for
         the last token only with last_only (a prompt: the output layer is a fifth of its work)."""
-        mask = fn.causal_mask(input_pos, self.cache_len)  # [T, L]
+        mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [T, L]
         cos_sin = self.cos_sin[input_pos]  # [T, 2, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:

@@ -20,7 +20,7 @@ from runner.model import functional as fn
 from runner.model.llama import KVCache
 import runner.quant.gptq as gptq
 from runner.quant.linear import Int4Linear
-from runner.quant.plan import BLOCK_LINEARS, Scheme, module, replace
+from runner.quant.plan import Scheme, block_linears, module, replace
 
 CHUNK = 8  # calibration samples per forward pass
 
@@ -59,7 +59,8 @@ def run_gptq(model: nn.Module, plan: dict[str, Scheme], section: QuantSection, t
     def quantize_layer(name: str, run: Callable[[], None]) -> None:
         scheme = plan[name]
         layer = module(model, name)
-        if scheme.kind != "int4":
+        if scheme.kind != "int4" or getattr(layer, "n_experts", None):
+            # Experts are rounded to nearest: each would need a Hessian of the tokens routed to it.
             step(name, scheme.quantize(layer))
             return
         h = _hessian(layer, run)
@@ -77,7 +78,7 @@ def run_gptq(model: nn.Module, plan: dict[str, Scheme], section: QuantSection, t
         x = torch.cat([model.tok_embeddings(t) for t in tokens.split(CHUNK)])  # [S, T, dim]
         rope = _rope(model, seq_len, device)
         for i, block in enumerate(model.layers):
-            for name in BLOCK_LINEARS:
+            for name in block_linears(block):
                 if f"layers.{i}.{name}" in plan:
                     quantize_layer(f"layers.{i}.{name}", lambda: _forward(block, x, rope))
             x = _forward(block, x, rope)
@@ -106,7 +107,7 @@ def _rope(model: nn.Module, seq_len: int, device) -> tuple[torch.Tensor, torch.T
     spec = model.spec
     pos = torch.arange(seq_len, device=device)
     inv_freq = fn.rope_frequencies(spec.head_size, spec.rope_theta, spec.rope_scaling)
-    return fn.rope_cache(inv_freq, seq_len).to(device), fn.causal_mask(pos, seq_len), pos
+    return fn.rope_cache(inv_freq, seq_len).to(device), fn.causal_mask(pos, seq_len, spec.sliding_window), pos
 
 
 def _forward(block: nn.Module, x: torch.Tensor, rope) -> torch.Tensor:

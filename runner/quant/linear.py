@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runner import kernels as runner_kernels
+from runner.model import functional
 import runner.quant.int4 as int4
 import runner.quant.int8 as int8
 import runner.quant.kernels as kernels
@@ -119,13 +121,18 @@ class Int4Linear(QuantizedLinear):
     def _slices(self, dim, keep):
         if dim == "out":
             return {name: getattr(self, name).index_select(0, keep) for name in ("weight", "scales", "zeros")}
-        gs = self.groupsize
-        groups = keep.reshape(-1, gs) if len(keep) % gs == 0 else None
-        if groups is None or (groups[:, 0] % gs).any() or (groups - groups[:, :1] != torch.arange(gs, device=keep.device)).any():
-            raise ValueError(f"an input split of this int4 layer must keep whole groups of {gs} columns")
-        first = groups[:, 0] // gs  # the groups kept
-        return {"weight": self.weight.index_select(1, keep[0::2] // 2),
-                "scales": self.scales.index_select(1, first), "zeros": self.zeros.index_select(1, first)}
+        return _int4_columns(self, keep, axis=1)
+
+
+def _int4_columns(layer, keep: torch.Tensor, axis: int) -> dict[str, torch.Tensor]:
+    """An int4 layer's buffers for input columns `keep` (whole groups only), columns on `axis`."""
+    gs = layer.groupsize
+    groups = keep.reshape(-1, gs) if len(keep) % gs == 0 else None
+    if groups is None or (groups[:, 0] % gs).any() or (groups - groups[:, :1] != torch.arange(gs, device=keep.device)).any():
+        raise ValueError(f"an input split of this int4 layer must keep whole groups of {gs} columns")
+    first = groups[:, 0] // gs  # the groups kept
+    return {"weight": layer.weight.index_select(axis, keep[0::2] // 2),
+            "scales": layer.scales.index_select(axis, first), "zeros": layer.zeros.index_select(axis, first)}
 
 
 class Int8Embedding(nn.Module):
@@ -147,3 +154,160 @@ class Int8Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = self.weight[tokens].float() * self.scales[tokens].float()[..., None]  # [..., dim]
         return rows.to(self.scales.dtype)
+
+
+class QuantizedExperts(nn.Module):
+    """Stacked quantized experts (runner.model.llama.ExpertLinear's stand-in): buffers [E, out, ...],
+    row m of the input through expert ids[m].
+
+    On runner's kernels (pack_for(device, "runner")) a row reads its expert's integers once, with
+    no dequantized copy. Otherwise only the experts the rows chose are dequantized, and the rows
+    go through runner.model.functional.expert_linear (gathered for a token, grouped for a prompt).
+    """
+
+    OP: str = ""  # runner's kernel, torch.ops.runner.<OP>
+
+    def pack_for(self, device: torch.device | str, kernel: str | None = None) -> str:
+        """"runner" (by name only, as for the linears) or "fallback"; a ValueError says why not runner."""
+        if kernel == "runner":
+            why = self._refuses(torch.device(device))
+            if why:
+                raise ValueError(f"kernel 'runner' refuses this layer on {device}: {why}")
+        elif kernel not in (None, "fallback"):
+            raise ValueError(f"unknown kernel {kernel!r}; kernels: fallback, runner")
+        self.kernel = kernel or "fallback"
+        return self.kernel
+
+    def _refuses(self, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return "runs on cpu only"
+        if self.scales.dtype not in runner_kernels.DTYPES:
+            return f"takes float32 and bfloat16 only, not {self.scales.dtype}"
+        return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "runner" and x.dtype == self.scales.dtype and x.shape[0] <= kernels.MAX_ROWS:
+            return getattr(torch.ops.runner, self.OP)(x, *self._operands(), ids)
+        return functional.expert_linear(x, _Dequantized(self, x.dtype), ids)
+
+    def dequantize(self, index) -> torch.Tensor:
+        """The fp32 weights of the experts at `index` (an int, or a tensor of expert ids)."""
+        raise NotImplementedError
+
+    def dequantize_as(self, index, dtype: torch.dtype) -> torch.Tensor:
+        """dequantize(index) in `dtype`; one expert on runner's kernels is dequantized by them
+        (each value rounded once, as the linears' prompt path does)."""
+        if self.kernel == "runner" and isinstance(index, int) and dtype == self.scales.dtype:
+            return self._kernel_dequantize(index)
+        return self.dequantize(index).to(dtype)
+
+    def shard_(self, dim: str, keep: torch.Tensor) -> None:
+        """Keep output rows ("out") or input columns ("in") `keep` in every expert (tensor parallelism)."""
+        keep = keep.to(self.weight.device)
+        for name, tensor in self._slices(dim, keep).items():
+            setattr(self, name, tensor.contiguous())
+        _, self.out_features, _ = self.weight.shape
+        if dim == "in":
+            self.in_features = len(keep)
+
+    def extra_repr(self) -> str:
+        return (f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"kernel={self.kernel}")
+
+
+class _Dequantized:
+    """What functional.expert_linear indexes (w[ids], w[e], w.shape), dequantized on demand into `dtype`."""
+
+    def __init__(self, layer: QuantizedExperts, dtype: torch.dtype):
+        self.layer, self.dtype = layer, dtype
+        self.shape = (layer.n_experts, layer.out_features, layer.in_features)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.layer.dequantize_as(index, self.dtype)
+
+
+class Int8Experts(QuantizedExperts):
+    """weight int8 [E, out, in], scales [E, out]: expert e is Int8Linear's layout."""
+
+    OP = "int8_expert_linear"
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features, self.kernel = n_experts, in_features, out_features, "fallback"
+        self.register_buffer("weight", torch.zeros(n_experts, out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(n_experts, out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, layer: nn.Module) -> "Int8Experts":
+        E, out, n = layer.weight.shape
+        q, scales = int8.quantize(layer.weight.detach().reshape(E * out, n))  # per row: per expert as well
+        new = cls(E, n, out, scales.dtype, q.device)
+        new.weight, new.scales = q.view(E, out, n), scales.view(E, out)
+        return new
+
+    def dequantize(self, index) -> torch.Tensor:
+        return self.weight[index].float() * self.scales[index].float()[..., None]
+
+    def _operands(self):
+        return self.weight, self.scales
+
+    def _kernel_dequantize(self, e: int) -> torch.Tensor:
+        return torch.ops.runner.dequantize_int8(self.weight[e], self.scales[e])
+
+    def _slices(self, dim, keep):
+        if dim == "out":
+            return {"weight": self.weight.index_select(1, keep), "scales": self.scales.index_select(1, keep)}
+        return {"weight": self.weight.index_select(2, keep)}
+
+
+class Int4Experts(QuantizedExperts):
+    """weight uint8 [E, out, in / 2], scales and zeros [E, out, in / groupsize]: expert e is Int4Linear's layout."""
+
+    OP = "int4_expert_linear"
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, groupsize: int, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        if in_features % groupsize:
+            raise ValueError(f"groupsize {groupsize} does not divide in_features {in_features}")
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.groupsize, self.kernel = groupsize, "fallback"
+        groups = in_features // groupsize
+        self.register_buffer("weight", torch.zeros(n_experts, out_features, in_features // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.ones(n_experts, out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(n_experts, out_features, groups, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, groupsize: int) -> "Int4Experts":
+        E, out, n = layer.weight.shape
+        q, scales, zeros = int4.quantize(layer.weight.detach().reshape(E * out, n), groupsize)
+        new = cls(E, n, out, groupsize, scales.dtype, q.device)
+        new.weight = int4.pack(q).view(E, out, n // 2)
+        new.scales, new.zeros = scales.view(E, out, -1), zeros.view(E, out, -1)
+        return new
+
+    def dequantize(self, index) -> torch.Tensor:
+        w, scales, zeros = self.weight[index], self.scales[index], self.zeros[index]
+        levels = torch.stack([w & 0xF, w >> 4], dim=-1).flatten(-2)  # [..., out, in]
+        groups = levels.unflatten(-1, (scales.shape[-1], self.groupsize)).float()  # [..., out, G, gs]
+        return ((groups - int4.MID) * scales.float()[..., None] + zeros.float()[..., None]).flatten(-2)
+
+    def _refuses(self, device):
+        if self.groupsize < 32 or self.groupsize & (self.groupsize - 1):
+            return "groupsize is not a power of two >= 32"
+        return super()._refuses(device)
+
+    def _operands(self):
+        return self.weight, self.scales, self.zeros, self.groupsize
+
+    def _kernel_dequantize(self, e: int) -> torch.Tensor:
+        return torch.ops.runner.dequantize_int4(self.weight[e], self.scales[e], self.zeros[e], self.groupsize)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", groupsize={self.groupsize}"
+
+    def _slices(self, dim, keep):
+        if dim == "out":
+            return {name: getattr(self, name).index_select(1, keep) for name in ("weight", "scales", "zeros")}
+        return _int4_columns(self, keep, axis=2)

@@ -10,7 +10,7 @@ from torch import nn
 
 from runner.config.schema import QuantEmbedding, QuantMode, QuantOutput, QuantSection
 import runner.quant.calibrate as calibrate
-from runner.quant.linear import Int8Embedding, QuantizedLinear
+from runner.quant.linear import Int8Embedding, QuantizedExperts, QuantizedLinear
 from runner.quant.plan import check_groupsize, make_plan, module, replace, untie
 
 Progress = Callable[[int, int], None]
@@ -67,7 +67,7 @@ def pack_for(model: nn.Module, device: torch.device | str, kernel: str | None = 
     Returns {layer name: kernel name}, for the reporter to show which layers fell back.
     """
     return {name: layer.pack_for(device, kernel)
-            for name, layer in model.named_modules() if isinstance(layer, QuantizedLinear)}
+            for name, layer in model.named_modules() if isinstance(layer, (QuantizedLinear, QuantizedExperts))}
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -98,7 +98,7 @@ def from_metadata(data: dict) -> QuantSection:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer is already quantized (a quantized checkpoint was loaded)."""
-    return any(isinstance(m, (QuantizedLinear, Int8Embedding)) for m in model.modules())
+    return any(isinstance(m, (QuantizedLinear, QuantizedExperts, Int8Embedding)) for m in model.modules())
 
 
 def transform(model: nn.Module, section: QuantSection, *, calibration: torch.Tensor | None = None,

@@ -12,9 +12,17 @@ from torch import nn
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import INT4_GROUPSIZES, QuantEmbedding, QuantMode, QuantOutput, QuantSection
-from runner.quant.linear import Int4Linear, Int8Embedding, Int8Linear
+from runner.model.llama import ExpertLinear
+from runner.quant.linear import Int4Experts, Int4Linear, Int8Embedding, Int8Experts, Int8Linear
 
 BLOCK_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")  # in forward order
+# A mixture-of-experts block's: its experts, each quantized alike; the router stays float.
+MOE_BLOCK_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.experts.w13", "feed_forward.experts.w2")
+
+
+def block_linears(block: nn.Module) -> tuple[str, ...]:
+    """The quantizable linears of a transformer block, in forward order."""
+    return MOE_BLOCK_LINEARS if hasattr(block.feed_forward, "experts") else BLOCK_LINEARS
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class Scheme:
     def quantize(self, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Embedding):
             return Int8Embedding.from_float(module)
+        if isinstance(module, ExpertLinear):
+            return Int8Experts.from_float(module) if self.kind == "int8" else Int4Experts.from_float(module, self.groupsize)
         return Int8Linear.from_float(module) if self.kind == "int8" else Int4Linear.from_float(module, self.groupsize)
 
     def empty(self, module: nn.Module) -> nn.Module:
@@ -32,6 +42,10 @@ class Scheme:
         dtype = module.weight.dtype
         if isinstance(module, nn.Embedding):
             return Int8Embedding(module.num_embeddings, module.embedding_dim, dtype, "meta")
+        if isinstance(module, ExpertLinear):
+            shape = (module.n_experts, module.in_features, module.out_features)
+            return Int8Experts(*shape, dtype, "meta") if self.kind == "int8" else \
+                Int4Experts(*shape, self.groupsize, dtype, "meta")
         if self.kind == "int8":
             return Int8Linear(module.in_features, module.out_features, dtype, "meta")
         return Int4Linear(module.in_features, module.out_features, self.groupsize, dtype, "meta")
@@ -54,8 +68,8 @@ def make_plan(model: nn.Module, section: QuantSection) -> dict[str, Scheme]:
     plan = {}
     if section.embedding is QuantEmbedding.int8:
         plan["tok_embeddings"] = Scheme("int8")
-    for i in range(len(model.layers)):
-        plan.update({f"layers.{i}.{name}": scheme for name in BLOCK_LINEARS})
+    for i, block in enumerate(model.layers):
+        plan.update({f"layers.{i}.{name}": scheme for name in block_linears(block)})
     if section.output is QuantOutput.int8:
         plan["output"] = Scheme("int8")
     elif section.output is QuantOutput.same:

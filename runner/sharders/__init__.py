@@ -7,6 +7,8 @@ share of the feed-forward, and the two matmuls that sum over those shares all-re
   attention.wo    input columns, by heads; then all-reduce
   feed_forward.w13  output rows, w1 and w3 each split           (rank r: its share of each)
   feed_forward.w2   input columns; then all-reduce
+  mixture of experts: each expert's w13 and w2 split as above (every rank holds a share of every
+  expert, as gpt-fast does); the router replicated; one all-reduce of the weighted expert sum
   norms, embedding, output layer: replicated
   KV cache: by kv heads (each rank holds 1/N of it)
 
@@ -32,8 +34,8 @@ class AllReduce(nn.Module):
         super().__init__()
         self.inner, self.group = inner, group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(self.inner(x), "sum", self.group)
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return funcol.all_reduce(self.inner(*args), "sum", self.group)
 
 
 def _block(start: int, count: int) -> torch.Tensor:
@@ -58,16 +60,21 @@ def shard(model: nn.Module, rank: int, world_size: int, group) -> nn.Module:
     by_inner = _block(rank * inner_per, inner_per)
     for i, layer in enumerate(model.layers):
         attention, ffn = layer.attention, layer.feed_forward
+        experts = getattr(ffn, "experts", None)  # a mixture of experts: their stacked linears split alike
+        dense, prefix = (ffn, "feed_forward") if experts is None else (experts, "feed_forward.experts")
         for name, linear, dim, keep in (("attention.wqkv", attention.wqkv, "out", qkv),
                                         ("attention.wo", attention.wo, "in", by_heads),
-                                        ("feed_forward.w13", ffn.w13, "out", w13),
-                                        ("feed_forward.w2", ffn.w2, "in", by_inner)):
+                                        (f"{prefix}.w13", dense.w13, "out", w13),
+                                        (f"{prefix}.w2", dense.w2, "in", by_inner)):
             try:
                 linear.shard_(dim, keep)
             except ValueError as e:
                 raise ValueError(f"layers.{i}.{name} cannot be split over {world_size} ranks: {e}") from None
         attention.n_heads, attention.n_kv_heads = q_per, kv_per
         attention.wo = AllReduce(attention.wo, group)
-        ffn.w2 = AllReduce(ffn.w2, group)
+        if experts is None:
+            ffn.w2 = AllReduce(ffn.w2, group)
+        else:
+            ffn.experts = AllReduce(experts, group)  # after the weighting: one sum per token, not k
     model.tensor_parallel = (rank, world_size)
     return model

@@ -46,7 +46,10 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, id: int) -> str:
-        """The text completed by token `id` ("" while a character is still partial)."""
+        """The text completed by token `id` ("" while a character is still partial). An id past the
+        tokenizer's vocabulary (a model's embedding padded beyond it) adds nothing."""
+        if not 0 <= id < self.tokenizer.vocab_size:
+            return ""
         return self._decoder.decode(self.tokenizer.token_bytes(id))
 
     def flush(self) -> str:

@@ -37,7 +37,7 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """SentencePiece's own decode: control tokens vanish, the leading dummy-prefix space is dropped."""
-        return self.processor.decode(list(ids))
+        return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])  # ids past it: padding
 
     def token_bytes(self, id: int) -> bytes:
         sp = self.processor

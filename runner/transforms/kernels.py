@@ -44,10 +44,10 @@ def apply(model: torch.nn.Module, choice: Kernels, device: torch.device, source:
 
 def _pack_quantized(model: torch.nn.Module, device: torch.device) -> None:
     """Quantized layers switch to runner's integer kernels where those take them."""
-    from runner.quant.linear import QuantizedLinear
+    from runner.quant.linear import QuantizedExperts, QuantizedLinear
 
     for layer in model.modules():
-        if isinstance(layer, QuantizedLinear) and "runner" in layer.KERNELS:
+        if isinstance(layer, QuantizedExperts) or isinstance(layer, QuantizedLinear) and "runner" in layer.KERNELS:
             try:
                 layer.pack_for(device, "runner")
             except ValueError:  # this layer's shape or dtype: it keeps the kernel it had

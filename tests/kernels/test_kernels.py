@@ -114,13 +114,14 @@ def attention_cases(draw):
     cache_len = draw(st.integers(1, 80))
     count = draw(st.integers(1, min(cache_len, kernels.MAX_ROWS)))
     start = draw(st.integers(0, cache_len - count))
-    return n_heads, n_kv_heads, head_dim, cache_len, start, count, draw(DTYPES), draw(seeds)
+    window = draw(st.none() | st.integers(1, cache_len))  # a sliding window, or full causal attention
+    return n_heads, n_kv_heads, head_dim, cache_len, start, count, window, draw(DTYPES), draw(seeds)
 
 
 @PROPERTY
 @given(case=attention_cases())
 def test_attend_is_the_reference(case):
-    n_heads, n_kv_heads, head_dim, cache_len, start, count, dtype, seed = case
+    n_heads, n_kv_heads, head_dim, cache_len, start, count, window, dtype, seed = case
     qkv = randn(1, count, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
     history = randn(2, 1, n_kv_heads, cache_len, head_dim, seed=seed + 1, dtype=dtype)  # earlier positions
     caches = []
@@ -131,9 +132,9 @@ def test_attend_is_the_reference(case):
         caches.append(cache)
     cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[start:start + count]
     input_pos = torch.arange(start, start + count)
-    mask = fn.causal_mask(input_pos, cache_len)
+    mask = fn.causal_mask(input_pos, cache_len, window)
     reference = fn.attend(qkv, cos_sin, caches[0], input_pos, mask, n_heads, n_kv_heads)
-    ours = torch.ops.runner.attend(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads)
+    ours = torch.ops.runner.attend(qkv, cos_sin, caches[1].k, caches[1].v, input_pos, n_heads, n_kv_heads, window or 0)
     # The new key and value land in the cache at pos, as the reference writes them; nothing else moves.
     # (RoPE's x cos + rot sin may be one fused multiply-add: near cancellation only an absolute bound holds.)
     k_error = (caches[1].k.float() - caches[0].k.float()).abs()
@@ -329,7 +330,7 @@ def test_auto_keeps_torch_ops_where_the_kernels_have_no_vector_path(monkeypatch)
 @given(case=attention_cases(), extra=st.integers(0, 40))
 def test_rope_write_is_the_reference_rope_and_cache_write(case, extra):
     # A prompt's RoPE and cache write (any number of tokens), checked like attend's.
-    n_heads, n_kv_heads, head_dim, cache_len, start, count, dtype, seed = case
+    n_heads, n_kv_heads, head_dim, cache_len, start, count, window, dtype, seed = case
     cache_len += extra
     count = min(count + extra, cache_len - start)
     qkv = randn(1, count, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)

@@ -81,12 +81,20 @@ def test_read_spec_takes_llama_config_defaults_for_absent_keys(tmp_path):
         4, 2048, 1e-6, 10000.0, None, False)
 
 
-def test_mistral_is_limited_to_its_sliding_window(tmp_path):
-    """Up to the window, sliding-window attention is the causal attention we run."""
-    write_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=1024, rope_scaling=None)
-    assert read_spec(tmp_path)["max_seq_len"] == 1024
-    write_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None, rope_scaling=None)
-    assert read_spec(tmp_path)["max_seq_len"] == 4096
+def test_mistral_keeps_its_context_and_declares_its_sliding_window(tmp_path):
+    """A window shorter than the context is modelled; one as long (or none) is plain causal attention."""
+    for window, expected in ((1024, 1024), (None, None), (4096, None), (8192, None)):
+        write_config(tmp_path, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=window,
+                     rope_scaling=None)
+        spec = read_spec(tmp_path)
+        assert (spec["max_seq_len"], spec["sliding_window"]) == (4096, expected)
+
+
+def test_mixtral_declares_its_experts(tmp_path):
+    write_config(tmp_path, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=8,
+                 num_experts_per_tok=2, sliding_window=None, rope_scaling=None)
+    spec = ModelSpec(**read_spec(tmp_path))
+    assert (spec.n_experts, spec.n_experts_per_token, spec.sliding_window) == (8, 2, None)
 
 
 @pytest.mark.parametrize("changes, words", [

@@ -158,6 +158,11 @@ def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qt
     if key_length or spec.head_size != spec.dim // spec.n_heads:
         writer.add_key_length(spec.head_size)
         writer.add_value_length(spec.head_size)
+    if spec.moe:  # as convert_hf_to_gguf.py writes Mixtral: llama with stacked expert tensors
+        writer.add_expert_count(spec.n_experts)
+        writer.add_expert_used_count(spec.n_experts_per_token)
+    if spec.sliding_window is not None:
+        writer.add_sliding_window(spec.sliding_window)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not spec.tie_embeddings:
@@ -165,8 +170,16 @@ def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qt
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    hf_state = dict(hf_state)
     for i in range(spec.n_layers):
-        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in per_layer.items()})
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in per_layer.items()
+                      if not (spec.moe and hf.startswith("mlp."))})
+        if spec.moe:  # transformers v5's fused experts: gate and up side by side in gate_up_proj
+            mlp = f"model.layers.{i}.mlp."
+            gate, up = hf_state.pop(f"{mlp}experts.gate_up_proj").chunk(2, dim=1)
+            hf_state.update({f"{mlp}experts.gate": gate, f"{mlp}experts.up": up})
+            names.update({f"{mlp}gate.weight": f"blk.{i}.ffn_gate_inp.weight", f"{mlp}experts.gate": f"blk.{i}.ffn_gate_exps.weight",
+                          f"{mlp}experts.up": f"blk.{i}.ffn_up_exps.weight", f"{mlp}experts.down_proj": f"blk.{i}.ffn_down_exps.weight"})
 
     decoded = {}
     for hf_name, gguf_name in names.items():
@@ -182,6 +195,9 @@ def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qt
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(spec))
     if spec.tie_embeddings:
         decoded["lm_head.weight"] = decoded["model.embed_tokens.weight"]
+    for i in range(spec.n_layers if spec.moe else 0):
+        mlp = f"model.layers.{i}.mlp."
+        decoded[f"{mlp}experts.gate_up_proj"] = torch.cat([decoded.pop(f"{mlp}experts.gate"), decoded.pop(f"{mlp}experts.up")], dim=1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,6 +1,7 @@
-"""The correctness matrix: every quant mode x draft kind through the whole pipeline, on the tiny
-random recipe. tox's factors pick rows with RUNNER_MATRIX_QUANT / RUNNER_MATRIX_DRAFT (comma
-lists); with neither set, every combination runs.
+"""The correctness matrix: every quant mode x draft kind x model (dense, mixture of experts)
+through the whole pipeline, on the tiny random recipes. tox's factors pick rows with
+RUNNER_MATRIX_QUANT / RUNNER_MATRIX_DRAFT / RUNNER_MATRIX_MODEL (comma lists); with none set,
+every combination runs.
 
 Reference: plain greedy decoding of the same (quantized) target. Speculative decoding must match
 it token for token; a checkpoint written by `runner quantize` must give the tokens that
@@ -19,7 +20,7 @@ from runner.config.errors import ConfigError
 from runner.config.resolve import resolve
 from runner.config.schema import DraftKind, QuantMode
 
-RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny-random.yaml")
+RECIPES = {"dense": "tiny-random.yaml", "moe": "tiny-moe.yaml"}  # tiny-moe: 4 experts, top 2, a 32-token window
 CALIBRATION = " ".join(["Once upon a time there was a little model that learned to count: one, two, three."] * 40)
 
 
@@ -30,6 +31,12 @@ def selected(variable: str, every: list[str]) -> list[str]:
 
 QUANTS = selected("RUNNER_MATRIX_QUANT", [m.value for m in QuantMode])
 DRAFTS = selected("RUNNER_MATRIX_DRAFT", [k.value for k in DraftKind])
+MODELS = selected("RUNNER_MATRIX_MODEL", list(RECIPES))
+
+
+@pytest.fixture(params=MODELS)
+def recipe(request) -> str:
+    return str(Path(__file__).resolve().parents[2] / "recipes" / RECIPES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +70,20 @@ def draft_overrides(kind: str) -> list[str]:
     return []
 
 
-def greedy(overrides: list[str]) -> tuple[list[int], object]:
-    recipe = resolve(RECIPE, overrides + ["generate.temperature=0", "generate.max_new_tokens=24",
-                                          "generate.prompt=one two three one two three one two"], check_files=True)
-    built = pipeline.build(recipe, RECIPE)
-    return pipeline.generate(built, pipeline.encode_prompt(built, RECIPE))
+def greedy(recipe_file: str, overrides: list[str]) -> tuple[list[int], object]:
+    # 8 words and 24 new tokens: past tiny-moe's 32-token window.
+    recipe = resolve(recipe_file, overrides + ["generate.temperature=0", "generate.max_new_tokens=24",
+                                               "generate.prompt=one two three one two three one two"], check_files=True)
+    built = pipeline.build(recipe, recipe_file)
+    return pipeline.generate(built, pipeline.encode_prompt(built, recipe_file))
 
 
 @pytest.mark.parametrize("draft", DRAFTS)
 @pytest.mark.parametrize("mode", QUANTS)
-def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, home):
+def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, recipe, home):
     quant = quant_overrides(mode, home)
-    expected, _ = greedy(quant)
-    tokens, stats = greedy(quant + draft_overrides(draft))
+    expected, _ = greedy(recipe, quant)
+    tokens, stats = greedy(recipe, quant + draft_overrides(draft))
     assert tokens == expected
     assert len(tokens) == 24
     if draft != "none":
@@ -84,30 +92,32 @@ def test_decoding_matches_plain_greedy_of_the_same_target(mode, draft, home):
         assert len(tokens) == spec.target_forwards + spec.accepted
         # Useful, not only correct: drafts were kept (rejecting every draft still decodes right).
         if draft == "model":
-            assert spec.acceptance_rate >= 0.75  # the target's own int8 copy; measured 0.85 to 1
+            # The target's own int8 copy; measured 0.85 to 1 (dense), 0.67 to 1 (experts: int8
+            # rounding sometimes flips a token's routing, and with it a whole feed-forward).
+            assert spec.acceptance_rate >= (0.75 if recipe.endswith("tiny-random.yaml") else 0.5)
         else:
             assert spec.accepted > 0  # the prompt repeats; measured 1 to 10 of 24 tokens
 
 
 @pytest.mark.parametrize("mode", QUANTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_runner_quantize_writes_what_loading_reproduces_and_guards(mode, dtype, home, tmp_path):
+def test_runner_quantize_writes_what_loading_reproduces_and_guards(mode, dtype, recipe, home, tmp_path):
     """A quantized checkpoint gives the tokens of quantizing on load, and refuses another quant mode;
     with quant.mode none there is nothing to quantize, and saying so is an error."""
     overrides = quant_overrides(mode, home) + [f"dtype={dtype}"]
-    recipe = resolve(RECIPE, overrides, check_files=True)
+    resolved = resolve(recipe, overrides, check_files=True)
     if mode == "none":
         with pytest.raises(ConfigError, match="nothing to quantize"):
-            pipeline.quantized_path(recipe, RECIPE)
+            pipeline.quantized_path(resolved, recipe)
         return
-    on_load, _ = greedy(overrides)
+    on_load, _ = greedy(recipe, overrides)
     out = tmp_path / "quantized.pth"
-    pipeline.write_quantized(recipe, RECIPE, out)
+    pipeline.write_quantized(resolved, recipe, out)
     stored = torch.load(out, weights_only=True, mmap=True)
     assert stored["quant"]["mode"] == mode
-    loaded, _ = greedy(overrides + [f"model.checkpoint={out}"])
+    loaded, _ = greedy(recipe, overrides + [f"model.checkpoint={out}"])
     assert loaded == on_load
     other = "int8" if mode != "int8" else "none"
     with pytest.raises(ConfigError) as info:
-        greedy([f"quant.mode={other}", f"model.checkpoint={out}", f"dtype={dtype}"])
+        greedy(recipe, [f"quant.mode={other}", f"model.checkpoint={out}", f"dtype={dtype}"])
     assert "quant.mode" in str(info.value) and mode in str(info.value)

@@ -6,6 +6,8 @@ within 1e-5 x max(1, |logits|), and 64 greedy tokens agree wherever the referenc
 not a near-tie. Quantized models are quantized whole, then sharded: sharded int8 and int4 equal
 unsharded int8 and int4.
 """
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -27,8 +29,9 @@ def pools():
 
 
 @st.composite
-def cases(draw, int4: bool = False):
-    """(world size, job): MHA and GQA with whole kv heads per rank, tied or not, prompt and chunks."""
+def cases(draw, int4: bool = False, moe: bool = False):
+    """(world size, job): MHA and GQA with whole kv heads per rank, tied or not, prompt and chunks;
+    with `moe`, 2-8 experts, top 1-2, and a sliding window or none."""
     world = draw(st.sampled_from(WORLD_SIZES))
     kv = world * draw(st.integers(1, 2))
     heads = kv * draw(st.integers(1, 3))
@@ -38,6 +41,10 @@ def cases(draw, int4: bool = False):
     spec = ModelSpec(dim=dim, n_layers=draw(st.integers(1, 2)), n_heads=heads, n_kv_heads=kv, head_dim=head_dim,
                      vocab_size=draw(st.integers(16, 300)), intermediate_size=world * unit * draw(st.integers(1, 2)),
                      max_seq_len=128, tie_embeddings=draw(st.booleans()))
+    if moe:
+        experts = draw(st.integers(2, 8))
+        spec = dataclasses.replace(spec, n_experts=experts, n_experts_per_token=draw(st.integers(1, 2)),
+                                   sliding_window=draw(st.none() | st.integers(4, 16)))
     n = draw(st.integers(1, 24))
     tokens = torch.tensor(draw(st.lists(st.integers(0, spec.vocab_size - 1), min_size=n, max_size=n)))
     job = dict(spec=spec, seed=draw(st.integers(0, 2**31)), tokens=tokens, greedy=64,
@@ -93,6 +100,15 @@ def test_sharded_float_model_equals_the_unsharded_one(pools, case):
 def test_sharded_quantized_model_equals_the_unsharded_quantized_one(pools, case, quant):
     world, job = case
     job = dict(job, quant=quant)
+    assert_same(pools[world].run(job), reference_of(job))
+
+
+@settings(max_examples=15, deadline=None)
+@given(cases(int4=True, moe=True), st.sampled_from([None, ("int8", 32), ("int4", 32)]))
+def test_sharded_mixture_of_experts_equals_the_unsharded_one(pools, case, quant):
+    """Each expert's intermediate split over the ranks, the router replicated, float and quantized."""
+    world, job = case
+    job = dict(job, quant=quant) if quant else job
     assert_same(pools[world].run(job), reference_of(job))
 
 
