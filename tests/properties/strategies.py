@@ -1,14 +1,16 @@
 """Tiny random LLaMA configs and prompts, and HF's model with our twin loaded from it."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+import transformers
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from runner.config.schema import ModelSpec, RopeScaling
-from runner.loaders.hf_layout import from_hf, hf_config
+from runner.loaders.hf_layout import from_hf, hf_class, hf_config
 from runner.model.llama import Transformer
 
 MAX_SEQ_LEN = 64
@@ -63,9 +65,17 @@ def model_specs(draw) -> ModelSpec:
 
 
 @st.composite
-def model_cases(draw, min_len: int = 1, max_len: int = 40, max_batch: int = 2):
-    """(spec, init seed, tokens [B, T])."""
-    spec = draw(model_specs())
+def moe_specs(draw, windows: st.SearchStrategy = st.none() | st.integers(1, MAX_SEQ_LEN)) -> ModelSpec:
+    """model_specs() as Mixtral: 2-8 experts, top 1 or 2, and a sliding window drawn from `windows`."""
+    return dataclasses.replace(draw(model_specs()), n_experts=draw(st.integers(2, 8)),
+                               n_experts_per_token=draw(st.integers(1, 2)), sliding_window=draw(windows))
+
+
+@st.composite
+def model_cases(draw, min_len: int = 1, max_len: int = 40, max_batch: int = 2,
+                specs: st.SearchStrategy[ModelSpec] | None = None):
+    """(spec, init seed, tokens [B, T]); the spec from `specs`, model_specs() by default."""
+    spec = draw(model_specs() if specs is None else specs)
     length = draw(st.integers(min_len, max_len))
     batch = draw(st.integers(1, max_batch))
     row = st.lists(st.integers(0, spec.vocab_size - 1), min_size=length, max_size=length)
@@ -83,7 +93,15 @@ def build_twins(spec: ModelSpec, seed: int) -> tuple[LlamaForCausalLM, Transform
     """
     config = LlamaConfig(**hf_config(spec), bos_token_id=None, eos_token_id=None, pad_token_id=None,
                          attn_implementation="eager")
-    hf = LlamaForCausalLM(config).eval()
+    hf = randomise_(LlamaForCausalLM(config).eval(), seed)
+    ours = Transformer(spec)
+    ours.load_state_dict(from_hf(hf.state_dict(), spec))
+    return hf, ours.eval()
+
+
+def randomise_(hf: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """build_twins' weights, in place: norms U(0.5, 1.5), embeddings N(0, 1), every matrix
+    N(0, 1 / fan_in), fan_in its last dimension (a Mixtral expert stack [E, out, in] too)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in hf.parameters():
@@ -92,7 +110,22 @@ def build_twins(spec: ModelSpec, seed: int) -> tuple[LlamaForCausalLM, Transform
             elif p is hf.model.embed_tokens.weight:
                 p.normal_(0.0, 1.0, generator=gen)
             else:
-                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+                p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+    return hf
+
+
+def hf_reference(spec: ModelSpec, seed: int) -> PreTrainedModel:
+    """HF's fp32 model of hf_class(spec) (Llama, Mistral or Mixtral) with build_twins' weights:
+    eager attention, HF's own per-expert loop, no BOS/EOS/PAD ids."""
+    cls = getattr(transformers, hf_class(spec))
+    config = cls.config_class(**hf_config(spec), bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                              attn_implementation="eager", experts_implementation="eager")
+    return randomise_(cls(config).eval(), seed)
+
+
+def twins(spec: ModelSpec, seed: int) -> tuple[PreTrainedModel, Transformer]:
+    """hf_reference(spec, seed) and our Transformer loaded from it (any family, build_twins' weights)."""
+    hf = hf_reference(spec, seed)
     ours = Transformer(spec)
     ours.load_state_dict(from_hf(hf.state_dict(), spec))
     return hf, ours.eval()
