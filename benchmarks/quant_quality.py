@@ -4,8 +4,10 @@
 
 Per mode (quant.mode, quant.groupsize):
   quality, in float32 (the quantized layers run their exact dequantize-then-matmul fallback):
-    - perplexity on --windows windows of --window-len tokens, a fresh KV cache per window
-      (model.setup_cache(1, L); logits = model(tokens, arange(L))), predicting tokens 2..L of each;
+    - perplexity on --windows windows of --window-len tokens, each scored on its own by runner
+      eval's batched scoring (runner.eval.scoring.score: 4 windows a forward, right-padded),
+      predicting tokens 2..L of each (`runner eval` reports lm-eval's word and byte perplexities:
+      benchmarks/eval_quality.py);
     - top-1 agreement: the fraction of all positions whose argmax equals the float model's;
     - weight error: ||W - W_q|| / ||W|| over all quantized layers, against the float model's weights.
   decode speed, greedy, EOS ignored so every run makes --new-tokens tokens, warmed up once,
@@ -138,20 +140,17 @@ def corpus(tokenizer, windows: int, window_len: int, cal_tokens: int) -> tuple[t
 
 
 def evaluate(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """Perplexity, next-token accuracy and argmaxes [N, L] over windows [N, L], a fresh cache each."""
+    """Perplexity, next-token accuracy and argmaxes [N, L - 1] over windows [N, L], each scored on
+    its own (runner eval's batched scoring: the first token is the context, tokens 2..L are predicted)."""
+    from runner.eval.scoring import score
+
     n, length = windows.shape
-    model.setup_cache(1, length)
-    nll, hits, argmaxes = 0.0, 0, []
-    with torch.inference_mode():
-        for w in windows:
-            logits = model(w[None], torch.arange(length))[0].float()  # [L, V]
-            logp = torch.log_softmax(logits[:-1], dim=-1)  # [L - 1, V]: position i predicts token i + 1
-            nll -= logp.gather(1, w[1:, None]).sum().item()
-            top = logits.argmax(-1)  # [L]
-            hits += (top[:-1] == w[1:]).sum().item()
-            argmaxes.append(top)
+    argmax: list[torch.Tensor] = []
+    scored = score(model, [(w[:1].tolist(), w[1:].tolist()) for w in windows], batch_size=4, argmax=argmax)
+    top = torch.stack(argmax)  # [N, L - 1]: position i predicts token i + 1
     count = n * (length - 1)
-    return math.exp(nll / count), hits / count, torch.stack(argmaxes)
+    nll = -sum(logprob for logprob, _ in scored)
+    return math.exp(nll / count), (top == windows[:, 1:]).sum().item() / count, top
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

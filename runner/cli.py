@@ -100,9 +100,18 @@ def _generate(resolved, recipe: str) -> None:
     from runner.report import Reporter
     from runner.tokenizers.base import StopText, TextStream
 
+    from runner.config.schema import DraftKind
+
     rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
+    g = resolved.generate
+    speculative = resolved.draft.kind is not DraftKind.none
+    if g.prompts and speculative:
+        raise ConfigError([problem(recipe, "generate.prompts", "decodes its prompts as rows of one batch, which "
+                                   "speculative decoding does not do; use one generate.prompt, or draft.kind=none")])
     built = pipeline.build(resolved, recipe, report.note, report.progress)
+    if g.prompts or (g.num_samples > 1 and not speculative):
+        return _generate_batch(built, recipe, report)
     prompt = pipeline.encode_prompt(built, recipe)
     compile_seconds = pipeline.warm_up(built, prompt)
     if compile_seconds:
@@ -122,6 +131,35 @@ def _generate(resolved, recipe: str) -> None:
         report.write(stop.push(stream.flush()) + stop.flush())
         report.line()
         report.stats(stats)
+
+
+def _generate_batch(built, recipe: str, report) -> None:
+    """generate.prompts (or the one prompt) x generate.num_samples, decoded together; each text
+    printed whole once the batch is done, then the batch's aggregate figures."""
+    from runner import pipeline
+    from runner.tokenizers.base import StopText, TextStream
+
+    g = built.recipe.generate
+    texts = list(g.prompts) or [g.prompt]
+    prompts = [pipeline.encode_prompt(built, recipe, text) for text in texts]
+    streams = [(TextStream(built.tokenizer), StopText(g.stop)) for _ in range(len(prompts) * g.num_samples)]
+    pieces: list[list[str]] = [[] for _ in streams]
+
+    def show(index: int, token: int) -> bool:
+        stream, stop = streams[index]
+        pieces[index].append(stop.push(stream.push(token)))
+        return stop.stopped
+
+    _, stats = pipeline.generate_batch(built, prompts, show)
+    for index, (stream, stop) in enumerate(streams):
+        prompt, sample = divmod(index, g.num_samples)
+        label = [f"prompt {prompt + 1}/{len(prompts)}"] * (len(prompts) > 1) + \
+            [f"sample {sample + 1}/{g.num_samples}"] * (g.num_samples > 1)
+        report.line(f"--- {', '.join(label)}")
+        report.write(texts[prompt] + ("\n" if g.chat else "") + "".join(pieces[index]) + stop.push(stream.flush())
+                     + stop.flush())
+        report.line()
+    report.stats(stats, label=f"{len(streams)} rows decoded together: ")
 
 
 @cli.command()
@@ -367,6 +405,37 @@ def _bench_rank(resolved, recipe: str, label: str, runs: int, new_tokens: int, p
     figures, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens,
                                     report.progress)
     return figures
+
+
+@cli.command(name="eval")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--tasks", required=True, help="Comma-separated task names (runner/eval/tasks/, or --include-path's).")
+@click.option("--limit", type=int, default=None, help="At most N documents per task.")
+@click.option("--include-path", "include", multiple=True, type=click.Path(),
+              help="A folder of lm-eval task YAMLs with local data files (repeatable).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write lm-eval's results and the resolved recipe as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences scored per forward.")
+def eval_(recipe, overrides, tasks, limit, include, json_path, batch_size):
+    """Score RECIPE's pipeline on lm-eval tasks, offline (needs the eval extra); greedy unless
+    generate.temperature is set.
+
+    \b
+    Example:
+      runner eval recipes/smollm2-135m.yaml --tasks pydoc_perplexity,basic_knowledge_mc --limit 50
+    """
+    from runner.config.resolve import resolve
+    from runner.eval import command
+
+    names = command.check(tasks, limit, include)  # before torch: errors come fast
+    resolved = resolve(recipe, ["generate.temperature=0", *overrides], check_files=True)
+    results = _on_ranks(command.evaluate, resolved, recipe, names, include, limit, batch_size)[0]
+    click.echo(command.caption(resolved, recipe, limit) + f" ({results['kernels_used']})")
+    click.echo("\n".join(command.table(results)))
+    if json_path:
+        command.write_json(json_path, results, resolved)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +14,8 @@ from runner.transforms import compile as compile_step
 from runner.transforms import kernels as kernel_ops
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
-from runner.decoders.stats import Stats
+from runner.decoders.batched import BatchDecoder
+from runner.decoders.stats import Stats, peak_memory
 from runner.tokenizers.base import Tokenizer
 from runner.tokenizers.chat import render_chat
 
@@ -181,14 +183,16 @@ def _describe(meta: dict) -> str:
     return f"quant.mode {meta['mode']}{group} (output {meta['output']}, embedding {meta['embedding']})"
 
 
-def encode_prompt(pipeline: Pipeline, recipe_file: str) -> list[int]:
+def encode_prompt(pipeline: Pipeline, recipe_file: str, prompt: str | None = None) -> list[int]:
+    """generate.prompt (or `prompt`) as token ids, through the chat template when generate.chat says so."""
     recipe = pipeline.recipe
+    prompt = recipe.generate.prompt if prompt is None else prompt
     if recipe.generate.chat:
         # The template writes any BOS itself, and its special-token text must become special tokens.
-        text = render_chat(pipeline.tokenizer, recipe.generate.prompt, recipe_file, recipe.generate.system)
+        text = render_chat(pipeline.tokenizer, prompt, recipe_file, recipe.generate.system)
         ids = pipeline.tokenizer.encode(text, bos=False, allow_special=True)
     else:
-        ids = pipeline.tokenizer.encode(recipe.generate.prompt, bos=True)
+        ids = pipeline.tokenizer.encode(prompt, bos=True)
     return fit_prompt(pipeline, ids, recipe_file)
 
 
@@ -218,3 +222,46 @@ def generate(pipeline: Pipeline, prompt: list[int], on_token: Callable[[int], bo
     generator = torch.Generator(pipeline.decoder.device).manual_seed(g.seed + sample_index)
     eos = pipeline.tokenizer.eos_ids
     return pipeline.decoder.generate(prompt, g.max_new_tokens, eos, generator, on_token)
+
+
+MAX_BATCH = 16  # rows decoded together at most (runner's GEMV kernels take 16 rows; more wait their turn)
+
+
+def generate_batch(pipeline: Pipeline, prompts: list[list[int]], on_token: Callable[[int, int], bool | None] | None = None
+                   ) -> tuple[list[list[int]], Stats]:
+    """Every prompt's generate.num_samples samples decoded together as rows of one batch; sample j
+    of each prompt is seeded with generate.seed + j, as generate() seeds it, so a row draws what it
+    would alone. on_token(sequence, id) sees each new token (sequence: prompt i's sample j is
+    i * num_samples + j); True ends that sequence. Returns each sequence's tokens and the batch's
+    aggregate statistics."""
+    g, eos = pipeline.recipe.generate, pipeline.tokenizer.eos_ids
+    sequences = [(ids, j) for ids in prompts for j in range(g.num_samples)]
+    cache_len = g.cache_len or max(len(ids) for ids in prompts) + g.max_new_tokens
+    decoder = BatchDecoder(pipeline.model, min(len(sequences), MAX_BATCH), cache_len, pipeline.forward)
+    out: list[list[int]] = [[] for _ in sequences]
+    owner: dict[int, int] = {}  # slot -> sequence
+    waiting = list(range(len(sequences)))
+    start, first = time.perf_counter(), None
+
+    def take(index: int, slot: int, token: int) -> None:
+        out[index].append(token)
+        stop = on_token is not None and bool(on_token(index, token))
+        if stop or token in eos or len(out[index]) == g.max_new_tokens:
+            decoder.finish(slot)
+            del owner[slot]
+
+    while waiting or owner:
+        while waiting and decoder.free():  # new rows join between steps
+            index = waiting.pop(0)
+            ids, sample = sequences[index]
+            slot, token = decoder.start(ids, decoders.sampling_of(pipeline.recipe), g.seed + sample)
+            owner[slot] = index
+            first = first or time.perf_counter()
+            take(index, slot, token.id)
+        for slot, token in decoder.step().items():
+            take(owner[slot], slot, token.id)
+    end = time.perf_counter()
+    stats = Stats(prompt_tokens=sum(len(ids) for ids, _ in sequences), new_tokens=sum(map(len, out)),
+                  time_to_first_token=(first or end) - start, decode_seconds=end - (first or end),
+                  peak_memory_bytes=peak_memory(decoder.device))
+    return out, stats

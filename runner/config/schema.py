@@ -308,6 +308,9 @@ class GenerateSection:
     system: Optional[str] = None  # a system message before the user's (chat template; `runner chat`)
     stop: list[str] = field(default_factory=list)  # generation ends where the text contains one (not printed)
     cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
+    # Several prompts decoded together, one batch row each (with num_samples rows per prompt);
+    # empty: the one `prompt`.
+    prompts: list[str] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, object, str]]:
         out = []
@@ -323,6 +326,8 @@ class GenerateSection:
             out.append(("num_samples", self.num_samples, "must be >= 1"))
         if any(not stop for stop in self.stop):
             out.append(("stop", list(self.stop), "stop strings must not be empty"))
+        if any(not prompt for prompt in self.prompts):
+            out.append(("prompts", list(self.prompts), "prompts must not be empty"))
         if self.cache_len is not None and self.cache_len < 2:
             out.append(("cache_len", self.cache_len, "must be >= 2, or null to size it from the prompt"))
         return out

@@ -200,7 +200,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("runner::attend")
     def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window=0):
-        return qkv.new_empty(1, qkv.shape[1], n_heads * k_cache.shape[-1])
+        return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * k_cache.shape[-1])
 
     @torch.library.register_fake("runner::rope_write")
     def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
@@ -247,10 +247,14 @@ class KernelOps:
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,
                window: int | None = None) -> torch.Tensor:
-        if not (_fits(qkv) and qkv.shape[0] == 1 and cache.k.dtype == qkv.dtype):
+        if not (_fits(qkv) and cache.k.dtype == qkv.dtype and cache.k.shape[0] == qkv.shape[0]
+                and cache.k.is_contiguous()):
             return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
-        if qkv.shape[1] <= MAX_ROWS:
+        if qkv.shape[1] <= MAX_ROWS:  # a few tokens of each row (decode, verify), at shared or per-row positions
             return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, window or 0)
+        if qkv.shape[0] > 1:  # prompts of several rows at once: torch's ops
+            return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
+        input_pos = input_pos.reshape(-1)  # one row's positions, [T] or [1, T]
         # A prompt: RoPE and the cache write in one pass (torch's took a fifth of a bf16 prefill in
         # casts, cats and copies), then torch's flash attention over the cache.
         T = qkv.shape[1]

@@ -16,9 +16,12 @@
 //   dequantize_int4(w uint8 [N, K/2], scales, zeros [N, K/gs], gs) -> [N, K]   (in the scales' dtype)
 //   rms_norm(x [..., D], w [D], eps) -> [..., D]
 //   swiglu(gate_up [..., 2I]) -> [..., I]              silu(gate) * up
-//   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> [1, T, H * hd]
-//                                                        a few tokens (decode, verify): RoPE, cache
-//                                                        write, causal GQA attention over the cache
+//   attend(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads, window) -> [B, T, H * hd]
+//                                                        a few tokens (decode, verify) of B rows, each
+//                                                        at its own positions: RoPE, cache write,
+//                                                        causal (sliding-window) GQA attention
+//   expert_linear, int8_expert_linear, int4_expert_linear (x [M, K], stacked weights [E, N, ...], ids [M])
+//                                                        row m through expert ids[m] only
 //   rope_write(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> q [1, H, T, hd]
 //                                                        a prompt: RoPE and the cache write, for
 //                                                        torch's (flash) attention to follow
@@ -835,36 +838,39 @@ float dot(const float* q, const T* k, int64_t n) {
 }
 
 template <typename T>
-void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const int64_t* pos, int64_t count, int64_t H,
-                 int64_t KVH, int64_t hd, int64_t L, int64_t window) {
-  const int64_t width = (H + 2 * KVH) * hd;
+// B rows of `count` tokens each; row b's token t sits at pos[b * count + t] of row b's cache, and
+// cos_sin holds its rotation at the same index.
+void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const int64_t* pos, int64_t B,
+                 int64_t count, int64_t H, int64_t KVH, int64_t hd, int64_t L, int64_t window) {
+  const int64_t width = (H + 2 * KVH) * hd, tokens = B * count;
   // Every new key and value goes into the cache first: a query sees those at positions up to its own.
-  for (int64_t t = 0; t < count; ++t) {
-    const float* cos = cos_sin + t * 2 * hd;
+  for (int64_t i = 0; i < tokens; ++i) {
+    const float* cos = cos_sin + i * 2 * hd;
     const float* sin = cos + hd;
-    const T* k = qkv + t * width + H * hd;
+    const T* k = qkv + i * width + H * hd;
     const T* v = k + KVH * hd;
+    const int64_t row = (i / count) * KVH * L;
     for (int64_t g = 0; g < KVH; ++g) {
-      rope(k + g * hd, cos, sin, hd, kc + (g * L + pos[t]) * hd);
-      std::copy(v + g * hd, v + (g + 1) * hd, vc + (g * L + pos[t]) * hd);
+      rope(k + g * hd, cos, sin, hd, kc + ((row + g * L) + pos[i]) * hd);
+      std::copy(v + g * hd, v + (g + 1) * hd, vc + ((row + g * L) + pos[i]) * hd);
     }
   }
   const int64_t group = H / KVH;
   const float scale = 1.f / std::sqrt((float)hd);
   int64_t longest = 0;
-  for (int64_t t = 0; t < count; ++t) longest = std::max(longest, pos[t] + 1);
+  for (int64_t i = 0; i < tokens; ++i) longest = std::max(longest, pos[i] + 1);
   // A few heads over a short cache is too little work to share out; a long cache is not.
-  const int64_t items = count * H, grain = longest * hd * items < (1 << 16) ? items : 1;
+  const int64_t items = tokens * H, grain = longest * hd * items < (1 << 16) ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> qh(hd);
     std::vector<float> qf(hd), p(longest), acc(hd);
     for (int64_t item = begin; item < end; ++item) {
       // A query at p sees positions up to p; with a sliding window only the last `window` of them.
       const int64_t t = item / H, h = item % H, first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
-      const int64_t n = pos[t] + 1 - first;
+      const int64_t n = pos[t] + 1 - first, row = (t / count) * KVH * L;
       rope(qkv + t * width + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, qh.data());
-      const T* kh = kc + ((h / group) * L + first) * hd;
-      const T* vh = vc + ((h / group) * L + first) * hd;
+      const T* kh = kc + (row + (h / group) * L + first) * hd;
+      const T* vh = vc + (row + (h / group) * L + first) * hd;
       for (int64_t d = 0; d < hd; ++d) qf[d] = widen(qh[d]);
       float top = -INFINITY;
       for (int64_t j = 0; j < n; ++j) p[j] = dot(qf.data(), kh + j * hd, hd) * scale;
@@ -926,28 +932,30 @@ at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::
                              int64_t H, int64_t KVH) {
   check_cpu_float(qkv, name);
   const int64_t L = k_cache.size(2), hd = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == 1 && qkv.size(2) == (H + 2 * KVH) * hd, "runner::", name,
-              ": qkv must be [1, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
-  const int64_t count = qkv.size(1);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) == (H + 2 * KVH) * hd, "runner::", name,
+              ": qkv must be [B, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
+  const int64_t B = qkv.size(0), count = qkv.size(1);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.size(0) == 1 && k_cache.size(1) == KVH && k_cache.scalar_type() == qkv.scalar_type() &&
+                  k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.scalar_type() == qkv.scalar_type() &&
                   v_cache.scalar_type() == qkv.scalar_type(),
-              "runner::", name, ": caches must be contiguous [1, n_kv_heads, L, head_dim] in qkv's dtype");
+              "runner::", name, ": caches must be contiguous [B, n_kv_heads, L, head_dim] in qkv's dtype");
   TORCH_CHECK(H % KVH == 0 && hd % 2 == 0, "runner::", name, ": n_heads must be a multiple of n_kv_heads");
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.numel() == count * 2 * hd, "runner::", name,
-              ": cos_sin must be fp32 [T, 2, head_dim]");
-  TORCH_CHECK(input_pos.numel() == count && input_pos.scalar_type() == at::kLong, "runner::", name,
-              ": input_pos must be T int64 positions");
-  auto positions = input_pos.contiguous();
+  TORCH_CHECK(input_pos.scalar_type() == at::kLong && (input_pos.numel() == count || input_pos.numel() == B * count),
+              "runner::", name, ": input_pos must be T int64 positions, or [B, T]");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.numel() == input_pos.numel() * 2 * hd, "runner::", name,
+              ": cos_sin must be fp32 [..., 2, head_dim], one per position");
+  // Shared positions ([T]) are spelled out per row, as cos_sin then is: [B * T] each.
+  auto positions = input_pos.reshape({-1, count}).expand({B, count}).contiguous();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < count; ++t)
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "runner::", name, ": position ", pos[t], " is outside the cache of ", L);
+  for (int64_t i = 0; i < B * count; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < L, "runner::", name, ": position ", pos[i], " is outside the cache of ", L);
   return positions;
 }
 
 at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
                       const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads) {
   auto positions = checked_positions("rope_write", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads);
+  TORCH_CHECK(qkv.size(0) == 1, "runner::rope_write: one row only (a prompt), got ", qkv.size(0));
   const int64_t L = k_cache.size(2), hd = k_cache.size(3), count = qkv.size(1);
   auto qc = qkv.contiguous();
   auto cs = cos_sin.contiguous();
@@ -968,17 +976,21 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& 
                   const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads, int64_t window) {
   TORCH_CHECK(window >= 0, "runner::attend: window must be >= 0 (0: none), got ", window);
   auto positions = checked_positions("attend", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads);
-  const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3), count = qkv.size(1);
+  const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3);
+  const int64_t B = qkv.size(0), count = qkv.size(1);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   auto qc = qkv.contiguous();
-  auto cs = cos_sin.contiguous();
-  auto y = at::empty({1, count, H * hd}, qkv.options());
+  // One rotation per position of every row, as pos has them.
+  auto cs = cos_sin.numel() == count * 2 * hd ? cos_sin.reshape({1, count, 2 * hd}).expand({B, count, 2 * hd}).contiguous()
+                                              : cos_sin.contiguous();
+  auto y = at::empty({B, count, H * hd}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16)
     attend_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, count, H, KVH, hd, L, window);
+                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, B, count, H, KVH, hd, L,
+                window);
   else
     attend_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, count, H, KVH, hd, L, window);
+                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, B, count, H, KVH, hd, L, window);
   return y;
 }
 

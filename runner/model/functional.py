@@ -52,28 +52,33 @@ def rope_cache(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by cos_sin [T, 2, D].
+    """Rotate x [B, H, T, D] by cos_sin [T, 2, D] (or [B, T, 2, D]: each row at its own positions).
 
     The native layout pairs dimension i with i + D/2 (HF's "rotate half"); Meta and GGUF
     checkpoints, which pair neighbours, are permuted into it when they are loaded.
     """
-    cos, sin = cos_sin[:, 0].to(x.dtype), cos_sin[:, 1].to(x.dtype)
+    cos, sin = cos_sin[..., 0, :].to(x.dtype), cos_sin[..., 1, :].to(x.dtype)  # [(B,) T, D]
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D], against x's heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Causal attention of q [B, H, T, D] over the cache k, v [B, KVH, L, D]; mask [T, L] (True: attend)."""
+    """Causal attention of q [B, H, T, D] over the cache k, v [B, KVH, L, D]; mask [T, L] or, a row
+    each, [B, T, L] (True: attend)."""
+    if mask.dim() == 3:
+        mask = mask[:, None]  # [B, 1, T, L]: every head of a row alike
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def causal_mask(input_pos: torch.Tensor, cache_len: int, window: int | None = None) -> torch.Tensor:
-    """[T, cache_len]: a query at position p sees cache slots 0..p, or with a sliding window only
+    """[T, cache_len] (or [B, T, cache_len] for per-row positions [B, T]): a query at position p sees cache slots 0..p, or with a sliding window only
     the last `window` of them, p - window + 1..p (HF's and Mistral's convention)."""
-    slots = torch.arange(cache_len, device=input_pos.device)[None, :]
-    mask = slots <= input_pos[:, None]
-    return mask if window is None else mask & (slots > input_pos[:, None] - window)
+    slots = torch.arange(cache_len, device=input_pos.device)
+    mask = slots <= input_pos[..., None]  # input_pos [T] or [B, T] -> [(B,) T, L]
+    return mask if window is None else mask & (slots > input_pos[..., None] - window)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

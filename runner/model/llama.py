@@ -25,8 +25,22 @@ from runner.config.schema import ModelSpec
 from runner.model import functional as fn
 
 
+def _update(cache, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Write k, v [B, KVH, T, D] at input_pos ([T], shared by the rows, or [B, T], each row its own)."""
+    # Slots beyond a row's current position may hold stale values: the causal mask never reads them.
+    if input_pos.dim() == 1:
+        cache.k.index_copy_(2, input_pos, k)
+        cache.v.index_copy_(2, input_pos, v)
+    else:
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], against positions [B, T]
+        cache.k[rows, :, input_pos] = k.transpose(1, 2)  # [B, T, KVH, D]
+        cache.v[rows, :, input_pos] = v.transpose(1, 2)
+    return cache.k, cache.v
+
+
 class KVCache(nn.Module):
-    """A static cache: [B, n_kv_heads, max_len, head_dim] for keys and values."""
+    """A static cache: [B, n_kv_heads, max_len, head_dim] for keys and values; row b is batch row
+    (or decoding slot) b."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -34,11 +48,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # Slots beyond the current position may hold stale values: the causal mask never reads them.
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    update = _update
+
+    def row(self, index: int) -> "CacheRow":
+        return CacheRow(self, index)
+
+
+class CacheRow:
+    """Row `index` of a KVCache as a cache of one row (views: writes land in the whole cache)."""
+
+    update = _update
+
+    def __init__(self, cache: KVCache, index: int):
+        self.k, self.v = cache.k[index:index + 1], cache.v[index:index + 1]
 
 
 class Linear(nn.Linear):
@@ -90,9 +112,9 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos_sin, mask, input_pos):
-        y = self.ops.attend(self.wqkv(x), cos_sin, self.kv_cache, input_pos, mask, self.n_heads, self.n_kv_heads,
-                            self.window)
+    def forward(self, x, cos_sin, mask, input_pos, row: int | None = None):
+        cache = self.kv_cache if row is None else self.kv_cache.row(row)
+        y = self.ops.attend(self.wqkv(x), cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window)
         return self.wo(y)
 
 
@@ -166,8 +188,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
 
-    def forward(self, x, cos_sin, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos)
+    def forward(self, x, cos_sin, mask, input_pos, row: int | None = None):
+        h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -197,14 +219,17 @@ class Transformer(nn.Module):
         self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
         self.cache_len = cache_len
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos [T]; [B, 1, vocab] for
-        the last token only with last_only (a prompt: the output layer is a fifth of its work)."""
-        mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [T, L]
-        cos_sin = self.cos_sin[input_pos]  # [T, 2, D]
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
+                row: int | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos: [T] shared by every
+        row, or [B, T], each row at its own (batched decoding); [B, 1, vocab] for the last token only
+        with last_only (a prompt: the output layer is a fifth of its work). With `row`, tokens [1, T]
+        go into that row of the cache only, the other rows left as they are."""
+        mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [(B,) T, L]
+        cos_sin = self.cos_sin[input_pos]  # [(B,) T, 2, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
-            x = layer(x, cos_sin, mask, input_pos)
+            x = layer(x, cos_sin, mask, input_pos, row)
         if last_only:
             x = x[:, -1:]  # [B, 1, dim]
         x = self.norm(x)

@@ -59,7 +59,7 @@ def test_show_prints_the_resolved_recipe_with_overrides(invoke, runner_home):
     assert shown["generate"]["max_new_tokens"] == 7
     assert shown["generate"]["top_k"] is None
     assert shown["model"]["arch"] == yaml.safe_load((REPO / "specs" / "tiny-llama.yaml").read_text()) | {
-        "head_dim": None, "rope_scaling": None}
+        "head_dim": None, "rope_scaling": None, "n_experts": None, "n_experts_per_token": 2, "sliding_window": None}
     assert shown["model"]["checkpoint"] == str(runner_home / "tiny-random" / "model.pth")
     assert shown["tokenizer"]["path"] == str(REPO / "recipes" / "assets" / "tiny-sp.model")
 
@@ -221,8 +221,8 @@ def text_and_stats(output: str) -> tuple[list[str], list[str]]:
 def test_run_generates_and_reports(invoke):
     result = invoke(TINY, "generate.max_new_tokens=12")
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("Once upon a time")
-    text, stats = text_and_stats(result.output)
+    assert result.stdout.startswith("Once upon a time")
+    text, stats = text_and_stats(result.stdout)
     assert len(stats) == 1 and stats[0].startswith("12 tokens | ")
     assert "".join(text) != "Once upon a time"  # something was generated
 
@@ -237,8 +237,8 @@ def test_num_samples_prints_each_sample_and_each_is_reproducible_alone(invoke):
     seed = 1234
     both = invoke(TINY, "generate.num_samples=2", "generate.max_new_tokens=12", f"generate.seed={seed}")
     assert both.exit_code == 0, both.output
-    text, stats = text_and_stats(both.output)
-    assert len(stats) == 2
+    text, stats = text_and_stats(both.stdout)
+    assert len(stats) == 1 and "2 rows decoded together" in stats[0]  # decoded as one batch
     assert text[0] == "--- sample 1/2" and "--- sample 2/2" in text
     i = text.index("--- sample 2/2")
     samples = [text[1:i], text[i + 1:]]
@@ -246,7 +246,7 @@ def test_num_samples_prints_each_sample_and_each_is_reproducible_alone(invoke):
     # Sample i is seeded with generate.seed + i, so each can be regenerated on its own.
     for k, sample in enumerate(samples):
         alone = invoke(TINY, "generate.max_new_tokens=12", f"generate.seed={seed + k}")
-        assert text_and_stats(alone.output)[0] == sample
+        assert text_and_stats(alone.stdout)[0] == sample
 
 
 def test_the_entry_point_runs_the_tiny_recipe(runner_home):

@@ -1,0 +1,117 @@
+"""Batched decoding over slots: several sequences decoded together, each joining and leaving
+between steps (iteration-level, "continuous" batching).
+
+The model holds one static KV cache with a row per slot. A request takes a free slot and is
+prefilled there while the other rows keep their caches; every step then decodes one token for
+each busy slot, in one forward over all rows, each at its own position. Sampling is per row:
+temperature, top-k, top-p and a seed of its own, so a row draws the same tokens alone or batched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from runner.decoders.sampling import Sampling, next_token
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float  # log-probability of `id` under the model's distribution (before sampling's reshaping)
+    top: tuple[tuple[int, float], ...] = ()  # the `logprobs` most likely ids and their log-probabilities
+
+
+@dataclass
+class _Row:
+    sampling: Sampling
+    generator: torch.Generator | None
+    logprobs: int
+    position: int  # where its next token goes in the cache
+    tokens: list[int] = field(default_factory=list)
+
+
+class BatchDecoder:
+    """`slots` rows of `cache_len` positions each over one model.
+
+    start() prefills a prompt into a free slot and returns its first token; step() decodes one
+    token for every busy slot; finish() frees a slot at once. The caller (a scheduler) owns
+    stopping: EOS, stop strings, max_tokens, cancellation.
+    """
+
+    def __init__(self, model: torch.nn.Module, slots: int, cache_len: int, forward=None):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if cache_len > model.spec.max_seq_len:
+            raise ValueError(f"cache_len {cache_len} exceeds the model's max_seq_len {model.spec.max_seq_len}")
+        self.model, self.forward = model, forward or model
+        self.slots, self.cache_len = slots, cache_len
+        self.device = next(model.parameters()).device
+        self.rows: dict[int, _Row] = {}
+        model.setup_cache(slots, cache_len)
+
+    def free(self) -> list[int]:
+        """Slots no sequence holds."""
+        return [s for s in range(self.slots) if s not in self.rows]
+
+    def busy(self) -> list[int]:
+        return sorted(self.rows)
+
+    def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
+              logprobs: int = 0) -> tuple[int, Token]:
+        """Prefill `prompt` into a free slot; (the slot, its first token). ValueError when no slot
+        is free or the prompt leaves no room in the cache for a new token."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.cache_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) leaves no room in the cache of {self.cache_len}")
+        free = self.free()
+        if not free:
+            raise ValueError(f"all {self.slots} slots are busy")
+        slot = free[0]
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        row = _Row(sampling, generator, logprobs, len(prompt))
+        with torch.inference_mode():
+            tokens = torch.tensor([prompt], device=self.device)  # [1, T]
+            positions = torch.arange(len(prompt), device=self.device)[None]  # [1, T]
+            logits = self.model(tokens, positions, last_only=True, row=slot)  # [1, 1, V]
+            token = self._pick(row, logits[0, -1])
+        self.rows[slot] = row
+        return slot, token
+
+    def step(self) -> dict[int, Token]:
+        """One new token for every busy slot (a slot whose cache is full is left out: finish it)."""
+        ready = [s for s in self.busy() if self.rows[s].position < self.cache_len]
+        if not ready:
+            return {}
+        # Every slot runs (free ones at position 0, their output unused): one shape for every step,
+        # so a compiled step never recompiles as requests come and go.
+        tokens = torch.zeros(self.slots, 1, dtype=torch.long)
+        positions = torch.zeros(self.slots, 1, dtype=torch.long)
+        for s in ready:
+            row = self.rows[s]
+            tokens[s, 0], positions[s, 0] = row.tokens[-1], row.position
+        with torch.inference_mode():
+            logits = self.forward(tokens.to(self.device), positions.to(self.device))  # [B, 1, V]
+            out = {}
+            for s in ready:
+                row = self.rows[s]
+                row.position += 1
+                out[s] = self._pick(row, logits[s, -1])
+        return out
+
+    def finish(self, slot: int) -> None:
+        """Free `slot` for the next request (its cache rows are overwritten by the next prefill)."""
+        self.rows.pop(slot, None)
+
+    def _pick(self, row: _Row, logits: torch.Tensor) -> Token:
+        token = int(next_token(logits, row.sampling, row.generator))
+        row.tokens.append(token)
+        if row.logprobs < 0:
+            return Token(token, 0.0)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = ()
+        if row.logprobs:
+            values, ids = logp.topk(row.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return Token(token, float(logp[token]), top)
