@@ -98,12 +98,13 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 GATHER_ROWS = 4  # up to this many rows (a decoded token's experts), expert_linear gathers; above, it groups
 
 
-def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, matmul=None) -> torch.Tensor:
     """Row m of x [M, K] times expert ids[m] of w [E, N, K] -> [M, N]; experts no row chose are never read.
 
     A few rows (decoding) gather their experts' matrices; many rows (a prompt) are grouped by
     expert, one matmul per expert in use. A compiled step cannot group (the groups' sizes are
     data), so there every expert runs on every row and the rows keep their own expert's result.
+    matmul(rows, e) -> rows @ w[e].T, for a group, when the caller has a better one than F.linear.
     """
     M = x.shape[0]
     if M <= GATHER_ROWS:
@@ -119,7 +120,7 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.
     for e, count in enumerate(torch.bincount(ids, minlength=w.shape[0]).tolist()):
         if count:
             rows = order[start:start + count]
-            out[rows] = F.linear(x[rows], w[e])
+            out[rows] = F.linear(x[rows], w[e]) if matmul is None else matmul(x[rows], e)
             start += count
     return out
 

@@ -186,9 +186,18 @@ class QuantizedExperts(nn.Module):
         return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "runner" and x.dtype == self.scales.dtype and x.shape[0] <= kernels.MAX_ROWS:
+        on_kernels = self.kernel == "runner" and x.dtype == self.scales.dtype
+        if on_kernels and x.shape[0] <= kernels.MAX_ROWS:
             return getattr(torch.ops.runner, self.OP)(x, *self._operands(), ids)
-        return functional.expert_linear(x, _Dequantized(self, x.dtype), ids)
+        # A prompt, grouped by expert: on runner's kernels a group of a few rows reads its expert
+        # once through the GEMV kernel; a bigger one dequantizes it for a GEMM.
+        matmul = self._group_matmul if on_kernels else None
+        return functional.expert_linear(x, _Dequantized(self, x.dtype), ids, matmul)
+
+    def _group_matmul(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        if x.shape[0] <= kernels.MAX_ROWS:
+            return self._expert_kernel(x, e)
+        return torch.nn.functional.linear(x, self._kernel_dequantize(e))
 
     def dequantize(self, index) -> torch.Tensor:
         """The fp32 weights of the experts at `index` (an int, or a tensor of expert ids)."""
@@ -254,6 +263,9 @@ class Int8Experts(QuantizedExperts):
     def _kernel_dequantize(self, e: int) -> torch.Tensor:
         return torch.ops.runner.dequantize_int8(self.weight[e], self.scales[e])
 
+    def _expert_kernel(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return torch.ops.runner.int8_linear(x, self.weight[e], self.scales[e])
+
     def _slices(self, dim, keep):
         if dim == "out":
             return {"weight": self.weight.index_select(1, keep), "scales": self.scales.index_select(1, keep)}
@@ -303,6 +315,9 @@ class Int4Experts(QuantizedExperts):
 
     def _kernel_dequantize(self, e: int) -> torch.Tensor:
         return torch.ops.runner.dequantize_int4(self.weight[e], self.scales[e], self.zeros[e], self.groupsize)
+
+    def _expert_kernel(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return torch.ops.runner.int4_linear(x, self.weight[e], self.scales[e], self.zeros[e], self.groupsize)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groupsize={self.groupsize}"
