@@ -57,6 +57,10 @@ class RunnerLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.runner_tokenizer.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's own tokenizing bar would print even into a log; ours shows while scoring, on a terminal.
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
         return score(self.model, pairs, self.batch_size, self.bar("scoring"))
