@@ -47,7 +47,7 @@ def check(tasks: str, limit: int | None, include: tuple[str, ...]) -> list[str]:
 
 
 def evaluate(resolved, recipe: str, names: list[str], include: tuple[str, ...], limit: int | None,
-             batch_size: int) -> dict:
+             batch_size: int) -> dict | None:
     """lm-eval's results for the tasks on this rank (every rank runs the same forwards); JSON-safe."""
     require_lm_eval()
     from lm_eval import evaluator
@@ -65,6 +65,8 @@ def evaluate(resolved, recipe: str, names: list[str], include: tuple[str, ...], 
     results = evaluator.simple_evaluate(model=lm, tasks=catalog.specs(names, list(include)), limit=limit,
                                         task_manager=catalog.manager(list(include)), log_samples=False,
                                         bootstrap_iters=1000)
+    if results is None:  # lm-eval reports on the first local rank only (every rank ran the same forwards)
+        return None
     ops = built.model.ops
     quantized = sorted({m.kernel for m in built.model.modules() if isinstance(getattr(m, "kernel", None), str)})
     kernels_used = f"ops {getattr(ops, '__name__', type(ops).__name__).rsplit('.', 1)[-1]}" + \

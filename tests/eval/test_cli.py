@@ -83,3 +83,17 @@ def test_without_lm_eval_it_names_the_extra(capsys, monkeypatch, runner_home):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     line = one_error(*run(capsys, monkeypatch, runner_home, TINY, "--tasks", "basic_knowledge_mc")[::2])
     assert "lm-eval: is not installed" in line and ".[eval]" in line
+
+
+@pytest.mark.tp
+def test_under_tensor_parallelism_rank_0_reports_what_one_process_does(runner_home):
+    """Every rank runs the same forwards (lm-eval splits no requests); one table is printed."""
+    import subprocess
+
+    args = [sys.executable, "-m", "runner", "eval", TINY, "--tasks", "basic_knowledge_mc", "--limit", "6"]
+    env = {**__import__("os").environ, "RUNNER_HOME": str(runner_home)}
+    one = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run(args + ["parallel.world_size=2"], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    table = [line for line in one.stdout.splitlines() if line.startswith("| basic_knowledge_mc")]
+    assert len(table) == 2 and [line for line in two.stdout.splitlines() if line.startswith("| basic")] == table
