@@ -439,6 +439,62 @@ def eval_(recipe, overrides, tasks, limit, include, json_path, batch_size):
 
 
 @cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--slots", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Sequences decoded together (rows of the batch and of the KV cache).")
+@click.option("--cache-len", type=click.IntRange(min=2), default=None,
+              help="Positions per slot (prompt + new tokens) [default: generate.cache_len, or the model's "
+                   "max_seq_len capped at 2048].")
+@click.option("--queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait for a free slot; beyond slots + queue a request gets 429.")
+@click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1 routes.")
+@click.option("--model-name", default=None, help="The model's id in /v1/models [default: the recipe's file stem].")
+def serve(recipe, overrides, host, port, slots, cache_len, queue, api_key, model_name):
+    """Serve RECIPE's model over an OpenAI-compatible HTTP API (needs the serve extra).
+
+    POST /v1/completions and /v1/chat/completions (streamed or not), GET /v1/models, /health
+    (503 while loading) and /metrics (Prometheus). A field a request leaves out takes the
+    recipe's generate.* value.
+
+    \b
+    Example:
+      runner serve recipes/smollm2-135m.yaml --slots 8 --port 8000
+    """
+    from runner.config.resolve import resolve
+
+    resolved = resolve(recipe, overrides, check_files=True)
+    problems = []
+    if resolved.draft.kind.value != "none":
+        problems.append(problem(recipe, "draft.kind", "runner serve decodes without a draft (speculative serving "
+                                "is not built); use none", resolved.draft.kind.value))
+    if resolved.parallel.world_size != 1:
+        problems.append(problem(recipe, "parallel.world_size", "runner serve runs in one process (tensor-parallel "
+                                "serving is not built); use 1", resolved.parallel.world_size))
+    from runner.serve.server import default_cache_len, serve as run_server
+
+    cache_len = cache_len or default_cache_len(resolved)
+    if cache_len > resolved.model.arch.max_seq_len:
+        problems.append(problem("command line", "--cache-len", f"must be at most model.arch.max_seq_len "
+                                f"({resolved.model.arch.max_seq_len})", cache_len))
+    if problems:
+        raise ConfigError(problems)
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.UsageError(f"runner serve needs the serve extra ({', '.join(missing)} missing): "
+                               "pip install -e '.[serve]'")
+    from runner.report import Reporter
+
+    report = Reporter()
+    run_server(resolved, recipe, host, port, slots, cache_len, queue, api_key, model_name or Path(recipe).stem,
+               report.note, report.progress)
+
+
+@cli.command()
 @click.argument("spec")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")

@@ -1,0 +1,218 @@
+"""Serving throughput: aggregate output tokens/s and p50/p99 time to first token at 1, 2, 4 and 8
+concurrent clients, each streaming --tokens tokens per request from `runner serve` (and, where
+llama-cpp-python's server extra is installed, from `python -m llama_cpp.server` on the recipe's
+GGUF in the same run).
+
+    python benchmarks/serve.py                      # smollm2-135m, dtype=bfloat16, --slots 8
+    python benchmarks/serve.py --clients 1,4 --requests 2 --json out.json
+
+Both servers get the same plain-text prompt, greedy, through /v1/completions with stream=true.
+A request's tokens are its usage.completion_tokens where the server reports them
+(stream_options.include_usage), else its streamed chunks (one token each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, probe: str, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + probe, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"not ready within {seconds} s")
+
+
+def one_request(url: str, model: str | None, tokens: int, extra: dict) -> tuple[float, int, float]:
+    """(time to first token, tokens received, seconds) for one streamed completion."""
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+    if model:
+        body["model"] = model
+    start = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+            if any(c.get("text") for c in event.get("choices", [])):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+    return first or float("nan"), usage if usage is not None else chunks, time.perf_counter() - start
+
+
+def load(url: str, model: str | None, clients: int, requests: int, tokens: int, extra: dict) -> dict:
+    """`clients` threads, each sending `requests` streamed completions one after another."""
+    results, failures, lock = [], [], threading.Lock()
+
+    def client():
+        for _ in range(requests):
+            try:
+                out = one_request(url, model, tokens, extra)
+            except httpx.HTTPError as e:  # counted, not timed
+                with lock:
+                    failures.append(repr(e))
+                continue
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if not results:
+        raise RuntimeError(f"every request failed: {failures[:1]}")
+    ttft = sorted(r[0] for r in results)
+    total = sum(r[1] for r in results)
+    return {"clients": clients, "requests": len(results), "failed": len(failures), "tokens": total, "seconds": wall,
+            "tokens_per_s": total / wall, "ttft_p50_ms": 1000 * statistics.median(ttft),
+            "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
+
+
+def run_server(command: list[str], url: str, probe: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, process, probe)
+    except RuntimeError as e:
+        stop(process)
+        raise RuntimeError(f"{' '.join(command)}: {e}\n{log.read_text()[-2000:]}") from None
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def measure(name: str, command: list[str], url: str, probe: str, model: str | None, args, log: Path,
+            extra: dict) -> list[dict]:
+    print(f"starting {name}: {' '.join(command)}", file=sys.stderr)
+    process = run_server(command, url, probe, log)
+    try:
+        one_request(url, model, 8, extra)  # warm-up
+        rows = []
+        for clients in args.clients:
+            row = {"server": name, **load(url, model, clients, args.requests, args.tokens, extra)}
+            print(f"{name}: {clients} clients: {row['tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms"
+                  f", {row['failed']} requests failed", file=sys.stderr)
+            rows.append(row)
+        return rows
+    finally:
+        stop(process)
+
+
+def llamacpp_available() -> bool:
+    return subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True).returncode == 0
+
+
+def gguf_of(recipe: str, overrides: list[str]) -> tuple[Path | None, frozenset[int]]:
+    """The recipe's GGUF model.source (None if it names none), and its tokenizer's EOS ids."""
+    from runner import sources
+    from runner.config.resolve import resolve
+    from runner.pipeline import build_tokenizer
+
+    resolved = resolve(recipe, overrides)
+    source = resolved.model.source
+    if not (source and source.lower().endswith(".gguf")):
+        return None, frozenset()
+    return sources.fetch(source, recipe), build_tokenizer(resolved, recipe).eos_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="recipes/smollm2-135m.yaml")
+    parser.add_argument("--overrides", default="dtype=bfloat16", help="key=value ... for the recipe (one string)")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--cache-len", type=int, default=512)
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    overrides = args.overrides.split()
+    threads = len(os.sched_getaffinity(0))
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+
+    rows = []
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    runner = [sys.executable, "-m", "runner", "serve", args.recipe, *overrides, "--port", str(port),
+              "--slots", str(args.slots), "--cache-len", str(args.cache_len), "--queue", "64"]
+    rows += measure("runner", runner, url, "/health", Path(args.recipe).stem, args, logs / "bench-serve-runner.log",
+                    {})
+
+    if not args.no_llamacpp:
+        gguf, eos = gguf_of(args.recipe, overrides)
+        if not llamacpp_available():
+            print("llama.cpp: llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]'); skipped", file=sys.stderr)
+        elif gguf is None:
+            print("llama.cpp: the recipe's model.source is no GGUF; skipped", file=sys.stderr)
+        else:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", str(args.cache_len),
+                       "--n_threads", str(threads),
+                       # By default a new request interrupts the one streaming; queue them instead.
+                       "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+            try:
+                # llama.cpp gets EOS banned, so that each of its answers is --tokens long; runner's
+                # answers count whatever they hold (usage), EOS or not.
+                rows += measure("llama.cpp", command, url, "/v1/models", None, args, logs / "bench-serve-llamacpp.log",
+                                {"logit_bias": {str(i): -100 for i in eos}})
+            except RuntimeError as e:
+                print(f"llama.cpp: failed: {e}", file=sys.stderr)
+
+    print(f"{args.recipe} {' '.join(overrides)}, --slots {args.slots}, {args.tokens} tokens a request, "
+          f"{args.requests} requests per client, {threads} CPU threads, load average "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print("| server | clients | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | failed requests |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+              f"{r['ttft_p99_ms']:.0f} | {r['failed']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

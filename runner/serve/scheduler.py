@@ -1,0 +1,274 @@
+"""The scheduler: one thread owns the BatchDecoder and the model loop; requests come and go
+between steps (continuous batching). It knows nothing of HTTP.
+
+A request waits in a queue for a free slot, is prefilled into it, then joins the next batched
+step. Each new token goes through the request's TextStream and StopText and is handed to the
+request's `emit` callback as a Piece; the last event is Finished (or Failed). A finished or
+cancelled request frees its slot at once. Stopping (EOS, stop strings, max_tokens, a full cache,
+cancellation) is decided here: the decoder only decodes.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from runner.config.errors import ConfigError
+from runner.decoders.batched import BatchDecoder, Token
+from runner.decoders.sampling import Sampling
+from runner.serve.metrics import Metrics
+from runner.tokenizers.base import StopText, TextStream, Tokenizer
+from runner.tokenizers.chat import render_messages
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sequence to generate."""
+
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None: a fresh random seed (sampling) - the row is still independent of its batch
+    logprobs: int = -1  # -1: none; 0: the chosen token's; k: and the k most likely
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A generated token with its log-probability, and the most likely alternatives."""
+
+    id: int
+    text: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str  # may be "" (text held back: a partial character, or what may begin a stop string)
+    token: TokenInfo | None = None  # with Job.logprobs >= 0 only
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (EOS or a stop string), "length" (max_tokens or a full cache), "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str  # the model loop raised: a server fault, not the request's
+
+
+Event = Piece | Finished | Failed
+
+
+class Busy(Exception):
+    """Every slot and every queue place is taken."""
+
+
+class Handle:
+    """A submitted job: cancel() stops it (waiting or running) and frees its slot."""
+
+    def __init__(self, job: Job, emit: Callable[[Event], None]):
+        self.job, self.emit = job, emit
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Running:
+    handle: Handle
+    stream: TextStream
+    stop: StopText
+    generated: int = 0
+    last: float = 0.0  # when its latest token came
+    ended: bool = field(default=False)
+
+
+class Scheduler:
+    """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one."""
+
+    def __init__(self, decoder: BatchDecoder, tokenizer: Tokenizer, queue: int, metrics: Metrics | None = None):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.slots, self.cache_len, self.queue = decoder.slots, decoder.cache_len, queue
+        self.metrics = metrics or Metrics()
+        self._cond = threading.Condition()
+        self._waiting: deque[Handle] = deque()
+        self._running: dict[int, _Running] = {}  # slot -> its request
+        self._inflight = 0  # submitted and not finished: waiting + running
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="runner-scheduler", daemon=True)
+
+    # ---- prompts (text -> ids, ids -> text: no tensors either)
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """ValueError when the model has no chat template or the template rejects the messages."""
+        try:
+            text = render_messages(self.tokenizer, messages, "request")
+        except ConfigError as e:
+            raise ValueError(e.problems[0].message) from None
+        return self.tokenizer.encode(text, bos=False, allow_special=True)
+
+    # ---- the queue
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, jobs: list[Job], emits: list[Callable[[Event], None]]) -> list[Handle]:
+        """Queue `jobs` together (all or none: Busy when slots + queue cannot take them all)."""
+        handles = [Handle(job, emit) for job, emit in zip(jobs, emits)]
+        with self._cond:
+            if self._stopping:
+                raise Busy("the server is shutting down")
+            if self._inflight + len(handles) > self.slots + self.queue:
+                raise Busy(f"all {self.slots} slots and {self.queue} queue places are taken")
+            self._inflight += len(handles)
+            self._waiting.extend(handles)
+            self._cond.notify()
+        return handles
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop; whatever is waiting or running ends as cancelled."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # ---- the model loop (the scheduler thread only)
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._waiting or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            for r in list(self._running.values()):
+                if r.handle.cancelled:
+                    self._end(r, "cancelled")
+            with self._cond:
+                gone = [h for h in self._waiting if h.cancelled]  # their clients left while they queued
+                for handle in gone:
+                    self._waiting.remove(handle)
+                admit = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.slots - len(self._running)))]
+            for handle in gone:
+                self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
+            for handle in admit:
+                self._prefill(handle)
+            if self._running:
+                self._step()
+        for r in list(self._running.values()):
+            self._end(r, "cancelled")
+        while self._waiting:
+            handle = self._waiting.popleft()
+            self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
+
+    def _prefill(self, handle: Handle) -> None:
+        job = handle.job
+        seed = job.seed if job.seed is not None or job.sampling.greedy else random.getrandbits(63)
+        try:
+            slot, token = self.decoder.start(job.prompt, job.sampling, seed, job.logprobs)
+        except Exception as e:  # a prompt the HTTP layer should have refused, or a model fault
+            self._finish_unstarted(handle, Failed(f"prefill failed: {e}"))
+            return
+        r = _Running(handle, TextStream(self.tokenizer), StopText(job.stop))
+        self._running[slot] = r
+        self._advance(slot, r, token)
+
+    def _step(self) -> None:
+        try:
+            tokens = self.decoder.step()
+        except Exception as e:  # a model fault: every running request fails, the server goes on
+            for slot, r in list(self._running.items()):
+                self._end(r, None, Failed(f"decode step failed: {e}"))
+            return
+        for slot, token in tokens.items():
+            r = self._running.get(slot)
+            if r is not None:
+                self._advance(slot, r, token)
+
+    def _advance(self, slot: int, r: _Running, token: Token) -> None:
+        """Take one new token for the request in `slot`: emit its text, decide whether it stops."""
+        job, now = r.handle.job, time.perf_counter()
+        r.generated += 1
+        if r.generated == 1:
+            self.metrics.first_token(now - r.handle.submitted)
+        else:
+            self.metrics.next_token(now - r.last)
+        r.last = now
+        if token.id in self.tokenizer.eos_ids:
+            tail = r.stop.push(r.stream.flush()) + r.stop.flush()
+            if tail:
+                self._emit(r, Piece(tail))
+            self._end(r, "stop")
+            return
+        text = r.stop.push(r.stream.push(token.id))
+        info = self._info(token) if job.logprobs >= 0 else None
+        if r.stop.stopped:
+            self._emit(r, Piece(text, info))
+            self._end(r, "stop")
+            return
+        # The next token would go at position len(prompt) + generated - 1: past the cache, none can.
+        full = len(job.prompt) + r.generated - 1 >= self.cache_len
+        if r.generated >= job.max_tokens or full:
+            text += r.stop.push(r.stream.flush())
+            reason = "stop" if r.stop.stopped else "length"
+            self._emit(r, Piece(text + r.stop.flush(), info))
+            self._end(r, reason)
+            return
+        if text or info is not None:
+            self._emit(r, Piece(text, info))
+
+    def _info(self, token: Token) -> TokenInfo:
+        def text(i: int) -> tuple[str, bytes]:
+            raw = self.tokenizer.token_bytes(i) if 0 <= i < self.tokenizer.vocab_size else b""
+            return (raw.decode("utf-8", errors="replace") if raw else self.tokenizer.decode([i])), raw
+
+        return TokenInfo(token.id, *text(token.id), token.logprob,
+                         tuple((*text(i), lp) for i, lp in token.top))
+
+    def _emit(self, r: _Running, event: Event) -> None:
+        try:
+            r.handle.emit(event)
+        except Exception:  # the listener is gone (its event loop closed): nobody wants the rest
+            r.handle.cancel()
+
+    def _end(self, r: _Running, reason: str | None, event: Event | None = None) -> None:
+        """Free r's slot at once and send its last event (Finished(reason), or `event`)."""
+        if r.ended:
+            return
+        r.ended = True
+        slot = next(s for s, x in self._running.items() if x is r)
+        self.decoder.finish(slot)
+        del self._running[slot]
+        prompt = len(r.handle.job.prompt)
+        self.metrics.tokens(prompt, r.generated)
+        with self._cond:
+            self._inflight -= 1
+        self._emit(r, event or Finished(reason, prompt, r.generated))
+
+    def _finish_unstarted(self, handle: Handle, event: Event) -> None:
+        with self._cond:
+            self._inflight -= 1
+        try:
+            handle.emit(event)
+        except Exception:
+            pass
