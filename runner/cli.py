@@ -470,10 +470,7 @@ def serve(recipe, overrides, host, port, slots, cache_len, queue, api_key, model
     if resolved.draft.kind.value != "none":
         problems.append(problem(recipe, "draft.kind", "runner serve decodes without a draft (speculative serving "
                                 "is not built); use none", resolved.draft.kind.value))
-    if resolved.parallel.world_size != 1:
-        problems.append(problem(recipe, "parallel.world_size", "runner serve runs in one process (tensor-parallel "
-                                "serving is not built); use 1", resolved.parallel.world_size))
-    from runner.serve.server import default_cache_len, serve as run_server
+    from runner.serve.server import default_cache_len
 
     cache_len = cache_len or default_cache_len(resolved)
     if cache_len > resolved.model.arch.max_seq_len:
@@ -487,11 +484,21 @@ def serve(recipe, overrides, host, port, slots, cache_len, queue, api_key, model
     if missing:
         raise click.UsageError(f"runner serve needs the serve extra ({', '.join(missing)} missing): "
                                "pip install -e '.[serve]'")
-    from runner.report import Reporter
+    # Tensor parallelism: rank 0 serves HTTP and schedules; the other ranks repeat its decoder's calls.
+    _on_ranks(_serve_rank, resolved, recipe, host, port, slots, cache_len, queue, api_key,
+              model_name or Path(recipe).stem)
 
+
+def _serve_rank(resolved, recipe: str, host, port, slots, cache_len, queue, api_key, model_name) -> None:
+    from runner import parallel
+    from runner.report import Reporter
+    from runner.serve import server
+
+    rank = parallel.current()
+    if rank is not None and rank.rank > 0:
+        return server.follow(resolved, recipe, slots, cache_len)
     report = Reporter()
-    run_server(resolved, recipe, host, port, slots, cache_len, queue, api_key, model_name or Path(recipe).stem,
-               report.note, report.progress)
+    server.serve(resolved, recipe, host, port, slots, cache_len, queue, api_key, model_name, report.note, report.progress)
 
 
 @cli.command()

@@ -111,6 +111,7 @@ def _free_port() -> int:
 def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
     """Run task(*args) on `size` local ranks; returns each rank's result. The task joins the group."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     import logging
@@ -129,6 +130,8 @@ def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
             return elastic_launch(config, _rank_main)(task, args)
         except ChildFailedError as e:
             raise RankFailed(*_failure(e, Path(errors), size)) from None
+        except SignalException:  # Ctrl-C or a kill while the ranks ran (the launcher has stopped them)
+            raise KeyboardInterrupt from None
         finally:
             for key, value in saved.items():
                 if value is None:

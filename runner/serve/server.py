@@ -59,6 +59,10 @@ def _scheduler(recipe: Recipe, recipe_file: str, slots: int, cache_len: int, que
 
     built = pipeline.build(recipe, recipe_file, note, bar)
     decoder = BatchDecoder(built.model, slots, cache_len, built.forward)
+    if recipe.parallel.world_size > 1:  # every other rank repeats this decoder's calls (follow)
+        from runner.serve.ranks import Leader
+
+        decoder = Leader(decoder)
     # One prefill and one step before the first request: compiled steps compile here, not in its latency.
     slot, _ = decoder.start(built.tokenizer.encode("Hello", bos=True), Sampling())
     decoder.step()
@@ -66,3 +70,13 @@ def _scheduler(recipe: Recipe, recipe_file: str, slots: int, cache_len: int, que
     scheduler = Scheduler(decoder, built.tokenizer, queue, metrics)
     scheduler.start()
     return scheduler
+
+
+def follow(recipe: Recipe, recipe_file: str, slots: int, cache_len: int) -> None:
+    """A tensor-parallel rank other than 0: build the same decoder, then run rank 0's calls on it."""
+    from runner import pipeline
+    from runner.decoders.batched import BatchDecoder
+    from runner.serve.ranks import follow as follow_leader
+
+    built = pipeline.build(recipe, recipe_file)
+    follow_leader(BatchDecoder(built.model, slots, cache_len, built.forward))

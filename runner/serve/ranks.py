@@ -1,0 +1,74 @@
+"""Serving a tensor-parallel recipe: rank 0 runs the HTTP side and the scheduler; every other rank
+repeats rank 0's decoder calls, so all ranks run the same forwards (and meet in the same all-reduces).
+
+Rank 0's scheduler holds a Leader in place of its BatchDecoder: each start / step / finish is
+broadcast (a small pickled tuple) before it runs. The other ranks sit in follow(), running each
+call as it comes. Sampling agrees across ranks because every sampled row has a seed (the scheduler
+draws one when a request names none) and greedy rows need none. While no request runs, the leader
+sends a heartbeat now and then: a collective waits at most parallel.TIMEOUT.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from runner.decoders.batched import BatchDecoder
+
+HEARTBEAT_SECONDS = 10.0  # well inside parallel.TIMEOUT
+
+
+def _broadcast(call: tuple | None) -> tuple:
+    box = [call]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Leader:
+    """A BatchDecoder whose calls every other rank repeats (see follow)."""
+
+    heartbeat_seconds = HEARTBEAT_SECONDS
+
+    def __init__(self, decoder: BatchDecoder):
+        self.decoder = decoder
+
+    def __getattr__(self, name):  # slots, cache_len, free(), busy(): local, nothing to repeat
+        return getattr(self.decoder, name)
+
+    def start(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0):
+        if seed is None and not sampling.greedy:
+            raise ValueError("a sampled row needs a seed under tensor parallelism (every rank draws alike)")
+        _broadcast(("start", prompt, sampling, seed, logprobs))
+        return self.decoder.start(prompt, sampling, seed, logprobs)
+
+    def step(self):
+        _broadcast(("step",))
+        return self.decoder.step()
+
+    def finish(self, slot: int) -> None:
+        _broadcast(("finish", slot))
+        self.decoder.finish(slot)
+
+    def idle(self) -> None:
+        """Nothing to run: tell the followers the leader is alive."""
+        _broadcast(("idle",))
+
+    def close(self) -> None:
+        try:
+            _broadcast(("close",))
+        except RuntimeError:  # the followers are gone already (Ctrl-C reached every rank)
+            pass
+
+
+def follow(decoder: BatchDecoder) -> None:
+    """Run rank 0's decoder calls on this rank until it closes."""
+    while True:
+        name, *args = _broadcast(None)
+        if name == "close":
+            return
+        if name == "idle":
+            continue
+        try:
+            with torch.inference_mode():
+                getattr(decoder, name)(*args)
+        except ValueError:  # refused on rank 0 alike (a full cache, no free slot): it goes on
+            pass
