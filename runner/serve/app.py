@@ -83,9 +83,24 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+class JsonBodies:
+    """ASGI middleware: a POST body is JSON whatever its Content-Type says (`curl -d` sends
+    application/x-www-form-urlencoded; OpenAI's API and llama.cpp's server read JSON all the same)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(state: State) -> FastAPI:
     settings = state.settings
     app = FastAPI(title="runner", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(JsonBodies)
     app.add_middleware(CountRequests, metrics=state.metrics)
 
     @app.exception_handler(ApiError)

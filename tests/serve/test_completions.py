@@ -167,3 +167,15 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert after["runner_time_to_first_token_seconds_count"] == before["runner_time_to_first_token_seconds_count"] + 1
     assert after["runner_time_per_output_token_seconds_count"] == before["runner_time_per_output_token_seconds_count"] + 3
     assert after["runner_requests_running"] == 0 and after["runner_requests_waiting"] == 0
+
+
+def test_a_curl_style_body_is_read_as_json_whatever_its_content_type(server, client):
+    """`curl -N URL -d '{...}'` sends application/x-www-form-urlencoded (the README's example)."""
+    expected = complete(client, max_tokens=8, temperature=0).choices[0].text
+    body = json.dumps({"model": "tiny-random", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True})
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):
+        with httpx.stream("POST", server.v1 + "/completions", content=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200, r.read()
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(c["choices"][0]["text"] for c in map(json.loads, (l[6:] for l in lines[:-1])) if c["choices"]) == expected
