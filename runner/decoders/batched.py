@@ -84,15 +84,21 @@ class BatchDecoder:
         ready = [s for s in self.busy() if self.rows[s].position < self.cache_len]
         if not ready:
             return {}
-        # Every slot runs (free ones at position 0, their output unused): one shape for every step,
-        # so a compiled step never recompiles as requests come and go.
-        tokens = torch.zeros(self.slots, 1, dtype=torch.long)
-        positions = torch.zeros(self.slots, 1, dtype=torch.long)
+        # Compiled steps run every slot (free ones at position 0, their output unused): one shape for
+        # every step, so they never recompile as requests come and go. Eager ones run the slots up to
+        # the last busy one only (start() fills the lowest free slot first): one request costs a row.
+        rows = self.slots if self.forward is not self.model else ready[-1] + 1
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        positions = torch.zeros(rows, 1, dtype=torch.long)
         for s in ready:
             row = self.rows[s]
             tokens[s, 0], positions[s, 0] = row.tokens[-1], row.position
         with torch.inference_mode():
-            logits = self.forward(tokens.to(self.device), positions.to(self.device))  # [B, 1, V]
+            tokens, positions = tokens.to(self.device), positions.to(self.device)
+            if rows == self.slots:
+                logits = self.forward(tokens, positions)  # [B, 1, V]
+            else:
+                logits = self.model(tokens, positions, row=slice(0, rows))  # [rows, 1, V]
             out = {}
             for s in ready:
                 row = self.rows[s]

@@ -50,17 +50,19 @@ class KVCache(nn.Module):
 
     update = _update
 
-    def row(self, index: int) -> "CacheRow":
+    def row(self, index: "int | slice") -> "CacheRow":
         return CacheRow(self, index)
 
 
 class CacheRow:
-    """Row `index` of a KVCache as a cache of one row (views: writes land in the whole cache)."""
+    """Row `index` (or the rows of a slice) of a KVCache as a cache of its own (views: writes land
+    in the whole cache)."""
 
     update = _update
 
-    def __init__(self, cache: KVCache, index: int):
-        self.k, self.v = cache.k[index:index + 1], cache.v[index:index + 1]
+    def __init__(self, cache: KVCache, index: "int | slice"):
+        rows = index if isinstance(index, slice) else slice(index, index + 1)
+        self.k, self.v = cache.k[rows], cache.v[rows]
 
 
 class Linear(nn.Linear):
@@ -112,7 +114,7 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos_sin, mask, input_pos, row: int | None = None):
+    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
         cache = self.kv_cache if row is None else self.kv_cache.row(row)
         y = self.ops.attend(self.wqkv(x), cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window)
         return self.wo(y)
@@ -188,7 +190,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
 
-    def forward(self, x, cos_sin, mask, input_pos, row: int | None = None):
+    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -220,11 +222,12 @@ class Transformer(nn.Module):
         self.cache_len = cache_len
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
-                row: int | None = None) -> torch.Tensor:
+                row: int | slice | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos: [T] shared by every
         row, or [B, T], each row at its own (batched decoding); [B, 1, vocab] for the last token only
         with last_only (a prompt: the output layer is a fifth of its work). With `row`, tokens [1, T]
-        go into that row of the cache only, the other rows left as they are."""
+        go into that row of the cache only (a slice: tokens [n, T] into those n rows), the other rows
+        left as they are."""
         mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [(B,) T, L]
         cos_sin = self.cos_sin[input_pos]  # [(B,) T, 2, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]

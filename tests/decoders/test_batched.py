@@ -67,14 +67,8 @@ def run_batched(model, prompts, joins, sampling=Sampling(), seeds=None, slots=5)
     """Each prompt's STEPS tokens and their logits, decoded together, prompt i joining before step joins[i]."""
     decoder = BatchDecoder(model, slots, CACHE)
     captured = {}
-    forward = decoder.forward
-
-    def spy(tokens, positions, *args, **kwargs):
-        out = forward(tokens, positions, *args, **kwargs)
-        captured["logits"] = out
-        return out
-
-    decoder.forward = spy
+    # The last forward's logits (a step runs the slots up to the last busy one: row s is slot s).
+    hook = model.register_forward_hook(lambda module, args, out: captured.update(logits=out))
     tokens, logits, slot_of = {}, {}, {}
     step = 0
     while len(tokens) < len(prompts) or any(len(t) < STEPS for t in tokens.values()):
@@ -90,6 +84,7 @@ def run_batched(model, prompts, joins, sampling=Sampling(), seeds=None, slots=5)
             else:
                 decoder.finish(slot)
         step += 1
+    hook.remove()
     return tokens, logits
 
 
