@@ -83,18 +83,47 @@ class CountRequests:
         await self.app(scope, receive, counted)
 
 
+MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413) before it is read
+
+
 class JsonBodies:
     """ASGI middleware: a POST body is JSON whatever its Content-Type says (`curl -d` sends
-    application/x-www-form-urlencoded; OpenAI's API and llama.cpp's server read JSON all the same)."""
+    application/x-www-form-urlencoded; OpenAI's API and llama.cpp's server read JSON all the same),
+    and one larger than MAX_BODY_BYTES is refused with 413, by its Content-Length or as it arrives."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await self._too_large(send)
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES and not refused:
+                refused = True  # answered here; to the app the client has gone
+                await self._too_large(send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def watched(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, watched)
+
+    @staticmethod
+    async def _too_large(send):
+        await _error_response(ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes",
+                                       "invalid_request_error", code="request_too_large"))({"type": "http"}, None, send)
+
 
 
 def create_app(state: State) -> FastAPI:

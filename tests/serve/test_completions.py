@@ -179,3 +179,19 @@ def test_a_curl_style_body_is_read_as_json_whatever_its_content_type(server, cli
             lines = [line for line in r.iter_lines() if line]
         assert lines[-1] == "data: [DONE]"
         assert "".join(c["choices"][0]["text"] for c in map(json.loads, (l[6:] for l in lines[:-1])) if c["choices"]) == expected
+
+
+def test_a_body_beyond_the_limit_is_413_and_the_server_goes_on(server, client):
+    from runner.serve.app import MAX_BODY_BYTES
+
+    big = b'{"model": "tiny-random", "prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    r = httpx.post(server.v1 + "/completions", content=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: caught as the body arrives
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+
+    r = httpx.post(server.v1 + "/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413
+    assert complete(client, max_tokens=4, temperature=0).choices[0].text
