@@ -16,6 +16,7 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
 from runner.decoders.batched import BatchDecoder
 from runner.decoders.stats import Stats, peak_memory
+from runner.kernels import MAX_ROWS
 from runner.tokenizers.base import Tokenizer
 from runner.tokenizers.chat import render_chat
 
@@ -224,7 +225,7 @@ def generate(pipeline: Pipeline, prompt: list[int], on_token: Callable[[int], bo
     return pipeline.decoder.generate(prompt, g.max_new_tokens, eos, generator, on_token)
 
 
-MAX_BATCH = 16  # rows decoded together at most (runner's GEMV kernels take 16 rows; more wait their turn)
+MAX_BATCH = MAX_ROWS  # rows decoded together at most: what runner's GEMV kernels take; more wait their turn
 
 
 def generate_batch(pipeline: Pipeline, prompts: list[list[int]], on_token: Callable[[int, int], bool | None] | None = None
@@ -241,6 +242,7 @@ def generate_batch(pipeline: Pipeline, prompts: list[list[int]], on_token: Calla
     out: list[list[int]] = [[] for _ in sequences]
     owner: dict[int, int] = {}  # slot -> sequence
     waiting = list(range(len(sequences)))
+    sampling = decoders.sampling_of(pipeline.recipe)
     start, first = time.perf_counter(), None
 
     def take(index: int, slot: int, token: int) -> None:
@@ -254,7 +256,7 @@ def generate_batch(pipeline: Pipeline, prompts: list[list[int]], on_token: Calla
         while waiting and decoder.free():  # new rows join between steps
             index = waiting.pop(0)
             ids, sample = sequences[index]
-            slot, token = decoder.start(ids, decoders.sampling_of(pipeline.recipe), g.seed + sample)
+            slot, token = decoder.start(ids, sampling, g.seed + sample)
             owner[slot] = index
             first = first or time.perf_counter()
             take(index, slot, token.id)

@@ -18,7 +18,7 @@ from runner.decoders.sampling import Sampling, next_token
 @dataclass(frozen=True)
 class Token:
     id: int
-    logprob: float  # log-probability of `id` under the model's distribution (before sampling's reshaping)
+    logprob: float | None  # of `id` under the model's distribution (before sampling's reshaping); None: not asked
     top: tuple[tuple[int, float], ...] = ()  # the `logprobs` most likely ids and their log-probabilities
 
 
@@ -26,7 +26,7 @@ class Token:
 class _Row:
     sampling: Sampling
     generator: torch.Generator | None
-    logprobs: int
+    logprobs: int  # -1: none; 0: the chosen token's; k: and the k most likely
     position: int  # where its next token goes in the cache
     tokens: list[int] = field(default_factory=list)
 
@@ -58,9 +58,11 @@ class BatchDecoder:
         return sorted(self.rows)
 
     def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
-              logprobs: int = 0) -> tuple[int, Token]:
+              logprobs: int = -1) -> tuple[int, Token]:
         """Prefill `prompt` into a free slot; (the slot, its first token). ValueError when no slot
-        is free or the prompt leaves no room in the cache for a new token."""
+        is free or the prompt leaves no room in the cache for a new token. logprobs: -1 computes
+        none (a log-softmax over the vocabulary a row and step); 0 the chosen token's; k also the k
+        most likely."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.cache_len:
@@ -110,11 +112,21 @@ class BatchDecoder:
         """Free `slot` for the next request (its cache rows are overwritten by the next prefill)."""
         self.rows.pop(slot, None)
 
+    # A scheduler's side of the protocol, for decoders that must hear from it while it waits for work
+    # (runner.serve.ranks.Leader: the other ranks of a tensor-parallel group).
+    heartbeat_seconds: float | None = None  # how often an idle scheduler calls idle(); None: never
+
+    def idle(self) -> None:
+        """Nothing to run for heartbeat_seconds."""
+
+    def close(self) -> None:
+        """The scheduler is done with this decoder."""
+
     def _pick(self, row: _Row, logits: torch.Tensor) -> Token:
         token = int(next_token(logits, row.sampling, row.generator))
         row.tokens.append(token)
         if row.logprobs < 0:
-            return Token(token, 0.0)
+            return Token(token, None)
         logp = torch.log_softmax(logits.float(), dim=-1)
         top = ()
         if row.logprobs:

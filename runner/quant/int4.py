@@ -55,11 +55,10 @@ def quantize(w: torch.Tensor, groupsize: int, scale_dtype: torch.dtype | None = 
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """The fp32 weights [out, in] for levels q [out, in] and scales, zeros [out, G]."""
-    out, n = q.shape
-    groups = q.reshape(out, scales.shape[1], -1).float()  # [out, G, gs]
+    """The fp32 weights [..., out, in] for levels q [..., out, in] and scales, zeros [..., out, G]."""
+    groups = q.unflatten(-1, (scales.shape[-1], -1)).float()  # [..., out, G, gs]
     w = (groups - MID) * scales.float()[..., None] + zeros.float()[..., None]
-    return w.reshape(out, n)
+    return w.flatten(-2)
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
@@ -69,9 +68,8 @@ def pack(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in / 2] -> levels uint8 [out, in]; the inverse of pack."""
-    out = packed.shape[0]
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(out, -1)  # [out, in/2, 2] -> [out, in]
+    """uint8 [..., out, in / 2] -> levels uint8 [..., out, in]; the inverse of pack."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)  # [..., in/2, 2] -> [..., in]
 
 
 def scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

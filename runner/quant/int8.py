@@ -25,5 +25,5 @@ def quantize(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[t
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The fp32 weights [out, in] that q [out, in] and scales [out] stand for."""
-    return q.float() * scales.float()[:, None]
+    """The fp32 weights [..., out, in] that q [..., out, in] and scales [..., out] stand for."""
+    return q.float() * scales.float()[..., None]

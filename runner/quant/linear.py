@@ -255,7 +255,7 @@ class Int8Experts(QuantizedExperts):
         return new
 
     def dequantize(self, index) -> torch.Tensor:
-        return self.weight[index].float() * self.scales[index].float()[..., None]
+        return int8.dequantize(self.weight[index], self.scales[index])
 
     def _operands(self):
         return self.weight, self.scales
@@ -300,10 +300,7 @@ class Int4Experts(QuantizedExperts):
         return new
 
     def dequantize(self, index) -> torch.Tensor:
-        w, scales, zeros = self.weight[index], self.scales[index], self.zeros[index]
-        levels = torch.stack([w & 0xF, w >> 4], dim=-1).flatten(-2)  # [..., out, in]
-        groups = levels.unflatten(-1, (scales.shape[-1], self.groupsize)).float()  # [..., out, G, gs]
-        return ((groups - int4.MID) * scales.float()[..., None] + zeros.float()[..., None]).flatten(-2)
+        return int4.dequantize(int4.unpack(self.weight[index]), self.scales[index], self.zeros[index])
 
     def _refuses(self, device):
         if self.groupsize < 32 or self.groupsize & (self.groupsize - 1):

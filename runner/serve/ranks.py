@@ -30,9 +30,7 @@ class Leader:
 
     def __init__(self, decoder: BatchDecoder):
         self.decoder = decoder
-
-    def __getattr__(self, name):  # slots, cache_len, free(), busy(): local, nothing to repeat
-        return getattr(self.decoder, name)
+        self.slots, self.cache_len = decoder.slots, decoder.cache_len
 
     def start(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0):
         if seed is None and not sampling.greedy:

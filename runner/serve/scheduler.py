@@ -158,10 +158,8 @@ class Scheduler:
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or self._running):
-                    # A tensor-parallel decoder (runner.serve.ranks.Leader) tells its followers it
-                    # is alive now and then; a plain one waits for work as long as it takes.
-                    if not self._cond.wait(getattr(self.decoder, "heartbeat_seconds", None)):
-                        self.decoder.idle()
+                    if not self._cond.wait(self.decoder.heartbeat_seconds):
+                        self.decoder.idle()  # a tensor-parallel leader's followers hear it is alive
                 if self._stopping:
                     break
             for r in list(self._running.values()):
@@ -183,8 +181,7 @@ class Scheduler:
         while self._waiting:
             handle = self._waiting.popleft()
             self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
-        if hasattr(self.decoder, "close"):  # a tensor-parallel leader lets its followers go
-            self.decoder.close()
+        self.decoder.close()
 
     def _prefill(self, handle: Handle) -> None:
         job = handle.job

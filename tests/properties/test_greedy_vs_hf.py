@@ -13,6 +13,12 @@ from tests.properties.strategies import build_twins, logits_bound, model_cases
 def test_greedy_matches_hf_generate(case, n):
     spec, seed, tokens = case
     hf, ours = build_twins(spec, seed)
+    stats = assert_greedy_matches_hf(hf, ours, tokens, n)
+    assert stats.new_tokens == n
+
+
+def assert_greedy_matches_hf(hf, ours, tokens: torch.Tensor, n: int):
+    """PlainDecoder's n greedy tokens after tokens [1, T] equal HF generate's; its Stats."""
     with torch.no_grad():
         out = hf.generate(tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                           output_logits=True, return_dict_in_generate=True)
@@ -24,4 +30,4 @@ def test_greedy_matches_hf_generate(case, n):
     new_ids, stats = PlainDecoder(ours, Sampling(temperature=0)).generate(tokens[0].tolist(), n)
 
     assert new_ids == out.sequences[0, tokens.shape[1]:].tolist()
-    assert stats.new_tokens == n
+    return stats

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runner.decoders.batched import Token
+from runner.decoders.batched import BatchDecoder, Token
 from runner.decoders.sampling import Sampling
 from runner.serve.scheduler import Busy, Finished, Job, Piece, Scheduler
 
@@ -49,6 +49,8 @@ class Scripted:
 
     def finish(self, slot):
         self.rows.pop(slot, None)
+
+    heartbeat_seconds, idle, close = None, BatchDecoder.idle, BatchDecoder.close
 
 
 def run(decoder, jobs, queue_places=4):
