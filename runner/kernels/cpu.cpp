@@ -24,7 +24,10 @@
 //                                                        row m through expert ids[m] only
 //   rope_write(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> q [1, H, T, hd]
 //                                                        a prompt: RoPE and the cache write, for
-//                                                        torch's (flash) attention to follow
+//                                                        causal_attention to follow
+//   causal_attention(q [1, H, T, hd], k_cache, v_cache, pos [T], window) -> [1, T, H * hd]
+//                                                        a prompt's causal (sliding-window) GQA
+//                                                        attention over the cache, block by block
 //
 // Each rounds where the torch reference (runner/model/functional.py) rounds, so bf16 results
 // stay within a rounding step of it; tests/kernels compare them.
@@ -681,23 +684,45 @@ void dequantize_int8_impl(const int8_t* w, const T* scales, T* y, int64_t N, int
 
 template <typename T>
 void dequantize_int4_impl(const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t N, int64_t K, int64_t gs) {
-  const int64_t G = K / gs;
+  const int64_t G = K / gs, per_group = gs / 2;
+#if defined(__AVX512BF16__)
+  // Word 2i from word i (the even columns), word 2i + 1 from word 16 + i (the odd ones).
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#endif
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K);
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* q = w + n * K / 2;
+    for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < G; ++g) {
         const float s = widen(scales[n * G + g]), z = widen(zeros[n * G + g]);
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 2) {  // even column low, odd high
-          row[k] = (float)((q[k / 2] & 0xF) - 8) * s + z;
-          row[k + 1] = (float)((q[k / 2] >> 4) - 8) * s + z;
+        const uint8_t* q = w + n * K / 2 + g * per_group;
+        T* out = y + n * K + g * gs;
+        int64_t b = 0;
+        for (; b + kLanes <= per_group; b += kLanes) {  // kLanes bytes: kLanes even and kLanes odd columns
+          const vi levels = widen_u8(q + b);
+          const vf even = __builtin_convertvector((levels & 0xF) - 8, vf) * s + z;
+          const vf odd = __builtin_convertvector((levels >> 4) - 8, vf) * s + z;
+#if defined(__AVX512BF16__)
+          if constexpr (std::is_same_v<T, BFloat16>) {  // one rounding instruction, one interleave
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh((__m512)odd, (__m512)even);
+            _mm512_storeu_si512(out + 2 * b, _mm512_permutexvar_epi16(interleave, both));
+            continue;
+          }
+#endif
+          if constexpr (std::is_same_v<T, BFloat16>) {
+            const vu pairs = (bf16_bits(even) >> 16) | bf16_bits(odd);  // even column in the low half
+            std::memcpy(out + 2 * b, &pairs, sizeof pairs);
+          } else {
+            for (int i = 0; i < kLanes; ++i) {
+              out[2 * (b + i)] = even[i];
+              out[2 * (b + i) + 1] = odd[i];
+            }
+          }
+        }
+        for (; b < per_group; ++b) {  // even column low, odd high
+          out[2 * b] = static_cast<T>((float)((q[b] & 0xF) - 8) * s + z);
+          out[2 * b + 1] = static_cast<T>((float)((q[b] >> 4) - 8) * s + z);
         }
       }
-      T* out = y + n * K;
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) vstore(out + k, vload(row.data() + k));
-      for (; k < K; ++k) out[k] = static_cast<T>(row[k]);
-    }
   });
 }
 
@@ -738,20 +763,26 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const 
   return y;
 }
 
+// Rows per thread for row-wise ops: a decode step's few rows stay on the calling thread (a parallel
+// region costs more than they do); a prompt's hundreds are shared out.
+inline int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float eps) {
   const int64_t whole = D / kLanes * kLanes;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xi = x + i * D;
-    T* yi = y + i * D;
-    vf acc{};
-    for (int64_t d = 0; d < whole; d += kLanes) acc += vload(xi + d) * vload(xi + d);
-    float ss = hsum(acc);
-    for (int64_t d = whole; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
-    const float r = 1.f / std::sqrt(ss / D + eps);
-    for (int64_t d = 0; d < whole; d += kLanes) vstore(yi + d, vround<T>(vload(xi + d) * r) * vload(w + d));
-    for (int64_t d = whole; d < D; ++d) yi[d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
-  }
+  at::parallel_for(0, rows, grain_rows(D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xi = x + i * D;
+      T* yi = y + i * D;
+      vf acc{};
+      for (int64_t d = 0; d < whole; d += kLanes) acc += vload(xi + d) * vload(xi + d);
+      float ss = hsum(acc);
+      for (int64_t d = whole; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
+      const float r = 1.f / std::sqrt(ss / D + eps);
+      for (int64_t d = 0; d < whole; d += kLanes) vstore(yi + d, vround<T>(vload(xi + d) * r) * vload(w + d));
+      for (int64_t d = whole; d < D; ++d) yi[d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
+    }
+  });
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -772,18 +803,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 template <typename T>
 void swiglu_impl(const T* gu, T* y, int64_t rows, int64_t I) {
   const int64_t whole = I / kLanes * kLanes;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* g = gu + i * 2 * I;
-    const T* u = g + I;
-    for (int64_t j = 0; j < whole; j += kLanes) {
-      const vf gv = vload(g + j);
-      vstore(y + i * I + j, vround<T>(gv / (1.f + vexp(-gv))) * vload(u + j));
+  at::parallel_for(0, rows, grain_rows(I), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = gu + i * 2 * I;
+      const T* u = g + I;
+      for (int64_t j = 0; j < whole; j += kLanes) {
+        const vf gv = vload(g + j);
+        vstore(y + i * I + j, vround<T>(gv / (1.f + vexp(-gv))) * vload(u + j));
+      }
+      for (int64_t j = whole; j < I; ++j) {
+        const float gv = widen(g[j]);
+        y[i * I + j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
+      }
     }
-    for (int64_t j = whole; j < I; ++j) {
-      const float gv = widen(g[j]);
-      y[i * I + j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
-    }
-  }
+  });
 }
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
@@ -926,6 +959,257 @@ void rope_write_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* q, con
   });
 }
 
+// --- a prompt's attention: causal (sliding-window) GQA over the cache, a block at a time ---------
+
+// FlashAttention's online softmax, on the CPU: a block of kQueryBlock queries against kKeyBlock
+// keys at a time. Each key head's keys and values are first widened to fp32 once (keys
+// transposed, a block at a time) and shared by every query of its heads; R rows' scores stay in
+// registers while the head dimension is summed, and R rows' outputs while the values are.
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 4 * kLanes;
+constexpr int kScoreRows = kLanes >= 16 ? 4 : 2;  // 4 x 4 sums fill half of AVX-512's 32 registers
+
+// Online softmax over one key block's scores s [kQueryBlock][kKeyBlock] (keys j0.. from base, nk
+// of them in the cache): masked scores become 0, the others exp(score - the row's running
+// maximum), and each row's total and output are rescaled as its maximum grows.
+void softmax_block(float* s, const int64_t* pos, int64_t n, int64_t hd, int64_t base, int64_t j0, int64_t nk,
+                   int64_t window, float* o, float* top, float* total) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* sr = s + r * kKeyBlock;
+    const int64_t p = pos[r] - base, lo = window > 0 ? p + 1 - window : -1;
+    // Only a block on the diagonal (or the window's edge) has keys this row must not see.
+    if (j0 + kKeyBlock - 1 > p || j0 <= lo)
+      for (int64_t j = 0; j < kKeyBlock; ++j)
+        if (j0 + j > p || j0 + j < std::max<int64_t>(lo, 0) || j >= nk) sr[j] = -INFINITY;
+    vf mv = vload(sr);
+    for (int64_t j = kLanes; j < kKeyBlock; j += kLanes) {
+      const vf x = vload(sr + j);
+      mv = x > mv ? x : mv;
+    }
+    float m = -INFINITY;
+    for (int i = 0; i < kLanes; ++i) m = std::max(m, mv[i]);
+    if (m == -INFINITY) {  // none of this block's keys is visible to this row
+      std::fill(sr, sr + kKeyBlock, 0.f);
+      continue;
+    }
+    const float grown = std::max(top[r], m), shrink = std::exp(top[r] - grown);
+    top[r] = grown;
+    vf sums{};
+    for (int64_t j = 0; j < kKeyBlock; j += kLanes) {
+      const vf x = vload(sr + j);
+      const vf kept = x == -INFINITY ? vf{} : vexp(x - grown);  // exactly 0 where masked
+      vstore(sr + j, kept);
+      sums += kept;
+    }
+    total[r] = total[r] * shrink + hsum(sums);
+    if (shrink != 1.f)
+      for (int64_t d = 0; d < hd; ++d) o[r * hd + d] *= shrink;
+  }
+}
+
+// One query block of one head: rows [i0, i0 + n), their queries qf (scaled fp32, kQueryBlock rows
+// with zeros past n), over key blocks starting at `base` (kt: [block][hd][kKeyBlock], vals:
+// [key - base][hd]); o gets the rows' outputs, unnormalised, and total their softmax sums.
+void attend_block(const float* qf, const float* kt, const float* vals, const int64_t* pos, int64_t n, int64_t hd,
+                  int64_t base, int64_t keys, int64_t window, float* s, float* o, float* top, float* total) {
+  int64_t first = keys, last = -1;  // the keys any row sees, as indices from base
+  for (int64_t r = 0; r < n; ++r) {
+    first = std::min(first, (window > 0 ? std::max<int64_t>(0, pos[r] + 1 - window) : 0) - base);
+    last = std::max(last, pos[r] - base);
+  }
+  std::fill(o, o + kQueryBlock * hd, 0.f);
+  std::fill(top, top + kQueryBlock, -INFINITY);
+  std::fill(total, total + kQueryBlock, 0.f);
+  for (int64_t j0 = first / kKeyBlock * kKeyBlock; j0 <= last; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, keys - j0);
+    const float* kb = kt + j0 * hd;  // this block's [hd][kKeyBlock]
+    // Scores: R rows x kKeyBlock keys in registers, summed over the head dimension.
+    for (int64_t r = 0; r < n; r += kScoreRows) {
+      vf a[kScoreRows][4] = {};
+      for (int64_t d = 0; d < hd; ++d) {
+        const float* k = kb + d * kKeyBlock;
+        const vf k0 = vload(k), k1 = vload(k + kLanes), k2 = vload(k + 2 * kLanes), k3 = vload(k + 3 * kLanes);
+        for (int rr = 0; rr < kScoreRows; ++rr) {
+          const float x = qf[(r + rr) * hd + d];
+          a[rr][0] += x * k0;
+          a[rr][1] += x * k1;
+          a[rr][2] += x * k2;
+          a[rr][3] += x * k3;
+        }
+      }
+      for (int rr = 0; rr < kScoreRows; ++rr)
+        for (int c = 0; c < 4; ++c) vstore(s + (r + rr) * kKeyBlock + c * kLanes, a[rr][c]);
+    }
+    softmax_block(s, pos, n, hd, base, j0, nk, window, o, top, total);
+    // The weighted sum of values: R rows' outputs, a vector of dimensions at a time, in registers.
+    const float* vb = vals + j0 * hd;
+    for (int64_t r = 0; r < n; r += kScoreRows) {
+      int64_t d = 0;
+      for (; d + kLanes <= hd; d += kLanes) {
+        vf a[kScoreRows];
+        for (int rr = 0; rr < kScoreRows; ++rr) a[rr] = vload(o + (r + rr) * hd + d);
+        for (int64_t j = 0; j < nk; ++j) {
+          const vf v = vload(vb + j * hd + d);
+          for (int rr = 0; rr < kScoreRows; ++rr) a[rr] += s[(r + rr) * kKeyBlock + j] * v;
+        }
+        for (int rr = 0; rr < kScoreRows; ++rr) vstore(o + (r + rr) * hd + d, a[rr]);
+      }
+      for (; d < hd; ++d)
+        for (int rr = 0; rr < kScoreRows; ++rr) {
+          float a = o[(r + rr) * hd + d];
+          for (int64_t j = 0; j < nk; ++j) a += s[(r + rr) * kKeyBlock + j] * vb[j * hd + d];
+          o[(r + rr) * hd + d] = a;
+        }
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// attend_block for bf16 with vdpbf16ps, twice as many products an instruction: the keys as fp32
+// words of two neighbouring dimensions (kp: [block][hd / 2][kKeyBlock]), the values as words of
+// two neighbouring keys (vp: [block][kKeyBlock / 2][hd]), the queries as words of two dimensions
+// (qp: [kQueryBlock][hd / 2], zeros past n), and each row's softmax weights rounded to bf16 pairs
+// (p2: [kQueryBlock][kKeyBlock / 2]), as torch's bf16 flash attention rounds them.
+void attend_block_bf16(const uint32_t* qp, const uint32_t* kp, const uint32_t* vp, const int64_t* pos, int64_t n,
+                       int64_t hd, int64_t base, int64_t keys, int64_t window, float scale, float* s, uint32_t* p2,
+                       float* o, float* top, float* total) {
+  static_assert(kKeyBlock == 64 && kScoreRows == 4, "the bf16 block is 4 x 64 scores");
+  const int64_t pairs = hd / 2;
+  int64_t first = keys, last = -1;
+  for (int64_t r = 0; r < n; ++r) {
+    first = std::min(first, (window > 0 ? std::max<int64_t>(0, pos[r] + 1 - window) : 0) - base);
+    last = std::max(last, pos[r] - base);
+  }
+  std::fill(o, o + kQueryBlock * hd, 0.f);
+  std::fill(top, top + kQueryBlock, -INFINITY);
+  std::fill(total, total + kQueryBlock, 0.f);
+  const __m512 scaled = _mm512_set1_ps(scale);
+  for (int64_t j0 = first / kKeyBlock * kKeyBlock; j0 <= last; j0 += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, keys - j0);
+    const uint32_t* kb = kp + j0 * pairs;
+    for (int64_t r = 0; r < n; r += 4) {
+      __m512 a[4][4];
+      for (int rr = 0; rr < 4; ++rr)
+        for (int c = 0; c < 4; ++c) a[rr][c] = _mm512_setzero_ps();
+      for (int64_t dp = 0; dp < pairs; ++dp) {
+        const uint32_t* k = kb + dp * kKeyBlock;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16),
+                       k2 = (__m512bh)_mm512_loadu_si512(k + 32), k3 = (__m512bh)_mm512_loadu_si512(k + 48);
+        for (int rr = 0; rr < 4; ++rr) {
+          const __m512bh x = (__m512bh)_mm512_set1_epi32((int)qp[(r + rr) * pairs + dp]);
+          a[rr][0] = _mm512_dpbf16_ps(a[rr][0], x, k0);
+          a[rr][1] = _mm512_dpbf16_ps(a[rr][1], x, k1);
+          a[rr][2] = _mm512_dpbf16_ps(a[rr][2], x, k2);
+          a[rr][3] = _mm512_dpbf16_ps(a[rr][3], x, k3);
+        }
+      }
+      for (int rr = 0; rr < 4; ++rr)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + (r + rr) * kKeyBlock + c * 16, _mm512_mul_ps(a[rr][c], scaled));
+    }
+    softmax_block(s, pos, n, hd, base, j0, nk, window, o, top, total);
+    for (int64_t r = 0; r < n; ++r)
+      for (int c = 0; c < 2; ++c) {
+        const float* sr = s + r * kKeyBlock + 32 * c;
+        _mm512_storeu_si512(p2 + r * 32 + 16 * c,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sr + 16), _mm512_loadu_ps(sr)));
+      }
+    const uint32_t* vb = vp + j0 / 2 * hd;
+    const int64_t kpairs = (nk + 1) / 2;
+    for (int64_t r = 0; r < n; r += 4)
+      for (int64_t d = 0; d < hd; d += 16) {
+        __m512 a[4];
+        for (int rr = 0; rr < 4; ++rr) a[rr] = _mm512_loadu_ps(o + (r + rr) * hd + d);
+        for (int64_t jp = 0; jp < kpairs; ++jp) {
+          const __m512bh v = (__m512bh)_mm512_loadu_si512(vb + jp * hd + d);
+          for (int rr = 0; rr < 4; ++rr)
+            a[rr] = _mm512_dpbf16_ps(a[rr], (__m512bh)_mm512_set1_epi32((int)p2[(r + rr) * 32 + jp]), v);
+        }
+        for (int rr = 0; rr < 4; ++rr) _mm512_storeu_ps(o + (r + rr) * hd + d, a[rr]);
+      }
+  }
+}
+#endif
+
+template <typename T>
+void causal_attention_impl(const T* q, const T* kc, const T* vc, T* y, const int64_t* pos, int64_t H, int64_t KVH,
+                           int64_t count, int64_t hd, int64_t L, int64_t window) {
+  const int64_t group = H / KVH, blocks = (count + kQueryBlock - 1) / kQueryBlock, pairs = hd / 2;
+  const float scale = 1.f / std::sqrt((float)hd);
+  bool packed = false;  // bf16 pairs for vdpbf16ps, else fp32
+#if defined(__AVX512BF16__)
+  packed = std::is_same_v<T, BFloat16> && hd % 16 == 0;
+#endif
+  // The keys any query sees: [base, base + keys).
+  int64_t base = L, end = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    base = std::min(base, window > 0 ? std::max<int64_t>(0, pos[i] + 1 - window) : 0);
+    end = std::max(end, pos[i] + 1);
+  }
+  const int64_t keys = end - base, key_blocks = (keys + kKeyBlock - 1) / kKeyBlock;
+  // One key head's keys and values at a time, widened or paired (zeros past the last key).
+  std::vector<float> kt(packed ? 0 : key_blocks * kKeyBlock * hd), vals(packed ? 0 : key_blocks * kKeyBlock * hd);
+  std::vector<uint32_t> kp(packed ? key_blocks * kKeyBlock * pairs : 0), vp(packed ? key_blocks * kKeyBlock * pairs : 0);
+  const int threads = at::get_num_threads();
+  for (int64_t g = 0; g < KVH; ++g) {
+    const T* kh = kc + (g * L + base) * hd;
+    const T* vh = vc + (g * L + base) * hd;
+    at::parallel_for(0, key_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t j = b * kKeyBlock; j < (b + 1) * kKeyBlock; ++j) {
+          const bool in = j < keys;
+          if (packed) {
+            const uint16_t* kw = (const uint16_t*)(kh + j * hd);
+            const uint16_t* vw = (const uint16_t*)(vh + j * hd);
+            for (int64_t dp = 0; dp < pairs; ++dp)
+              kp[(b * pairs + dp) * kKeyBlock + j % kKeyBlock] = in ? kw[2 * dp] | (uint32_t)kw[2 * dp + 1] << 16 : 0;
+            // word (j / 2, d) holds key j's value in its low half when j is even, else its high half
+            for (int64_t d = 0; d < hd; ++d) {
+              uint32_t& word = vp[(j / 2) * hd + d];
+              const uint32_t bits = in ? vw[d] : 0;
+              word = j % 2 ? (word & 0xFFFFu) | bits << 16 : bits;
+            }
+          } else {
+            for (int64_t d = 0; d < hd; ++d) {
+              kt[(b * hd + d) * kKeyBlock + j % kKeyBlock] = in ? widen(kh[j * hd + d]) : 0.f;
+              vals[j * hd + d] = in ? widen(vh[j * hd + d]) : 0.f;
+            }
+          }
+        }
+    });
+    // The group's heads' query blocks, dealt round-robin: later blocks see more keys.
+    const int64_t items = group * blocks;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> qf(packed ? 0 : kQueryBlock * hd), s(kQueryBlock * kKeyBlock), o(kQueryBlock * hd),
+          top(kQueryBlock), total(kQueryBlock);
+      std::vector<uint32_t> qp(packed ? kQueryBlock * pairs : 0), p2(packed ? kQueryBlock * kKeyBlock / 2 : 0);
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t item = t; item < items; item += threads) {
+          const int64_t h = g * group + item / blocks, i0 = (item % blocks) * kQueryBlock;
+          const int64_t n = std::min(kQueryBlock, count - i0);
+          const T* qh = q + (h * count + i0) * hd;
+          if (packed) {
+#if defined(__AVX512BF16__)
+            std::fill(qp.begin(), qp.end(), 0u);
+            std::memcpy(qp.data(), qh, n * hd * sizeof(T));
+            attend_block_bf16(qp.data(), kp.data(), vp.data(), pos + i0, n, hd, base, keys, window, scale, s.data(),
+                              p2.data(), o.data(), top.data(), total.data());
+#endif
+          } else {
+            std::fill(qf.begin(), qf.end(), 0.f);
+            for (int64_t r = 0; r < n; ++r)
+              for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = widen(qh[r * hd + d]) * scale;
+            attend_block(qf.data(), kt.data(), vals.data(), pos + i0, n, hd, base, keys, window, s.data(), o.data(),
+                         top.data(), total.data());
+          }
+          for (int64_t r = 0; r < n; ++r) {
+            T* out = y + ((i0 + r) * H + h) * hd;
+            for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[r * hd + d] / total[r]);
+          }
+        }
+    });
+  }
+}
+
 // The checks attend and rope_write share; returns the positions, each inside the cache.
 at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::Tensor& cos_sin,
                              const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& input_pos,
@@ -970,6 +1254,36 @@ at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tens
                     v_cache.mutable_data_ptr<float>(), q.mutable_data_ptr<float>(), pos, count, n_heads, n_kv_heads,
                     hd, L);
   return q;
+}
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& input_pos, int64_t window) {
+  check_cpu_float(q, "causal_attention");
+  TORCH_CHECK(window >= 0, "runner::causal_attention: window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k_cache.dim() == 4 && k_cache.size(0) == 1 && q.size(3) == k_cache.size(3),
+              "runner::causal_attention: q must be [1, n_heads, T, head_dim] and the caches [1, n_kv_heads, L, head_dim], got ",
+              q.sizes(), " and ", k_cache.sizes());
+  const int64_t H = q.size(1), count = q.size(2), KVH = k_cache.size(1), L = k_cache.size(2), hd = q.size(3);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "runner::causal_attention: caches must be contiguous [1, n_kv_heads, L, head_dim] in q's dtype");
+  TORCH_CHECK(H % KVH == 0, "runner::causal_attention: n_heads must be a multiple of n_kv_heads");
+  TORCH_CHECK(input_pos.scalar_type() == at::kLong && input_pos.numel() == count,
+              "runner::causal_attention: input_pos must be T int64 positions");
+  auto positions = input_pos.contiguous();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < L, "runner::causal_attention: position ", pos[i], " is outside the cache of ", L);
+  auto qc = q.contiguous();
+  auto y = at::empty({1, count, H * hd}, q.options());
+  if (q.scalar_type() == at::kBFloat16)
+    causal_attention_impl(qc.const_data_ptr<BFloat16>(), k_cache.const_data_ptr<BFloat16>(),
+                          v_cache.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, H, KVH, count, hd, L,
+                          window);
+  else
+    causal_attention_impl(qc.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+                          y.mutable_data_ptr<float>(), pos, H, KVH, count, hd, L, window);
+  return y;
 }
 
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -1020,6 +1334,7 @@ TORCH_LIBRARY(runner, m) {
         "int n_heads, int n_kv_heads, int window=0) -> Tensor");
   m.def("rope_write(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
         "int n_heads, int n_kv_heads) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int window=0) -> Tensor");
   m.def("expert_linear(Tensor x, Tensor w, Tensor ids) -> Tensor");
   m.def("int8_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor ids) -> Tensor");
   m.def("int4_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, Tensor ids) -> Tensor");
@@ -1036,6 +1351,7 @@ TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("swiglu", &swiglu);
   m.impl("attend", &attend);
   m.impl("rope_write", &rope_write);
+  m.impl("causal_attention", &causal_attention);
   m.impl("expert_linear", &expert_linear);
   m.impl("int8_expert_linear", &int8_expert_linear);
   m.impl("int4_expert_linear", &int4_expert_linear);

@@ -76,20 +76,23 @@ def _runner_refuses(layer, device):
     return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
 
-TILE_ROWS = 2048  # output rows dequantized at a time for a prompt's GEMM: a few MB, not the whole layer
+TILE_BYTES = 8 << 20  # the dequantized weights a prompt's GEMM takes at a time: a few MB, not a 7B layer's 180
 
 
-def _tiled_gemm(x, rows: int, dequantize) -> torch.Tensor:
+def _tiled_gemm(x, layer, dequantize) -> torch.Tensor:
     """x [M, K] @ W.T for a prompt: W's rows dequantized tile by tile in x's dtype by runner's
-    kernels (each value rounded once), each tile multiplied by torch's GEMM (oneDNN in bf16)."""
-    return torch.cat([F.linear(x, dequantize(slice(start, start + TILE_ROWS)))
-                      for start in range(0, rows, TILE_ROWS)], dim=-1)
+    kernels (each value rounded once), each tile multiplied by torch's GEMM (oneDNN in bf16). A
+    layer that fits one tile is one GEMM, with no concatenation."""
+    rows, tile = layer.out_features, max(256, TILE_BYTES // (layer.in_features * x.element_size()))
+    if rows <= tile:
+        return F.linear(x, dequantize(slice(0, rows)))
+    return torch.cat([F.linear(x, dequantize(slice(start, start + tile))) for start in range(0, rows, tile)], dim=-1)
 
 
 def _int8_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
         scales = layer.scales.to(x.dtype)
-        return _tiled_gemm(x, layer.out_features,
+        return _tiled_gemm(x, layer,
                            lambda rows: torch.ops.runner.dequantize_int8(layer.weight[rows], scales[rows]))
     return torch.ops.runner.int8_linear(x, layer.weight, layer.scales.to(x.dtype))
 
@@ -166,7 +169,7 @@ def _int4_runner_refuses(layer, device):
 def _int4_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
         scales, zeros = layer.scales.to(x.dtype), layer.zeros.to(x.dtype)
-        return _tiled_gemm(x, layer.out_features, lambda rows: torch.ops.runner.dequantize_int4(
+        return _tiled_gemm(x, layer, lambda rows: torch.ops.runner.dequantize_int4(
             layer.weight[rows], scales[rows], zeros[rows], layer.groupsize))
     return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
                                         layer.groupsize)

@@ -1,5 +1,7 @@
 """runner's CPU kernels against independent references: float64 matmuls, the torch reference ops
 (runner.model.functional) and, through the whole model, HF's LlamaForCausalLM."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,6 +349,75 @@ def test_rope_write_is_the_reference_rope_and_cache_write(case, extra):
         assert a.shape == b.shape
         assert ((a.float() - b.float()).abs() <= 2 * ulp(dtype) * (b.abs().float() + b.abs().max().float())).all()
     assert torch.equal(caches[1].v, caches[0].v)
+
+
+@st.composite
+def prompt_attention_cases(draw):
+    """A prompt's queries over the cache: at consecutive positions after earlier turns, or at any
+    positions (each sees the cache up to its own), long enough to span several key blocks."""
+    n_kv_heads = draw(st.integers(1, 3))
+    n_heads = n_kv_heads * draw(st.integers(1, 3))
+    # Multiples of 16 take bf16's paired path on AVX512-BF16; the others its fp32 one.
+    head_dim = draw(st.sampled_from([16, 64, 128]) | st.integers(1, 40).map(lambda h: 2 * h))
+    cache_len = draw(st.integers(1, 300))
+    count = draw(st.integers(1, min(cache_len, 160)))
+    if draw(st.booleans()):
+        start = draw(st.integers(0, cache_len - count))
+        positions = torch.arange(start, start + count)
+    else:
+        positions = torch.tensor(draw(st.lists(st.integers(0, cache_len - 1), min_size=count, max_size=count)))
+    window = draw(st.none() | st.integers(1, cache_len))
+    return n_heads, n_kv_heads, head_dim, cache_len, positions, window, draw(DTYPES), draw(seeds)
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=prompt_attention_cases())
+def test_causal_attention_is_float64_attention_under_the_causal_mask(case):
+    n_heads, n_kv_heads, head_dim, cache_len, positions, window, dtype, seed = case
+    count = len(positions)
+    q = randn(1, n_heads, count, head_dim, seed=seed, dtype=dtype)
+    k = randn(1, n_kv_heads, cache_len, head_dim, seed=seed + 1, dtype=dtype)
+    v = randn(1, n_kv_heads, cache_len, head_dim, seed=seed + 2, dtype=dtype)
+    mask = fn.causal_mask(positions, cache_len, window)
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                               enable_gqa=n_heads != n_kv_heads)
+    reference = reference.transpose(1, 2).reshape(1, count, n_heads * head_dim)
+    ours = torch.ops.runner.causal_attention(q, k, v, positions, window or 0)
+    assert ours.shape == reference.shape and ours.dtype == dtype
+    # fp32: a few roundings of sums of products. bf16: the output's rounding, plus the softmax
+    # weights rounded to bf16 for the values' sum (as torch's bf16 flash attention rounds them).
+    error = (ours.double() - reference).abs()
+    if dtype == torch.float32:
+        assert error.max() <= 1e-5 * (1 + v.abs().max())
+    else:
+        assert (error <= ulp(dtype) * (reference.abs() + v.abs().max().double())).all()
+
+
+def test_causal_attention_refuses_bad_input_by_name():
+    q, cache = torch.ones(1, 2, 3, 8), torch.ones(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.runner.causal_attention(q, cache, cache, torch.tensor([0, 1, 4]))
+    with pytest.raises(RuntimeError, match="multiple of n_kv_heads"):
+        torch.ops.runner.causal_attention(torch.ones(1, 3, 3, 8), torch.ones(1, 2, 4, 8), torch.ones(1, 2, 4, 8),
+                                          torch.arange(3))
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        torch.ops.runner.causal_attention(q, cache, cache, torch.arange(3), -1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=model_cases(min_len=70, max_len=200, max_batch=1), data=st.data())
+@torch.no_grad()
+def test_a_long_prompt_on_kernels_matches_hf(case, data):
+    # Prompts of several key blocks, in one chunk or after an earlier turn (the second chunk's
+    # queries then see the first's keys in the cache).
+    spec, seed, tokens = case
+    spec = dataclasses.replace(spec, max_seq_len=256)
+    hf, ours = build_twins(spec, seed)
+    ours.use_ops(kernels.KernelOps)
+    splits = data.draw(st.just([]) | st.integers(kernels.MAX_ROWS + 1, tokens.shape[1] - 1).map(lambda s: [s]))
+    logits = run_chunks(ours, tokens, splits, tokens.shape[1] + 5)
+    reference = hf(tokens).logits
+    assert (logits - reference).abs().max().item() <= logits_bound(reference)
 
 
 def test_an_unreadable_record_is_refused_before_loading(fresh_load):

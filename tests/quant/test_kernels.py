@@ -19,6 +19,7 @@ from torch import nn
 
 from runner.kernels import MAX_ROWS
 from runner.quant import int4, int8
+from runner.quant import kernels as quant_kernels
 from runner.quant.kernels import INT4_KERNELS, INT8_KERNELS
 from runner.quant.linear import Int4Linear, Int8Linear
 from tests.quant.strategies import DTYPES, weights
@@ -285,3 +286,22 @@ def test_a_layer_packed_for_another_device_refuses_to_run():
     layer.kernel = "cuda"  # as if packed on a GPU and then moved
     with pytest.raises(RuntimeError, match="pack_for"):
         layer(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_prompt_through_dequantized_tiles_equals_the_whole_layer(monkeypatch, mode, dtype):
+    # A prompt's GEMM takes runner's dequantized weights TILE_BYTES at a time (a 7B layer would be
+    # 180 MB at once); tiles of 256 rows must give the whole layer's product, column for column.
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(600, 64, generator=gen).to(dtype)
+    layer = Int8Linear.from_float(linear(w)) if mode == "int8" else Int4Linear.from_float(linear(w), 32)
+    assert layer.pack_for(CPU, "runner") == "runner"
+    x = torch.randn(1, MAX_ROWS + 9, 64, generator=gen).to(dtype)
+    whole = layer(x)
+    monkeypatch.setattr(quant_kernels, "TILE_BYTES", 1)
+    tiled = layer(x)
+    assert torch.equal(tiled, whole)
+    w_hat = int8.dequantize(layer.weight, layer.scales) if mode == "int8" else int4_reference(layer)
+    err = (tiled[0].double() - reference(x[0], w_hat)).abs()
+    assert (err <= tolerance(x[0], w_hat)).all(), f"max error {err.max():.3g}"
