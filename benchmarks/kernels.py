@@ -1,4 +1,4 @@
-"""runner's CPU kernels against torch's ops, op by op, on SmolLM2-135M's decode shapes.
+"""runner's CPU kernels against torch's ops, op by op, on SmolLM2-135M's decode shapes and a prompt's.
 
 Each op is timed for one target build (RUNNER_KERNELS_TARGET) in its own process, against the
 op `kernels: torch` would run, in the same process. To see what a CPU with only AVX2 gets from
@@ -34,8 +34,9 @@ def median_us(fn, repeat: int) -> float:
 
 
 def cases(dtype, cache_len: int):
-    """(op, runner's call, torch's call) for one decode step's shapes."""
+    """(op, runner's call, torch's call) for one decode step's shapes, and a 512-token prompt's."""
     import torch
+    import torch.nn.functional as F
     from runner.model import functional as fn
     from runner.model.llama import KVCache
     from runner.quant import int4, int8
@@ -72,6 +73,19 @@ def cases(dtype, cache_len: int):
     mask = fn.causal_mask(pos, cache_len)
     out.append((f"attend over {cache_len}", lambda: torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, pos, HEADS, KV_HEADS),
                 lambda: fn.attend(qkv, cos_sin, cache, pos, mask, HEADS, KV_HEADS)))
+    # A 512-token prompt: its attention against the causal flash attention torch's ops ran before,
+    # and its row-wise ops.
+    T = 512
+    q = torch.randn(1, HEADS, T, HEAD_DIM, generator=g).to(dtype)
+    k, v = (torch.randn(1, KV_HEADS, T, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    prompt = torch.arange(T)
+    out.append((f"prompt attention {T}", lambda: torch.ops.runner.causal_attention(q, k, v, prompt),
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+                .reshape(1, T, -1)))
+    hs = torch.randn(1, T, DIM, generator=g).to(dtype)
+    out.append((f"rms_norm {T} rows", lambda: torch.ops.runner.rms_norm(hs, nw, 1e-5), lambda: fn.rms_norm(hs, nw, 1e-5)))
+    gus = torch.randn(1, T, 2 * HIDDEN, generator=g).to(dtype)
+    out.append((f"swiglu {T} rows", lambda: torch.ops.runner.swiglu(gus), lambda: fn.swiglu(gus)))
     return out
 
 

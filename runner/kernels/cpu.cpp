@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -966,8 +967,9 @@ void rope_write_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* q, con
 // transposed, a block at a time) and shared by every query of its heads; R rows' scores stay in
 // registers while the head dimension is summed, and R rows' outputs while the values are.
 constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 4 * kLanes;
-constexpr int kScoreRows = kLanes >= 16 ? 4 : 2;  // 4 x 4 sums fill half of AVX-512's 32 registers
+constexpr int64_t kKeyBlock = 64;
+constexpr int kScoreRows = 4;
+constexpr int kScoreVectors = kLanes >= 16 ? 4 : 2;  // 4 x 4 sums fill half of AVX-512's 32 registers, 4 x 2 AVX2's 16
 
 // Online softmax over one key block's scores s [kQueryBlock][kKeyBlock] (keys j0.. from base, nk
 // of them in the cache): masked scores become 0, the others exp(score - the row's running
@@ -1023,38 +1025,44 @@ void attend_block(const float* qf, const float* kt, const float* vals, const int
   for (int64_t j0 = first / kKeyBlock * kKeyBlock; j0 <= last; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, keys - j0);
     const float* kb = kt + j0 * hd;  // this block's [hd][kKeyBlock]
-    // Scores: R rows x kKeyBlock keys in registers, summed over the head dimension.
-    for (int64_t r = 0; r < n; r += kScoreRows) {
-      vf a[kScoreRows][4] = {};
-      for (int64_t d = 0; d < hd; ++d) {
-        const float* k = kb + d * kKeyBlock;
-        const vf k0 = vload(k), k1 = vload(k + kLanes), k2 = vload(k + 2 * kLanes), k3 = vload(k + 3 * kLanes);
-        for (int rr = 0; rr < kScoreRows; ++rr) {
-          const float x = qf[(r + rr) * hd + d];
-          a[rr][0] += x * k0;
-          a[rr][1] += x * k1;
-          a[rr][2] += x * k2;
-          a[rr][3] += x * k3;
+    // Scores: R rows x kScoreVectors vectors of keys in registers, summed over the head dimension.
+    for (int64_t r = 0; r < n; r += kScoreRows)
+      for (int64_t c0 = 0; c0 < kKeyBlock; c0 += kScoreVectors * kLanes) {
+        vf a[kScoreRows][kScoreVectors] = {};
+        for (int64_t d = 0; d < hd; ++d) {
+          const float* k = kb + d * kKeyBlock + c0;
+          vf kv[kScoreVectors];
+          for (int c = 0; c < kScoreVectors; ++c) kv[c] = vload(k + c * kLanes);
+          for (int rr = 0; rr < kScoreRows; ++rr) {
+            const float x = qf[(r + rr) * hd + d];
+            for (int c = 0; c < kScoreVectors; ++c) a[rr][c] += x * kv[c];
+          }
         }
+        for (int rr = 0; rr < kScoreRows; ++rr)
+          for (int c = 0; c < kScoreVectors; ++c) vstore(s + (r + rr) * kKeyBlock + c0 + c * kLanes, a[rr][c]);
       }
-      for (int rr = 0; rr < kScoreRows; ++rr)
-        for (int c = 0; c < 4; ++c) vstore(s + (r + rr) * kKeyBlock + c * kLanes, a[rr][c]);
-    }
     softmax_block(s, pos, n, hd, base, j0, nk, window, o, top, total);
-    // The weighted sum of values: R rows' outputs, a vector of dimensions at a time, in registers.
+    // The weighted sum of values: R rows' outputs, two vectors of dimensions at a time, in registers.
     const float* vb = vals + j0 * hd;
     for (int64_t r = 0; r < n; r += kScoreRows) {
       int64_t d = 0;
-      for (; d + kLanes <= hd; d += kLanes) {
-        vf a[kScoreRows];
-        for (int rr = 0; rr < kScoreRows; ++rr) a[rr] = vload(o + (r + rr) * hd + d);
+      for (; d < hd / kLanes * kLanes; d += 2 * kLanes) {
+        const int parts = d + 2 * kLanes <= hd ? 2 : 1;
+        vf a[kScoreRows][2] = {};
+        for (int rr = 0; rr < kScoreRows; ++rr)
+          for (int c = 0; c < parts; ++c) a[rr][c] = vload(o + (r + rr) * hd + d + c * kLanes);
         for (int64_t j = 0; j < nk; ++j) {
-          const vf v = vload(vb + j * hd + d);
-          for (int rr = 0; rr < kScoreRows; ++rr) a[rr] += s[(r + rr) * kKeyBlock + j] * v;
+          const vf v0 = vload(vb + j * hd + d), v1 = parts == 2 ? vload(vb + j * hd + d + kLanes) : vf{};
+          for (int rr = 0; rr < kScoreRows; ++rr) {
+            const float p = s[(r + rr) * kKeyBlock + j];
+            a[rr][0] += p * v0;
+            a[rr][1] += p * v1;
+          }
         }
-        for (int rr = 0; rr < kScoreRows; ++rr) vstore(o + (r + rr) * hd + d, a[rr]);
+        for (int rr = 0; rr < kScoreRows; ++rr)
+          for (int c = 0; c < parts; ++c) vstore(o + (r + rr) * hd + d + c * kLanes, a[rr][c]);
       }
-      for (; d < hd; ++d)
+      for (d = hd / kLanes * kLanes; d < hd; ++d)
         for (int rr = 0; rr < kScoreRows; ++rr) {
           float a = o[(r + rr) * hd + d];
           for (int64_t j = 0; j < nk; ++j) a += s[(r + rr) * kKeyBlock + j] * vb[j * hd + d];
@@ -1176,36 +1184,37 @@ void causal_attention_impl(const T* q, const T* kc, const T* vc, T* y, const int
           }
         }
     });
-    // The group's heads' query blocks, dealt round-robin: later blocks see more keys.
+    // The group's heads' query blocks, each taken by the next free thread, the last blocks (which
+    // see the most keys) first: dealt in turn, one thread of two got a ninth more work.
     const int64_t items = group * blocks;
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<float> qf(packed ? 0 : kQueryBlock * hd), s(kQueryBlock * kKeyBlock), o(kQueryBlock * hd),
           top(kQueryBlock), total(kQueryBlock);
       std::vector<uint32_t> qp(packed ? kQueryBlock * pairs : 0), p2(packed ? kQueryBlock * kKeyBlock / 2 : 0);
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t item = t; item < items; item += threads) {
-          const int64_t h = g * group + item / blocks, i0 = (item % blocks) * kQueryBlock;
-          const int64_t n = std::min(kQueryBlock, count - i0);
-          const T* qh = q + (h * count + i0) * hd;
-          if (packed) {
+      for (int64_t item = next++; item < items; item = next++) {
+        const int64_t h = g * group + item % group, i0 = (blocks - 1 - item / group) * kQueryBlock;
+        const int64_t n = std::min(kQueryBlock, count - i0);
+        const T* qh = q + (h * count + i0) * hd;
+        if (packed) {
 #if defined(__AVX512BF16__)
-            std::fill(qp.begin(), qp.end(), 0u);
-            std::memcpy(qp.data(), qh, n * hd * sizeof(T));
-            attend_block_bf16(qp.data(), kp.data(), vp.data(), pos + i0, n, hd, base, keys, window, scale, s.data(),
-                              p2.data(), o.data(), top.data(), total.data());
+          std::fill(qp.begin(), qp.end(), 0u);
+          std::memcpy(qp.data(), qh, n * hd * sizeof(T));
+          attend_block_bf16(qp.data(), kp.data(), vp.data(), pos + i0, n, hd, base, keys, window, scale, s.data(),
+                            p2.data(), o.data(), top.data(), total.data());
 #endif
-          } else {
-            std::fill(qf.begin(), qf.end(), 0.f);
-            for (int64_t r = 0; r < n; ++r)
-              for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = widen(qh[r * hd + d]) * scale;
-            attend_block(qf.data(), kt.data(), vals.data(), pos + i0, n, hd, base, keys, window, s.data(), o.data(),
-                         top.data(), total.data());
-          }
-          for (int64_t r = 0; r < n; ++r) {
-            T* out = y + ((i0 + r) * H + h) * hd;
-            for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[r * hd + d] / total[r]);
-          }
+        } else {
+          std::fill(qf.begin(), qf.end(), 0.f);
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t d = 0; d < hd; ++d) qf[r * hd + d] = widen(qh[r * hd + d]) * scale;
+          attend_block(qf.data(), kt.data(), vals.data(), pos + i0, n, hd, base, keys, window, s.data(), o.data(),
+                       top.data(), total.data());
         }
+        for (int64_t r = 0; r < n; ++r) {
+          T* out = y + ((i0 + r) * H + h) * hd;
+          for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[r * hd + d] / total[r]);
+        }
+      }
     });
   }
 }
