@@ -438,10 +438,15 @@ template <typename T>
 void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M, int64_t N,
                       int64_t K, int64_t gs) {
   const int64_t G = K / gs;
-  // Each group's sum of x, for the zero points: w = (q - 8) s + z = q s + (z - 8 s).
-  std::vector<float> sums(M * G, 0.f);
+  // Each group's sum of x, for the zero points: w = (q - 8) s + z = q s + (z - 8 s). A group is
+  // a whole number of vectors (gs is a power of two >= 32).
+  std::vector<float> sums(M * G);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m * G + k / gs] += widen(x[m * K + k]);
+    for (int64_t g = 0; g < G; ++g) {
+      vf acc{};
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += kLanes) acc += vload(x + m * K + k);
+      sums[m * G + g] = hsum(acc);
+    }
   bool bf16_path = false;
 #if defined(__AVX512BF16__)
   bf16_path = std::is_same_v<T, BFloat16> && K % 8 == 0;
@@ -449,17 +454,25 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
   // The bf16 path sums 128 + q (see dot_rows_i4_bf16): its offset per group is z - 136 s.
   const float base = bf16_path ? 136.f : 8.f;
   // x rearranged as each path reads it: by column mod 4 in bf16 (padded to whole steps of 32
-  // entries), or even and odd columns in fp32.
+  // entries), or even and odd columns in fp32. (Element by element through float, this took
+  // half of a small layer's call.)
   const int64_t quarter = (K / 4 + 31) / 32 * 32;
-  std::vector<BFloat16> xq(bf16_path ? M * 4 * quarter : 0, BFloat16(0.f));
+  std::vector<uint16_t> xq(bf16_path ? M * 4 * quarter : 0);
   std::vector<float> xe(bf16_path ? 0 : M * K / 2), xo(bf16_path ? 0 : M * K / 2);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      if (bf16_path)
-        xq[(m * 4 + k % 4) * quarter + k / 4] = BFloat16(widen(x[m * K + k]));
-      else
-        (k % 2 ? xo : xe)[m * K / 2 + k / 2] = widen(x[m * K + k]);
+  for (int64_t m = 0; m < M; ++m) {
+    if (bf16_path) {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x + m * K);
+      for (int64_t c = 0; c < 4; ++c) {
+        uint16_t* to = xq.data() + (m * 4 + c) * quarter;
+        for (int64_t j = 0; j < K / 4; ++j) to[j] = bits[4 * j + c];
+      }
+    } else {
+      for (int64_t j = 0; j < K / 2; ++j) {
+        xe[m * K / 2 + j] = widen(x[m * K + 2 * j]);
+        xo[m * K / 2 + j] = widen(x[m * K + 2 * j + 1]);
+      }
     }
+  }
   const int64_t blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     // One call per input row over this thread's rows: the kernels' setup is paid once.
@@ -470,7 +483,7 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
       if constexpr (std::is_same_v<T, BFloat16>) {
         if (bf16_path) {
           const BFloat16* xs[4];
-          for (int c = 0; c < 4; ++c) xs[c] = xq.data() + (m * 4 + c) * quarter;
+          for (int c = 0; c < 4; ++c) xs[c] = reinterpret_cast<const BFloat16*>(xq.data() + (m * 4 + c) * quarter);
           int64_t r = 0;
           for (; r + kRows <= rows; r += kRows)
             dot_rows_i4_bf16<kRows>(xs, w + (n + r) * K / 2, scales + (n + r) * G, K, gs, acc.data() + r);
