@@ -206,6 +206,11 @@ def _register_fakes() -> None:
     def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
         return qkv.new_empty(1, n_heads, qkv.shape[1], k_cache.shape[-1])
 
+    @torch.library.register_fake("runner::decode_block")
+    def _(x, attention_norm, ffn_norm, eps, wqkv, wo, w13, w2, groupsizes, cos_sin, k_cache, v_cache, input_pos,
+          n_heads, n_kv_heads, window=0):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("runner::causal_attention")
     def _(q, k_cache, v_cache, input_pos, window=0):
         return q.new_empty(1, q.shape[2], q.shape[1] * q.shape[3])
@@ -247,6 +252,25 @@ class KernelOps:
         if _fits(x) and w.dtype == x.dtype and x.shape[0] <= MAX_ROWS:
             return torch.ops.runner.expert_linear(x, w, ids)
         return functional.expert_linear(x, w, ids)
+
+    @staticmethod
+    def decode_block(block, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> torch.Tensor | None:
+        """A dense layer for a few tokens in one kernel call (the calls attend, linear and the rest
+        would make one by one, in the same order), or None where one of them would not run."""
+        if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
+            return None
+        attention = block.attention
+        cache = attention.kv_cache if row is None else attention.kv_cache.row(row)
+        if not (cache.k.dtype == x.dtype and cache.k.shape[0] == x.shape[0] and cache.k.is_contiguous()):
+            return None
+        operands = block.kernel_operands(x.dtype)
+        if operands is None:
+            return None
+        (wqkv, wo, w13, w2), groupsizes = operands
+        return torch.ops.runner.decode_block(x, block.attention_norm.weight, block.ffn_norm.weight,
+                                             block.attention_norm.eps, wqkv, wo, w13, w2, groupsizes, cos_sin,
+                                             cache.k, cache.v, input_pos, attention.n_heads, attention.n_kv_heads,
+                                             attention.window or 0)
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,

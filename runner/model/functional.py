@@ -125,6 +125,12 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, matmul=No
     return out
 
 
+def decode_block(block, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> None:
+    """A whole layer in one call, where an ops namespace has one (runner.kernels.KernelOps); the
+    reference runs the layer's modules one by one."""
+    return None
+
+
 def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor,
            n_heads: int, n_kv_heads: int, window: int | None = None) -> torch.Tensor:
     """One attention layer past its wqkv: RoPE, the cache write, attention over the cache.

@@ -73,6 +73,12 @@ class Linear(nn.Linear):
     def forward(self, x):
         return self.ops.linear(x, self.weight)
 
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """What runner's decode_block takes for this layer with activations in `dtype`: its
+        tensors ({w}, {w, scales} or {w, scales, zeros}) and groupsize (0 if none), or None where
+        it runs no runner kernel in that dtype. Every linear type implements it."""
+        return ((self.weight,), 0) if self.weight.dtype == dtype else None
+
     def shard_(self, dim: str, keep: torch.Tensor) -> None:
         """Keep only the output rows (dim "out") or input columns ("in") at indices `keep`, as
         copies: tensor parallelism's protocol, which every linear type implements for itself."""
@@ -183,6 +189,8 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
+    ops = fn
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
@@ -191,8 +199,24 @@ class Block(nn.Module):
         self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
 
     def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
+        whole = self.ops.decode_block(self, x, cos_sin, input_pos, row)  # the layer in one call, where ops can
+        if whole is not None:
+            return whole
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int]] | None:
+        """The four linears' operands (wqkv, wo, w13, w2) and groupsizes for runner's decode_block,
+        or None where a part needs calls of its own: a mixture of experts, tensor parallelism's
+        all-reduce, a layer on another kernel or in another dtype."""
+        if not isinstance(self.feed_forward, FeedForward) or any(
+                norm.weight.dtype != dtype for norm in (self.attention_norm, self.ffn_norm)):
+            return None
+        linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2)
+        operands = [linear.kernel_operands(dtype) for linear in linears]
+        if any(o is None for o in operands):
+            return None
+        return [o[0] for o in operands], [o[1] for o in operands]
 
 
 class Transformer(nn.Module):

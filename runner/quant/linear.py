@@ -39,6 +39,16 @@ class QuantizedLinear(nn.Module):
             return direct(x, self)  # decoding on runner's kernels: no reshaping or casting around the call
         return kernels.run(self.KERNELS, self, x)
 
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """runner's decode_block operands (see runner.model.llama.Linear.kernel_operands): only on
+        runner's kernels, with activations in the scales' dtype, as forward's direct call."""
+        if self.KERNELS[self.kernel].direct is None or self.scales.dtype != dtype:
+            return None
+        return self._operands()
+
+    def _operands(self) -> tuple[tuple[torch.Tensor, ...], int]:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -73,6 +83,9 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features, self.kernel, self.packed = in_features, out_features, "fallback", ()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def _operands(self):
+        return (self.weight, self.scales), 0
 
     def _slices(self, dim, keep):
         if dim == "out":  # per-output-channel scales follow their rows
@@ -114,6 +127,9 @@ class Int4Linear(QuantizedLinear):
     @classmethod
     def from_float(cls, linear: nn.Linear, groupsize: int) -> "Int4Linear":
         return cls.from_levels(*int4.quantize(linear.weight.detach(), groupsize))
+
+    def _operands(self):
+        return (self.weight, self.scales, self.zeros), self.groupsize
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groupsize={self.groupsize}"

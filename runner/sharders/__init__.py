@@ -37,6 +37,10 @@ class AllReduce(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return funcol.all_reduce(self.inner(*args), "sum", self.group)
 
+    def kernel_operands(self, dtype: torch.dtype) -> None:
+        """None: the all-reduce must run between this layer and the next (see Linear.kernel_operands)."""
+        return None
+
 
 def _block(start: int, count: int) -> torch.Tensor:
     return torch.arange(start, start + count)

@@ -1,5 +1,6 @@
 """runner's CPU kernels against independent references: float64 matmuls, the torch reference ops
 (runner.model.functional) and, through the whole model, HF's LlamaForCausalLM."""
+import copy
 import dataclasses
 
 import pytest
@@ -10,9 +11,10 @@ from hypothesis import strategies as st
 
 from runner import kernels
 from runner.config.errors import ConfigError
-from runner.config.schema import Kernels, ModelSpec
+from runner.config.schema import Kernels, ModelSpec, QuantMode, QuantSection
 from runner.model import functional as fn
-from runner.model.llama import KVCache
+from runner.model.llama import KVCache, Transformer
+from runner.quant.model import quantize as quantize_model
 from runner.transforms import kernels as kernel_transform
 from tests.properties.strategies import build_twins, logits_bound, model_cases
 from tests.properties.test_model_vs_hf import run_chunks
@@ -113,7 +115,7 @@ def attention_cases(draw):
     n_kv_heads = draw(st.integers(1, 4))
     n_heads = n_kv_heads * draw(st.integers(1, 4))
     head_dim = 2 * draw(st.integers(1, 40))
-    cache_len = draw(st.integers(1, 80))
+    cache_len = draw(st.integers(1, 80) | st.integers(257, 700))  # one chunk of positions, or several
     count = draw(st.integers(1, min(cache_len, kernels.MAX_ROWS)))
     start = draw(st.integers(0, cache_len - count))
     window = draw(st.none() | st.integers(1, cache_len))  # a sliding window, or full causal attention
@@ -418,6 +420,62 @@ def test_a_long_prompt_on_kernels_matches_hf(case, data):
     logits = run_chunks(ours, tokens, splits, tokens.shape[1] + 5)
     reference = hf(tokens).logits
     assert (logits - reference).abs().max().item() <= logits_bound(reference)
+
+
+class OneByOne(kernels.KernelOps):
+    """runner's kernels, each layer's called one by one (no decode_block)."""
+    decode_block = staticmethod(fn.decode_block)
+
+
+@settings(max_examples=30, deadline=None)
+@given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4]), dtype=DTYPES,
+       window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), seed=seeds, data=st.data())
+@torch.no_grad()
+def test_a_layer_in_one_decode_block_call_equals_its_calls_one_by_one(mode, dtype, window, batch, seed, data):
+    # decode_block runs the kernels the modules would call, in their order: bit for bit the same
+    # logits and caches, for decode steps, a verify's few tokens, batch rows and one row of a batch.
+    spec = ModelSpec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=96,
+                     max_seq_len=64, sliding_window=window, tie_embeddings=data.draw(st.booleans()))
+    torch.manual_seed(seed)
+    one_call = Transformer(spec).to(dtype)
+    for p in one_call.parameters():
+        p.data.normal_(0, 0.3)
+    if mode is not QuantMode.none:
+        quantize_model(one_call, QuantSection(mode=mode, groupsize=32))
+    kernel_transform.apply(one_call, Kernels.runner, torch.device("cpu"), "r.yaml")
+    one_by_one = copy.deepcopy(one_call)
+    one_by_one.use_ops(OneByOne)
+    tokens = torch.randint(0, spec.vocab_size, (batch, 30), generator=torch.Generator().manual_seed(seed))
+    prompt = data.draw(st.integers(1, kernels.MAX_ROWS // batch), label="prompt")
+    steps = [(0, prompt)]
+    while steps[-1][1] < tokens.shape[1]:
+        start = steps[-1][1]
+        steps.append((start, min(tokens.shape[1], start + data.draw(st.integers(1, 3), label="tokens"))))
+    for model in (one_call, one_by_one):
+        model.setup_cache(batch, 40)
+    for start, end in steps:
+        outs = [m(tokens[:, start:end], torch.arange(start, end)) for m in (one_call, one_by_one)]
+        assert torch.equal(outs[0], outs[1])
+    if batch == 2:  # one row of the batch, the other left as it is
+        outs = [m(tokens[1:, :1], torch.arange(30, 31), row=1) for m in (one_call, one_by_one)]
+        assert torch.equal(outs[0], outs[1])
+    for a, b in zip(one_call.layers, one_by_one.layers):
+        assert torch.equal(a.attention.kv_cache.k, b.attention.kv_cache.k)
+        assert torch.equal(a.attention.kv_cache.v, b.attention.kv_cache.v)
+
+
+def test_decode_block_is_what_a_dense_layer_on_the_kernels_runs():
+    # It must actually be taken (a dense layer on runner's kernels), and not where a part needs its
+    # own call: a layer on another kernel, or in another dtype.
+    model = Transformer(SMALL)
+    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    assert model.layers[0].kernel_operands(torch.float32) is not None
+    assert model.layers[0].kernel_operands(torch.bfloat16) is None
+    quantize_model(model, QuantSection(mode=QuantMode.int8))
+    assert model.layers[0].kernel_operands(torch.float32) is None  # the fallback kernel until packed
+    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    operands, groupsizes = model.layers[0].kernel_operands(torch.float32)
+    assert [len(o) for o in operands] == [2, 2, 2, 2] and groupsizes == [0, 0, 0, 0]
 
 
 def test_an_unreadable_record_is_refused_before_loading(fresh_load):
