@@ -1003,7 +1003,7 @@ constexpr int kScoreRows = kLanes >= 16 ? 4 : 6;
 constexpr int kScoreVectors = kLanes >= 16 ? 4 : 2;
 constexpr int64_t kQueryRows = (kQueryBlock + kScoreRows - 1) / kScoreRows * kScoreRows;  // whole tiles
 
-// Online softmax over one key block's scores s [kQueryBlock][kKeyBlock] (keys j0.. from base, nk
+// Online softmax over one key block's scores s [kQueryRows][kKeyBlock] (keys j0.. from base, nk
 // of them in the cache): masked scores become 0, the others exp(score - the row's running
 // maximum), and each row's total and output are rescaled as its maximum grows.
 void softmax_block(float* s, const int64_t* pos, int64_t n, int64_t hd, int64_t base, int64_t j0, int64_t nk,
