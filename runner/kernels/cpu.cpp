@@ -302,8 +302,8 @@ void dot_rows<float>(const float* x, const float* w, int64_t K, int64_t rows, fl
 // sum_g scale[g] * sum_{k in g} x[k] q[k] for int4 rows (two levels a byte, even column low);
 // xe, xo: x's even and odd columns. The zero points are added by the caller.
 template <typename T>
-void dot_rows_i4(const float* xe, const float* xo, const uint8_t* w, const T* scales, int64_t K, int64_t gs,
-                 int64_t rows, float* out) {
+void dot_rows_i4(const float* xe, const float* xo, const float* xr, const uint8_t* w, const T* scales, int64_t K,
+                 int64_t gs, int64_t rows, float* out) {
   const int64_t bytes = K / 2, G = K / gs, per_group = gs / 2;
   for (int64_t r = 0; r < rows; ++r, w += bytes, scales += G) {
 #if defined(__AVX512F__)
@@ -325,8 +325,30 @@ void dot_rows_i4(const float* xe, const float* xo, const uint8_t* w, const T* sc
     if (b < bytes) a = _mm512_add_ps(a, part(b));
     out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
 #else
+    // Eight-lane vectors: 32 bytes at a time as eight 32-bit words, word i holding columns
+    // 8i..8i+7 of the step's 64 (nibble c: column 8i + c), against xr, x arranged to match
+    // (xr[64 step + 8 c + i] = x[64 step + 8 i + c]). Shifts and masks in place of widening
+    // shuffles; lanes 0-3 are one group of 32 columns and lanes 4-7 the next (or the same).
+    static_assert(kLanes == 8, "the word-wise int4 loop takes eight lanes");
     vf a{};
-    for (int64_t g = 0; g < G; ++g) {
+    int64_t b = 0;
+    for (; b + 32 <= bytes; b += 32) {
+      if (b % 64 == 0) ahead(w + b);
+      vu q;
+      std::memcpy(&q, w + b, sizeof q);
+      const float* xs = xr + 2 * b;
+      vf t0 = __builtin_convertvector((vi)(q & 0xFu), vf) * vload(xs);
+      vf t1 = __builtin_convertvector((vi)((q >> 4) & 0xFu), vf) * vload(xs + 8);
+      t0 += __builtin_convertvector((vi)((q >> 8) & 0xFu), vf) * vload(xs + 16);
+      t1 += __builtin_convertvector((vi)((q >> 12) & 0xFu), vf) * vload(xs + 24);
+      t0 += __builtin_convertvector((vi)((q >> 16) & 0xFu), vf) * vload(xs + 32);
+      t1 += __builtin_convertvector((vi)((q >> 20) & 0xFu), vf) * vload(xs + 40);
+      t0 += __builtin_convertvector((vi)((q >> 24) & 0xFu), vf) * vload(xs + 48);
+      t1 += __builtin_convertvector((vi)(q >> 28), vf) * vload(xs + 56);
+      const float s0 = widen(scales[2 * b / gs]), s1 = widen(scales[(2 * b + 32) / gs]);
+      a += (t0 + t1) * vf{s0, s0, s0, s0, s1, s1, s1, s1};
+    }
+    for (int64_t g = 2 * b / gs; g < G; ++g) {  // a last group of 32 columns
       vf p0{}, p1{};
       // A group is gs / 2 >= 16 bytes: a whole number of vector pairs at 8 lanes (AVX2, SSE pairs).
       for (int64_t b = g * per_group; b < (g + 1) * per_group; b += 2 * kLanes) {
@@ -475,6 +497,7 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
   const int64_t quarter = (K / 4 + 31) / 32 * 32;
   std::vector<uint16_t> xq(bf16_path ? M * 4 * quarter : 0);
   std::vector<float> xe(bf16_path ? 0 : M * K / 2), xo(bf16_path ? 0 : M * K / 2);
+  std::vector<float> xr(kLanes == 8 && !bf16_path ? M * K : 0);  // dot_rows_i4's eight-lane order
   for (int64_t m = 0; m < M; ++m) {
     if (bf16_path) {
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(x + m * K);
@@ -487,6 +510,11 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
         xe[m * K / 2 + j] = widen(x[m * K + 2 * j]);
         xo[m * K / 2 + j] = widen(x[m * K + 2 * j + 1]);
       }
+#if !defined(__AVX512F__)
+      for (int64_t k = 0; k + 64 <= K; k += 64)
+        for (int64_t c = 0; c < 8; ++c)
+          for (int64_t i = 0; i < 8; ++i) xr[m * K + k + 8 * c + i] = widen(x[m * K + k + 8 * i + c]);
+#endif
     }
   }
   const int64_t blocks = (N + kRows - 1) / kRows;
@@ -508,8 +536,8 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
       }
 #endif
       if (!bf16_path)
-        dot_rows_i4(xe.data() + m * K / 2, xo.data() + m * K / 2, w + n * K / 2, scales + n * G, K, gs, rows,
-                    acc.data());
+        dot_rows_i4(xe.data() + m * K / 2, xo.data() + m * K / 2, xr.data() + m * K, w + n * K / 2, scales + n * G,
+                    K, gs, rows, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float offset = group_offsets(zeros + (n + r) * G, scales + (n + r) * G, sums.data() + m * G, G, base);
         y[m * N + n + r] = static_cast<T>(acc[r] + offset);
