@@ -259,12 +259,12 @@ class KernelOps:
         would make one by one, in the same order), or None where one of them would not run."""
         if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
             return None
+        operands = block.kernel_operands(x.dtype)  # first: an MoE or sharded layer builds no cache row
+        if operands is None:
+            return None
         attention = block.attention
         cache = attention.kv_cache if row is None else attention.kv_cache.row(row)
         if not (cache.k.dtype == x.dtype and cache.k.shape[0] == x.shape[0] and cache.k.is_contiguous()):
-            return None
-        operands = block.kernel_operands(x.dtype)
-        if operands is None:
             return None
         (wqkv, wo, w13, w2), groupsizes = operands
         return torch.ops.runner.decode_block(x, block.attention_norm.weight, block.ffn_norm.weight,

@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -169,14 +170,16 @@ inline vf vexp(vf x) {
 // 1 / d within an ulp or two of fp32: the hardware's estimate and one Newton step. A division
 // costs as much as vexp; this made swiglu over a prompt's rows faster than torch's on AVX2.
 inline vf vrecip(vf d) {
+#if defined(__AVX512F__) || defined(__AVX2__)
 #if defined(__AVX512F__)
   const vf r = (vf)_mm512_rcp14_ps((__m512)d);
-#elif defined(__AVX2__)
-  const vf r = (vf)_mm256_rcp_ps((__m256)d);
 #else
-  const vf r = 1.f / d;
+  const vf r = (vf)_mm256_rcp_ps((__m256)d);
 #endif
   return r * (2.f - d * r);
+#else
+  return 1.f / d;
+#endif
 }
 
 // --- dot products: weight rows against one activation row, fp32 accumulation ------------------
@@ -496,8 +499,10 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
   // half of a small layer's call.)
   const int64_t quarter = (K / 4 + 31) / 32 * 32;
   std::vector<uint16_t> xq(bf16_path ? M * 4 * quarter : 0);
-  std::vector<float> xe(bf16_path ? 0 : M * K / 2), xo(bf16_path ? 0 : M * K / 2);
-  std::vector<float> xr(kLanes == 8 && !bf16_path ? M * K : 0);  // dot_rows_i4's eight-lane order
+  // Eight-lane targets read xr (dot_rows_i4's word order), and even and odd columns only for a
+  // last 32 columns past whole steps of 64.
+  const bool words = kLanes == 8 && !bf16_path, halves = !bf16_path && (!words || K % 64);
+  std::vector<float> xe(halves ? M * K / 2 : 0), xo(halves ? M * K / 2 : 0), xr(words ? M * K : 0);
   for (int64_t m = 0; m < M; ++m) {
     if (bf16_path) {
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(x + m * K);
@@ -506,15 +511,13 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
         for (int64_t j = 0; j < K / 4; ++j) to[j] = bits[4 * j + c];
       }
     } else {
-      for (int64_t j = 0; j < K / 2; ++j) {
+      for (int64_t j = 0; halves && j < K / 2; ++j) {
         xe[m * K / 2 + j] = widen(x[m * K + 2 * j]);
         xo[m * K / 2 + j] = widen(x[m * K + 2 * j + 1]);
       }
-#if !defined(__AVX512F__)
-      for (int64_t k = 0; k + 64 <= K; k += 64)
+      for (int64_t k = 0; words && k + 64 <= K; k += 64)
         for (int64_t c = 0; c < 8; ++c)
           for (int64_t i = 0; i < 8; ++i) xr[m * K + k + 8 * c + i] = widen(x[m * K + k + 8 * i + c]);
-#endif
     }
   }
   const int64_t blocks = (N + kRows - 1) / kRows;
@@ -536,8 +539,8 @@ void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* ze
       }
 #endif
       if (!bf16_path)
-        dot_rows_i4(xe.data() + m * K / 2, xo.data() + m * K / 2, xr.data() + m * K, w + n * K / 2, scales + n * G,
-                    K, gs, rows, acc.data());
+        dot_rows_i4(halves ? xe.data() + m * K / 2 : nullptr, halves ? xo.data() + m * K / 2 : nullptr,
+                    words ? xr.data() + m * K : nullptr, w + n * K / 2, scales + n * G, K, gs, rows, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float offset = group_offsets(zeros + (n + r) * G, scales + (n + r) * G, sums.data() + m * G, G, base);
         y[m * N + n + r] = static_cast<T>(acc[r] + offset);
@@ -1069,12 +1072,11 @@ void softmax_block(float* s, const int64_t* pos, int64_t n, int64_t hd, int64_t 
   }
 }
 
-// One query block of one head: rows [i0, i0 + n), their queries qf (scaled fp32, kQueryRows rows
-// with zeros past n), over key blocks starting at `base` (kt: [block][hd][kKeyBlock], vals:
-// [key - base][hd]); o gets the rows' outputs, unnormalised, and total their softmax sums.
-void attend_block(const float* qf, const float* kt, const float* vals, const int64_t* pos, int64_t n, int64_t hd,
-                  int64_t base, int64_t keys, int64_t window, float* s, float* o, float* top, float* total) {
-  int64_t first = keys, last = -1;  // the keys any row sees, as indices from base
+// A query block's start: the outputs, maxima and totals reset, and the first key block any of
+// its n rows sees, with the last key (indices from base).
+std::pair<int64_t, int64_t> start_block(const int64_t* pos, int64_t n, int64_t base, int64_t keys, int64_t window,
+                                        int64_t hd, float* o, float* top, float* total) {
+  int64_t first = keys, last = -1;
   for (int64_t r = 0; r < n; ++r) {
     first = std::min(first, (window > 0 ? std::max<int64_t>(0, pos[r] + 1 - window) : 0) - base);
     last = std::max(last, pos[r] - base);
@@ -1082,7 +1084,16 @@ void attend_block(const float* qf, const float* kt, const float* vals, const int
   std::fill(o, o + kQueryRows * hd, 0.f);
   std::fill(top, top + kQueryRows, -INFINITY);
   std::fill(total, total + kQueryRows, 0.f);
-  for (int64_t j0 = first / kKeyBlock * kKeyBlock; j0 <= last; j0 += kKeyBlock) {
+  return {first / kKeyBlock * kKeyBlock, last};
+}
+
+// One query block of one head: rows [i0, i0 + n), their queries qf (scaled fp32, kQueryRows rows
+// with zeros past n), over key blocks starting at `base` (kt: [block][hd][kKeyBlock], vals:
+// [key - base][hd]); o gets the rows' outputs, unnormalised, and total their softmax sums.
+void attend_block(const float* qf, const float* kt, const float* vals, const int64_t* pos, int64_t n, int64_t hd,
+                  int64_t base, int64_t keys, int64_t window, float* s, float* o, float* top, float* total) {
+  const auto [start, last] = start_block(pos, n, base, keys, window, hd, o, top, total);
+  for (int64_t j0 = start; j0 <= last; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, keys - j0);
     const float* kb = kt + j0 * hd;  // this block's [hd][kKeyBlock]
     // Scores: R rows x kScoreVectors vectors of keys in registers, summed over the head dimension.
@@ -1143,16 +1154,9 @@ void attend_block_bf16(const uint32_t* qp, const uint32_t* kp, const uint32_t* v
                        float* o, float* top, float* total) {
   static_assert(kKeyBlock == 64 && kScoreRows == 4, "the bf16 block is 4 x 64 scores");
   const int64_t pairs = hd / 2;
-  int64_t first = keys, last = -1;
-  for (int64_t r = 0; r < n; ++r) {
-    first = std::min(first, (window > 0 ? std::max<int64_t>(0, pos[r] + 1 - window) : 0) - base);
-    last = std::max(last, pos[r] - base);
-  }
-  std::fill(o, o + kQueryBlock * hd, 0.f);
-  std::fill(top, top + kQueryBlock, -INFINITY);
-  std::fill(total, total + kQueryBlock, 0.f);
+  const auto [start, last] = start_block(pos, n, base, keys, window, hd, o, top, total);
   const __m512 scaled = _mm512_set1_ps(scale);
-  for (int64_t j0 = first / kKeyBlock * kKeyBlock; j0 <= last; j0 += kKeyBlock) {
+  for (int64_t j0 = start; j0 <= last; j0 += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, keys - j0);
     const uint32_t* kb = kp + j0 * pairs;
     for (int64_t r = 0; r < n; r += 4) {
