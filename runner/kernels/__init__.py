@@ -206,9 +206,9 @@ def _register_fakes() -> None:
     def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
         return qkv.new_empty(1, n_heads, qkv.shape[1], k_cache.shape[-1])
 
-    @torch.library.register_fake("runner::decode_block")
-    def _(x, attention_norm, ffn_norm, eps, wqkv, wo, w13, w2, groupsizes, cos_sin, k_cache, v_cache, input_pos,
-          n_heads, n_kv_heads, window=0):
+    @torch.library.register_fake("runner::decode_layers")
+    def _(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, input_pos, n_heads, n_kv_heads,
+          window=0):
         return torch.empty_like(x)
 
     @torch.library.register_fake("runner::causal_attention")
@@ -222,6 +222,70 @@ def loaded() -> bool:
 
 def _fits(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in DTYPES
+
+
+@dataclass
+class _LayersPlan:
+    """decode_layers' operands for a model's layers in one dtype, gathered once: walking the
+    modules for them each step cost about a millisecond (1200 module attribute lookups)."""
+    norms: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    parts: list[int]
+    groupsizes: list[int]
+    kv_caches: list  # each layer's KVCache
+    k_caches: list[torch.Tensor]  # their tensors, [B, KVH, L, D] each
+    v_caches: list[torch.Tensor]
+    eps: float
+    n_heads: int
+    n_kv_heads: int
+    window: int
+
+
+# Bumped whenever any module anywhere is given a parameter, buffer or submodule: a plan from an
+# older generation may hold tensors the model no longer has, and is gathered again. (A move or
+# cast replaces tensors without these hooks: runner.model.llama.Transformer._apply drops its plans.)
+_generation = [0]
+
+
+def _changed(*args) -> None:
+    _generation[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_changed)
+
+
+def _layers_plan(model, dtype: torch.dtype) -> _LayersPlan | None:
+    if torch.compiler.is_compiling():  # traced once into the graph: nothing to cache
+        return _gather(model, dtype)
+    plans = model.__dict__.setdefault("_kernel_plans", {})
+    cached = plans.get(dtype)
+    if cached is None or cached[0] != _generation[0]:
+        cached = plans[dtype] = (_generation[0], _gather(model, dtype))
+    return cached[1]
+
+
+def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
+    norms, weights, parts, groupsizes, kv_caches = [], [], [], [], []
+    for block in model.layers:
+        operands = block.kernel_operands(dtype)
+        attention = block.attention
+        cache = attention.kv_cache
+        if operands is None or cache is None or cache.k.dtype != dtype:
+            return None
+        linears, sizes = operands
+        norms += [block.attention_norm.weight, block.ffn_norm.weight]
+        for each in linears:
+            weights += each
+            parts.append(len(each))
+        groupsizes += sizes
+        kv_caches.append(cache)
+    first = model.layers[0]
+    return _LayersPlan(norms, weights, parts, groupsizes, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
+                       first.attention_norm.eps,
+                       first.attention.n_heads, first.attention.n_kv_heads, first.attention.window or 0)
 
 
 class KernelOps:
@@ -254,23 +318,25 @@ class KernelOps:
         return functional.expert_linear(x, w, ids)
 
     @staticmethod
-    def decode_block(block, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> torch.Tensor | None:
-        """A dense layer for a few tokens in one kernel call (the calls attend, linear and the rest
-        would make one by one, in the same order), or None where one of them would not run."""
+    def decode_layers(model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> torch.Tensor | None:
+        """A few tokens through every layer in one kernel call (the calls attend, linear and the
+        rest would make one by one, in the same order, in one parallel region), or None where one
+        of them would not run: a mixture of experts, tensor parallelism's all-reduce, a layer on
+        another kernel or in another dtype."""
         if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
             return None
-        operands = block.kernel_operands(x.dtype)  # first: an MoE or sharded layer builds no cache row
-        if operands is None:
+        plan = _layers_plan(model, x.dtype)
+        if plan is None:
             return None
-        attention = block.attention
-        cache = attention.kv_cache if row is None else attention.kv_cache.row(row)
-        if not (cache.k.dtype == x.dtype and cache.k.shape[0] == x.shape[0] and cache.k.is_contiguous()):
+        k_caches, v_caches = plan.k_caches, plan.v_caches
+        if row is not None:
+            rows = [cache.row(row) for cache in plan.kv_caches]
+            k_caches, v_caches = [r.k for r in rows], [r.v for r in rows]
+        if not (k_caches[0].shape[0] == x.shape[0] and k_caches[0].is_contiguous()):
             return None
-        (wqkv, wo, w13, w2), groupsizes = operands
-        return torch.ops.runner.decode_block(x, block.attention_norm.weight, block.ffn_norm.weight,
-                                             block.attention_norm.eps, wqkv, wo, w13, w2, groupsizes, cos_sin,
-                                             cache.k, cache.v, input_pos, attention.n_heads, attention.n_kv_heads,
-                                             attention.window or 0)
+        return torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
+                                              cos_sin, k_caches, v_caches, input_pos, plan.n_heads, plan.n_kv_heads,
+                                              plan.window)
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,

@@ -25,8 +25,9 @@
 //   rope_write(qkv, cos_sin, k_cache!, v_cache!, pos, n_heads, n_kv_heads) -> q [1, H, T, hd]
 //                                                        a prompt: RoPE and the cache write, for
 //                                                        causal_attention to follow
-//   decode_block(x, norms, eps, wqkv, wo, w13, w2 (each {w}, {w, scales} or {w, scales, zeros}), ...)
-//                                                        a dense layer for a few tokens in one call
+//   decode_layers(x, norms, eps, weights (each linear {w}, {w, scales} or {w, scales, zeros}), ...)
+//                                                        a few tokens through every dense layer in one
+//                                                        call and one parallel region
 //   causal_attention(q [1, H, T, hd], k_cache, v_cache, pos [T], window) -> [1, T, H * hd]
 //                                                        a prompt's causal (sliding-window) GQA
 //                                                        attention over the cache, block by block
@@ -35,17 +36,20 @@
 // stay within a rounding step of it; tests/kernels compare them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -373,30 +377,38 @@ void dot_rows_i4(const float* xe, const float* xo, const float* xr, const uint8_
 // by side: the step's x is loaded once for all of them, and their R sums are independent chains.
 // Each 16-bit lane of the loaded bytes holds four levels, columns 4j..4j+3; OR-ing a level into
 // the bits of bf16 128.0 (0x4300) makes the exact bf16 of 128 + q in one instruction, which
-// vdpbf16ps multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. The caller removes
-// the 128 with each group's sum of x. A product lane i covers columns 8i..8i+7 of the step, so its
-// scale is the bf16 at `spread`'s word 2i + 1 (a word moved into an fp32's top half is that fp32).
-// One row at a time, with the scales widened by three instructions a step, this ran at 12.6 GB/s
-// on two threads of an AMD EPYC; four rows at a time with one permute for the scales, at 16-18.
+// vdpbf16ps multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. A product lane i
+// covers columns 8i..8i+7 of the step, so its scale and zero are the bf16 at `spread`'s word
+// 2i + 1 (a word moved into an fp32's top half is that fp32). The zero points are folded in as the
+// rows go: w = (q - 8) s + z = (128 + q) s - 136 s + z, and `firsts` holds each group's sum of x
+// in the group's first lane of its step (0 in the others), so a lane adds s (its products - 136
+// sum) + z sum. One row at a time, with the scales widened by three instructions a step, this ran
+// at 12.6 GB/s on two threads of an AMD EPYC; four rows at a time with one permute for the scales,
+// at 16-18. The zero points in the loop instead of a pass of their own per row, and a row's last
+// 32 bytes in 256-bit halves, took a 3072 x 576 layer on one thread from 69 to 57 us.
 constexpr uint16_t kBf16_128 = 0x4300;
 
 template <int R>
-void dot_rows_i4_bf16(const BFloat16* const xs[4], const uint8_t* w, const BFloat16* scales, int64_t K, int64_t gs,
-                      float* out) {
+void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const uint8_t* w, const BFloat16* scales,
+                      const BFloat16* zeros, int64_t K, int64_t gs, BFloat16* out) {
   const int64_t bytes = K / 2, G = K / gs;
-  int16_t words[32] = {};
-  for (int i = 0; i < 16; ++i) words[2 * i + 1] = (int16_t)(gs >= 128 ? 0 : 8 * i / gs);
-  const __m512i spread = _mm512_loadu_si512(words);
+  // Lane i's group within the step, (8 i) / gs, in its top word.
+  const __m512i iota = _mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0);
+  const __m512i spread = _mm512_slli_epi32(_mm512_srlv_epi32(iota, _mm512_set1_epi32(__builtin_ctzll(gs))), 16);
   const __m512i nibble = _mm512_set1_epi16(0xF), offset = _mm512_set1_epi16((short)kBf16_128);
+  const __m512 minus136 = _mm512_set1_ps(-136.f);
   const int64_t per_step = std::max<int64_t>(128 / gs, 1);
   __m512 a[R];
   for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < bytes; b += 64) {  // one cache line of levels a row and step (xs is padded to whole steps)
+  int64_t b = 0;
+  // One cache line of levels a row and step; a last step of 48 bytes masked (xs is padded to whole steps).
+  for (; bytes - b > 32; b += 64) {
     const __mmask64 m = bytes - b >= 64 ? ~0ull : (1ull << (bytes - b)) - 1;
     const int64_t j = b / 2;  // the step's first entry in each xs[c]
     const int64_t g = 2 * b / gs;
     const __mmask8 sm = (__mmask8)((1u << std::min(per_step, G - g)) - 1);
     const __m512bh x0 = load_bh(xs[0] + j), x1 = load_bh(xs[1] + j), x2 = load_bh(xs[2] + j), x3 = load_bh(xs[3] + j);
+    const __m512 first = _mm512_loadu_ps(firsts + b / 4), start = _mm512_mul_ps(first, minus136);
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * bytes + b;
       ahead(row);
@@ -406,17 +418,51 @@ void dot_rows_i4_bf16(const BFloat16* const xs[4], const uint8_t* w, const BFloa
       const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nibble, offset, 0xEA);
       const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nibble, offset, 0xEA);
       const __m512bh n3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 12), nibble, offset, 0xEA);
-      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), n0, x0);
+      __m512 t = _mm512_dpbf16_ps(start, n0, x0);
       t = _mm512_dpbf16_ps(t, n1, x1);
       t = _mm512_dpbf16_ps(t, n2, x2);
       t = _mm512_dpbf16_ps(t, n3, x3);
       const __m128i s16 = _mm_maskz_loadu_epi16(sm, scales + r * G + g);
+      const __m128i z16 = _mm_maskz_loadu_epi16(sm, zeros + r * G + g);
       const __m512 s = _mm512_castsi512_ps(
           _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_castsi128_si512(s16)));
-      a[r] = _mm512_fmadd_ps(t, s, a[r]);
+      const __m512 z = _mm512_castsi512_ps(
+          _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_castsi128_si512(z16)));
+      a[r] = _mm512_fmadd_ps(z, first, _mm512_fmadd_ps(t, s, a[r]));
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+  if (b < bytes) {  // a last 16 or 32 bytes in 256-bit halves of the same (a row of 576 columns ends so)
+    const __mmask32 m = bytes - b >= 32 ? ~0u : (1u << (bytes - b)) - 1;
+    const int64_t j = b / 2, g = 2 * b / gs;
+    const __mmask8 sm = (__mmask8)((1u << std::min(std::max<int64_t>(64 / gs, 1), G - g)) - 1);
+    const __m256bh x0 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[0] + j)),
+                   x1 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[1] + j)),
+                   x2 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[2] + j)),
+                   x3 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[3] + j));
+    const __m256 first = _mm256_loadu_ps(firsts + b / 4);
+    const __m256 start = _mm256_mul_ps(first, _mm512_castps512_ps256(minus136));
+    const __m256i half_spread = _mm512_castsi512_si256(spread), nib = _mm512_castsi512_si256(nibble),
+                  off = _mm512_castsi512_si256(offset);
+    for (int r = 0; r < R; ++r) {
+      const __m256i q = _mm256_maskz_loadu_epi8(m, w + r * bytes + b);
+      const __m256bh n0 = (__m256bh)_mm256_ternarylogic_epi32(q, nib, off, 0xEA);
+      const __m256bh n1 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 4), nib, off, 0xEA);
+      const __m256bh n2 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 8), nib, off, 0xEA);
+      const __m256bh n3 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 12), nib, off, 0xEA);
+      __m256 t = _mm256_dpbf16_ps(start, n0, x0);
+      t = _mm256_dpbf16_ps(t, n1, x1);
+      t = _mm256_dpbf16_ps(t, n2, x2);
+      t = _mm256_dpbf16_ps(t, n3, x3);
+      const __m128i s16 = _mm_maskz_loadu_epi16(sm, scales + r * G + g);
+      const __m128i z16 = _mm_maskz_loadu_epi16(sm, zeros + r * G + g);
+      const __m256 s =
+          _mm256_castsi256_ps(_mm256_maskz_permutexvar_epi16(0xAAAAu, half_spread, _mm256_castsi128_si256(s16)));
+      const __m256 z =
+          _mm256_castsi256_ps(_mm256_maskz_permutexvar_epi16(0xAAAAu, half_spread, _mm256_castsi128_si256(z16)));
+      a[r] = _mm512_add_ps(a[r], _mm512_zextps256_ps512(_mm256_fmadd_ps(z, first, _mm256_mul_ps(t, s))));
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = static_cast<BFloat16>(_mm512_reduce_add_ps(a[r]));
 }
 #endif
 
@@ -425,23 +471,6 @@ std::vector<float> widened(const T* x, int64_t n) {
   std::vector<float> out(n);
   for (int64_t i = 0; i < n; ++i) out[i] = widen(x[i]);
   return out;
-}
-
-template <typename T>
-void int8_linear_impl(const T* x, const int8_t* w, const T* scales, T* y, int64_t M, int64_t N, int64_t K) {
-  const std::vector<float> xf = widened(x, M * K);
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    float acc[kRows];
-    const int64_t n0 = begin * kRows, n1 = std::min(N, end * kRows);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = n0; n < n1; n += kRows) {
-        const int64_t rows = std::min(kRows, n1 - n);
-        dot_rows<int8_t, float>(xf.data() + m * K, w + n * K, K, rows, acc);
-        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r] * widen(scales[n + r]));
-      }
-    }
-  });
 }
 
 // sum_g (zeros[g] - base * scales[g]) * sums[g]: one row's zero points against x's group sums.
@@ -475,79 +504,165 @@ float group_offsets(const T* zeros, const T* scales, const float* sums, int64_t 
   return total;
 }
 
+// One linear layer's weights: T [N, K] (float), int8 [N, K] with scales [N], or uint8 [N, K / 2]
+// with scales and zeros [N, K / gs] (int4; runner.quant's layouts).
 template <typename T>
-void int4_linear_impl(const T* x, const uint8_t* w, const T* scales, const T* zeros, T* y, int64_t M, int64_t N,
-                      int64_t K, int64_t gs) {
-  const int64_t G = K / gs;
-  // Each group's sum of x, for the zero points: w = (q - 8) s + z = q s + (z - 8 s). A group is
-  // a whole number of vectors (gs is a power of two >= 32).
-  std::vector<float> sums(M * G);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      vf acc{};
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += kLanes) acc += vload(x + m * K + k);
-      sums[m * G + g] = hsum(acc);
+struct Weights {
+  const void* w = nullptr;
+  const T* scales = nullptr;  // int8 and int4
+  const T* zeros = nullptr;   // int4
+  int64_t N = 0, K = 0, gs = 0;
+};
+
+// x's M rows made ready once for a layer's weights (widened, rearranged, their group sums), then
+// any run of the layer's output rows: the ops share the rows out over at::parallel_for's threads,
+// decode_layers over its team.
+template <typename T>
+class Gemv {
+ public:
+  Gemv(const Weights<T>& wt, const T* x, int64_t M) : wt_(wt), x_(x), M_(M) {
+    const int64_t K = wt.K;
+    if (wt.zeros == nullptr) {
+      if (wt.scales != nullptr) xf_ = widened(x, M * K);  // int8's loop takes fp32 x
+      return;
     }
-  bool bf16_path = false;
+    const int64_t G = K / wt.gs;
+    // Each group's sum of x, for the zero points: w = (q - 8) s + z = q s + (z - 8 s). A group is
+    // a whole number of vectors (gs is a power of two >= 32).
+    sums_.resize(M * G);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        vf acc{};
+        for (int64_t k = g * wt.gs; k < (g + 1) * wt.gs; k += kLanes) acc += vload(x + m * K + k);
+        sums_[m * G + g] = hsum(acc);
+      }
 #if defined(__AVX512BF16__)
-  bf16_path = std::is_same_v<T, BFloat16> && K % 8 == 0;
+    bf16_path_ = std::is_same_v<T, BFloat16> && K % 8 == 0;
 #endif
-  // The bf16 path sums 128 + q (see dot_rows_i4_bf16): its offset per group is z - 136 s.
-  const float base = bf16_path ? 136.f : 8.f;
-  // x rearranged as each path reads it: by column mod 4 in bf16 (padded to whole steps of 32
-  // entries), or even and odd columns in fp32. (Element by element through float, this took
-  // half of a small layer's call.)
-  const int64_t quarter = (K / 4 + 31) / 32 * 32;
-  std::vector<uint16_t> xq(bf16_path ? M * 4 * quarter : 0);
-  // Eight-lane targets read xr (dot_rows_i4's word order), and even and odd columns only for a
-  // last 32 columns past whole steps of 64.
-  const bool words = kLanes == 8 && !bf16_path, halves = !bf16_path && (!words || K % 64);
-  std::vector<float> xe(halves ? M * K / 2 : 0), xo(halves ? M * K / 2 : 0), xr(words ? M * K : 0);
-  for (int64_t m = 0; m < M; ++m) {
-    if (bf16_path) {
-      const uint16_t* bits = reinterpret_cast<const uint16_t*>(x + m * K);
-      for (int64_t c = 0; c < 4; ++c) {
-        uint16_t* to = xq.data() + (m * 4 + c) * quarter;
-        for (int64_t j = 0; j < K / 4; ++j) to[j] = bits[4 * j + c];
+    // x rearranged as each path reads it: by column mod 4 in bf16 (padded to whole steps of 32
+    // entries), or even and odd columns in fp32. (Element by element through float, this took
+    // half of a small layer's call.)
+    quarter_ = (K / 4 + 31) / 32 * 32;
+    xq_.resize(bf16_path_ ? M * 4 * quarter_ : 0);
+    // Eight-lane targets read xr (dot_rows_i4's word order), and even and odd columns only for a
+    // last 32 columns past whole steps of 64.
+    words_ = kLanes == 8 && !bf16_path_;
+    halves_ = !bf16_path_ && (!words_ || K % 64);
+    xe_.resize(halves_ ? M * K / 2 : 0);
+    xo_.resize(halves_ ? M * K / 2 : 0);
+    xr_.resize(words_ ? M * K : 0);
+    // The bf16 path's group sums, each in its group's first lane of a step (see dot_rows_i4_bf16).
+    firsts_.resize(bf16_path_ ? M * quarter_ / 2 : 0);
+    for (int64_t m = 0; m < M; ++m) {
+      if (bf16_path_) {
+        const uint16_t* bits = reinterpret_cast<const uint16_t*>(x + m * K);
+        for (int64_t c = 0; c < 4; ++c) {
+          uint16_t* to = xq_.data() + (m * 4 + c) * quarter_;
+          for (int64_t j = 0; j < K / 4; ++j) to[j] = bits[4 * j + c];
+        }
+        for (int64_t k = 0; k < K; k += wt.gs) firsts_[m * quarter_ / 2 + k / 8] = sums_[m * G + k / wt.gs];
+      } else {
+        for (int64_t j = 0; halves_ && j < K / 2; ++j) {
+          xe_[m * K / 2 + j] = widen(x[m * K + 2 * j]);
+          xo_[m * K / 2 + j] = widen(x[m * K + 2 * j + 1]);
+        }
+        for (int64_t k = 0; words_ && k + 64 <= K; k += 64)
+          for (int64_t c = 0; c < 8; ++c)
+            for (int64_t i = 0; i < 8; ++i) xr_[m * K + k + 8 * c + i] = widen(x[m * K + k + 8 * i + c]);
       }
-    } else {
-      for (int64_t j = 0; halves && j < K / 2; ++j) {
-        xe[m * K / 2 + j] = widen(x[m * K + 2 * j]);
-        xo[m * K / 2 + j] = widen(x[m * K + 2 * j + 1]);
-      }
-      for (int64_t k = 0; words && k + 64 <= K; k += 64)
-        for (int64_t c = 0; c < 8; ++c)
-          for (int64_t i = 0; i < 8; ++i) xr[m * K + k + 8 * c + i] = widen(x[m * K + k + 8 * i + c]);
     }
   }
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    // One call per input row over this thread's rows: the kernels' setup is paid once.
-    const int64_t n = begin * kRows, rows = std::min(N, end * kRows) - n;
+
+  // Output rows [n0, n1) of every input row into y [M, N]; n0 a multiple of kRows.
+  void rows(int64_t n0, int64_t n1, T* y) const {
+    if (wt_.zeros != nullptr)
+      int4_rows(n0, n1, y);
+    else if (wt_.scales != nullptr)
+      int8_rows(n0, n1, y);
+    else
+      float_rows(n0, n1, y);
+  }
+
+  // All N rows, shared out over at::parallel_for's threads a block of kRows at a time.
+  void all(T* y) const {
+    const int64_t N = wt_.N, blocks = (N + kRows - 1) / kRows;
+    at::parallel_for(0, blocks, 16,
+                     [&](int64_t begin, int64_t end) { rows(begin * kRows, std::min(N, end * kRows), y); });
+  }
+
+ private:
+  // Block by block, each block's rows kept in L1 across the M inputs.
+  void float_rows(int64_t n0, int64_t n1, T* y) const {
+    const T* w = static_cast<const T*>(wt_.w);
+    const int64_t N = wt_.N, K = wt_.K;
+    float acc[kRows];
+    for (int64_t n = n0; n < n1; n += kRows) {
+      const int64_t rows = std::min(kRows, n1 - n);
+      for (int64_t m = 0; m < M_; ++m) {
+        dot_rows<T>(x_ + m * K, w + n * K, K, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r]);
+      }
+    }
+  }
+
+  void int8_rows(int64_t n0, int64_t n1, T* y) const {
+    const int8_t* w = static_cast<const int8_t*>(wt_.w);
+    const int64_t N = wt_.N, K = wt_.K;
+    float acc[kRows];
+    for (int64_t m = 0; m < M_; ++m)
+      for (int64_t n = n0; n < n1; n += kRows) {
+        const int64_t rows = std::min(kRows, n1 - n);
+        dot_rows<int8_t, float>(xf_.data() + m * K, w + n * K, K, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r] * widen(wt_.scales[n + r]));
+      }
+  }
+
+  // One call per input row over the run: the kernels' setup is paid once.
+  void int4_rows(int64_t n, int64_t n1, T* y) const {
+    const uint8_t* w = static_cast<const uint8_t*>(wt_.w);
+    const T* scales = wt_.scales;
+    const int64_t N = wt_.N, K = wt_.K, gs = wt_.gs, G = K / gs, rows = n1 - n;
+    // The bf16 path sums 128 + q (see dot_rows_i4_bf16): its offset per group is z - 136 s.
+    const float base = bf16_path_ ? 136.f : 8.f;
     std::vector<float> acc(rows);
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M_; ++m) {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, BFloat16>) {
-        if (bf16_path) {
+        if (bf16_path_) {
           const BFloat16* xs[4];
-          for (int c = 0; c < 4; ++c) xs[c] = reinterpret_cast<const BFloat16*>(xq.data() + (m * 4 + c) * quarter);
+          for (int c = 0; c < 4; ++c) xs[c] = reinterpret_cast<const BFloat16*>(xq_.data() + (m * 4 + c) * quarter_);
+          const float* firsts = firsts_.data() + m * quarter_ / 2;
+          const T* zeros = wt_.zeros;
           int64_t r = 0;
           for (; r + kRows <= rows; r += kRows)
-            dot_rows_i4_bf16<kRows>(xs, w + (n + r) * K / 2, scales + (n + r) * G, K, gs, acc.data() + r);
-          for (; r < rows; ++r) dot_rows_i4_bf16<1>(xs, w + (n + r) * K / 2, scales + (n + r) * G, K, gs, acc.data() + r);
+            dot_rows_i4_bf16<kRows>(xs, firsts, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
+                                    y + m * N + n + r);
+          for (; r < rows; ++r)
+            dot_rows_i4_bf16<1>(xs, firsts, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
+                                y + m * N + n + r);
+          continue;
         }
       }
 #endif
-      if (!bf16_path)
-        dot_rows_i4(halves ? xe.data() + m * K / 2 : nullptr, halves ? xo.data() + m * K / 2 : nullptr,
-                    words ? xr.data() + m * K : nullptr, w + n * K / 2, scales + n * G, K, gs, rows, acc.data());
+      if (!bf16_path_)
+        dot_rows_i4(halves_ ? xe_.data() + m * K / 2 : nullptr, halves_ ? xo_.data() + m * K / 2 : nullptr,
+                    words_ ? xr_.data() + m * K : nullptr, w + n * K / 2, scales + n * G, K, gs, rows, acc.data());
       for (int64_t r = 0; r < rows; ++r) {
-        const float offset = group_offsets(zeros + (n + r) * G, scales + (n + r) * G, sums.data() + m * G, G, base);
+        const float offset =
+            group_offsets(wt_.zeros + (n + r) * G, scales + (n + r) * G, sums_.data() + m * G, G, base);
         y[m * N + n + r] = static_cast<T>(acc[r] + offset);
       }
     }
-  });
-}
+  }
+
+  Weights<T> wt_;
+  const T* x_;
+  int64_t M_;
+  std::vector<float> xf_, sums_, xe_, xo_, xr_, firsts_;
+  std::vector<uint16_t> xq_;
+  int64_t quarter_ = 0;
+  bool bf16_path_ = false, words_ = false, halves_ = false;
+};
 
 // --- ops ------------------------------------------------------------------------------------------
 
@@ -564,84 +679,73 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
               "runner::", name, ": float32 or bfloat16 only, got ", t.scalar_type());
 }
 
-template <typename T>
-void linear_impl(const T* x, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  // Each thread streams a contiguous run of rows; a block's rows stay in L1 across the M inputs.
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    float acc[kRows];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        dot_rows<T>(x + m * K, w + n0 * K, K, rows, acc);
-        for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = static_cast<T>(acc[r]);
-      }
-    }
-  });
+// One linear's operands, checked against the width K and dtype of its input and made contiguous:
+// {w} float, {w, scales} int8, {w, scales, zeros} int4 with groupsize gs.
+std::vector<at::Tensor> checked_linear(const std::string& name, int64_t K, at::ScalarType dtype, at::TensorList w,
+                                      int64_t gs) {
+  const auto fail = [&](const auto&... what) { TORCH_CHECK(false, "runner::", name, ": ", what...); };
+  if (w.empty() || w.size() > 3) fail("a linear is {w}, {w, scales} or {w, scales, zeros}, got ", w.size(), " tensors");
+  const int64_t N = w[0].size(0);
+  switch (w.size()) {
+    case 1:
+      if (!(w[0].dim() == 2 && K == w[0].size(1)))
+        fail("x [..., K] and w [N, K] disagree: K = ", K, " and w ", w[0].sizes());
+      if (w[0].scalar_type() != dtype) fail("x and w dtypes differ");
+      break;
+    case 2:
+      if (!(w[0].dim() == 2 && w[0].scalar_type() == at::kChar && K == w[0].size(1)))
+        fail("w must be int8 [N, K] for x [..., K], got ", w[0].sizes(), " for K = ", K);
+      if (!(w[1].numel() == N && w[1].scalar_type() == dtype)) fail("scales must be [N] in x's dtype");
+      break;
+    case 3:
+      if (!(w[0].dim() == 2 && w[0].scalar_type() == at::kByte && w[0].size(1) * 2 == K))
+        fail("w must be uint8 [N, K / 2] for x [..., K], got ", w[0].sizes(), " for K = ", K);
+      // A power of two: a 128-column step of the bf16 path then starts on a group's first column.
+      if (!(gs >= 32 && (gs & (gs - 1)) == 0 && K % gs == 0))
+        fail("groupsize must be a power of two >= 32 that divides K, got ", gs);
+      if (!(w[1].sizes() == w[2].sizes() && w[1].dim() == 2 && w[1].size(0) == N && w[1].size(1) == K / gs &&
+            w[1].scalar_type() == dtype && w[2].scalar_type() == dtype))
+        fail("scales and zeros must be [N, K / groupsize] in x's dtype");
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& t : w) out.push_back(t.contiguous());
+  return out;
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
-  check_cpu_float(x, "linear");
-  TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "runner::linear: x [..., K] and w [N, K] disagree: ",
-              x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "runner::linear: x and w dtypes differ");
-  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
+template <typename T>
+Weights<T> weights_of(const std::vector<at::Tensor>& w, int64_t gs) {
+  Weights<T> out;
+  out.w = w[0].const_data_ptr();
+  if (w.size() > 1) out.scales = w[1].const_data_ptr<T>();
+  if (w.size() > 2) out.zeros = w[2].const_data_ptr<T>(), out.gs = gs;
+  out.N = w[0].size(0);
+  out.K = w[0].size(1) * (w.size() == 3 ? 2 : 1);
+  return out;
+}
+
+at::Tensor linear_of(const std::string& name, const at::Tensor& x, at::TensorList w, int64_t gs) {
+  check_cpu_float(x, name.c_str());
+  const auto operands = checked_linear(name, x.size(-1), x.scalar_type(), w, gs);
   auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  auto y = with_last(x, N);
+  auto y = with_last(x, w[0].size(0));
+  const int64_t M = x.numel() / x.size(-1);
   if (x.scalar_type() == at::kBFloat16)
-    linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K);
+    Gemv<BFloat16>(weights_of<BFloat16>(operands, gs), xc.const_data_ptr<BFloat16>(), M)
+        .all(y.mutable_data_ptr<BFloat16>());
   else
-    linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, N, K);
+    Gemv<float>(weights_of<float>(operands, gs), xc.const_data_ptr<float>(), M).all(y.mutable_data_ptr<float>());
   return y;
 }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) { return linear_of("linear", x, {w}, 0); }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  check_cpu_float(x, "int8_linear");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && x.size(-1) == w.size(1),
-              "runner::int8_linear: w must be int8 [N, K] with x [..., K], got ", w.sizes(), " and ", x.sizes());
-  TORCH_CHECK(scales.numel() == w.size(0) && scales.scalar_type() == x.scalar_type(),
-              "runner::int8_linear: scales must be [N] in x's dtype");
-  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  auto sc = scales.contiguous();
-  auto y = with_last(x, N);
-  if (x.scalar_type() == at::kBFloat16)
-    int8_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<int8_t>(), sc.const_data_ptr<BFloat16>(),
-                     y.mutable_data_ptr<BFloat16>(), M, N, K);
-  else
-    int8_linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
-                     y.mutable_data_ptr<float>(), M, N, K);
-  return y;
+  return linear_of("int8_linear", x, {w, scales}, 0);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t groupsize) {
-  check_cpu_float(x, "int4_linear");
-  const int64_t K = x.size(-1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) * 2 == K,
-              "runner::int4_linear: w must be uint8 [N, K / 2] with x [..., K], got ", w.sizes(), " and ", x.sizes());
-  // A power of two: a 128-column step of the bf16 path then starts on a group's first column.
-  TORCH_CHECK(groupsize >= 32 && (groupsize & (groupsize - 1)) == 0 && K % groupsize == 0,
-              "runner::int4_linear: groupsize must be a power of two >= 32 that divides K, got ", groupsize);
-  TORCH_CHECK(scales.sizes() == zeros.sizes() && scales.dim() == 2 && scales.size(0) == N &&
-                  scales.size(1) == K / groupsize && scales.scalar_type() == x.scalar_type() &&
-                  zeros.scalar_type() == x.scalar_type(),
-              "runner::int4_linear: scales and zeros must be [N, K / groupsize] in x's dtype");
-  const int64_t M = x.numel() / K;
-  auto xc = x.contiguous();
-  auto wc = w.contiguous();
-  auto sc = scales.contiguous();
-  auto zc = zeros.contiguous();
-  auto y = with_last(x, N);
-  if (x.scalar_type() == at::kBFloat16)
-    int4_linear_impl(xc.const_data_ptr<BFloat16>(), wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<BFloat16>(),
-                     zc.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), M, N, K, groupsize);
-  else
-    int4_linear_impl(xc.const_data_ptr<float>(), wc.const_data_ptr<uint8_t>(), sc.const_data_ptr<float>(),
-                     zc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, N, K, groupsize);
-  return y;
+  return linear_of("int4_linear", x, {w, scales, zeros}, groupsize);
 }
 
 // --- experts: stacked weights [E, N, ...]; row m of x goes through expert ids[m] only ------------
@@ -685,7 +789,9 @@ at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t N = w.size(1), K = w.size(2);
   return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
-    linear_impl(xr, w.const_data_ptr<T>() + e * N * K, yr, 1, N, K);
+    Weights<T> we;
+    we.w = w.const_data_ptr<T>() + e * N * K, we.N = N, we.K = K;
+    Gemv<T>(we, xr, 1).all(yr);
   });
 }
 
@@ -702,7 +808,9 @@ at::Tensor int8_expert_linear(const at::Tensor& x, const at::Tensor& w, const at
   const int64_t N = w.size(1), K = w.size(2);
   return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
-    int8_linear_impl(xr, w.const_data_ptr<int8_t>() + e * N * K, scales.const_data_ptr<T>() + e * N, yr, 1, N, K);
+    Weights<T> we;
+    we.w = w.const_data_ptr<int8_t>() + e * N * K, we.scales = scales.const_data_ptr<T>() + e * N, we.N = N, we.K = K;
+    Gemv<T>(we, xr, 1).all(yr);
   });
 }
 
@@ -723,8 +831,10 @@ at::Tensor int4_expert_linear(const at::Tensor& x, const at::Tensor& w, const at
   auto id = checked_ids("int4_expert_linear", x, ids, E);
   return per_row(x, id, N, [&](auto* xr, int64_t e, auto* yr) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
-    int4_linear_impl(xr, w.const_data_ptr<uint8_t>() + e * N * K / 2, scales.const_data_ptr<T>() + e * N * G,
-                     zeros.const_data_ptr<T>() + e * N * G, yr, 1, N, K, groupsize);
+    Weights<T> we;
+    we.w = w.const_data_ptr<uint8_t>() + e * N * K / 2, we.N = N, we.K = K, we.gs = groupsize;
+    we.scales = scales.const_data_ptr<T>() + e * N * G, we.zeros = zeros.const_data_ptr<T>() + e * N * G;
+    Gemv<T>(we, xr, 1).all(yr);
   });
 }
 
@@ -828,21 +938,23 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const 
 // region costs more than they do); a prompt's hundreds are shared out.
 inline int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
+// One row: x / rms(x), rounded to T, times w.
+template <typename T>
+void rms_norm_row(const T* xi, const T* w, T* yi, int64_t D, float eps) {
+  const int64_t whole = D / kLanes * kLanes;
+  vf acc{};
+  for (int64_t d = 0; d < whole; d += kLanes) acc += vload(xi + d) * vload(xi + d);
+  float ss = hsum(acc);
+  for (int64_t d = whole; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
+  const float r = 1.f / std::sqrt(ss / D + eps);
+  for (int64_t d = 0; d < whole; d += kLanes) vstore(yi + d, vround<T>(vload(xi + d) * r) * vload(w + d));
+  for (int64_t d = whole; d < D; ++d) yi[d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
+}
+
 template <typename T>
 void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t D, float eps) {
-  const int64_t whole = D / kLanes * kLanes;
   at::parallel_for(0, rows, grain_rows(D), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* xi = x + i * D;
-      T* yi = y + i * D;
-      vf acc{};
-      for (int64_t d = 0; d < whole; d += kLanes) acc += vload(xi + d) * vload(xi + d);
-      float ss = hsum(acc);
-      for (int64_t d = whole; d < D; ++d) ss += widen(xi[d]) * widen(xi[d]);
-      const float r = 1.f / std::sqrt(ss / D + eps);
-      for (int64_t d = 0; d < whole; d += kLanes) vstore(yi + d, vround<T>(vload(xi + d) * r) * vload(w + d));
-      for (int64_t d = whole; d < D; ++d) yi[d] = static_cast<T>(round_to<T>(widen(xi[d]) * r) * widen(w[d]));
-    }
+    for (int64_t i = begin; i < end; ++i) rms_norm_row(x + i * D, w, y + i * D, D, eps);
   });
 }
 
@@ -861,22 +973,26 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// Columns [j0, j1) of one row: silu(gate) * up, gate and up each I wide. j0 is a multiple of
+// kLanes, so every column takes the same path (vector or tail) whatever the span.
+template <typename T>
+void swiglu_span(const T* g, const T* u, T* y, int64_t I, int64_t j0, int64_t j1) {
+  const int64_t whole = std::min(j1, I / kLanes * kLanes);
+  int64_t j = j0;
+  for (; j < whole; j += kLanes) {
+    const vf gv = vload(g + j);
+    vstore(y + j, vround<T>(gv * vrecip(1.f + vexp(-gv))) * vload(u + j));
+  }
+  for (; j < j1; ++j) {
+    const float gv = widen(g[j]);
+    y[j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
+  }
+}
+
 template <typename T>
 void swiglu_impl(const T* gu, T* y, int64_t rows, int64_t I) {
-  const int64_t whole = I / kLanes * kLanes;
   at::parallel_for(0, rows, grain_rows(I), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* g = gu + i * 2 * I;
-      const T* u = g + I;
-      for (int64_t j = 0; j < whole; j += kLanes) {
-        const vf gv = vload(g + j);
-        vstore(y + i * I + j, vround<T>(gv * vrecip(1.f + vexp(-gv))) * vload(u + j));
-      }
-      for (int64_t j = whole; j < I; ++j) {
-        const float gv = widen(g[j]);
-        y[i * I + j] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[j]));
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) swiglu_span(gu + i * 2 * I, gu + i * 2 * I + I, y + i * I, I, 0, I);
   });
 }
 
@@ -931,75 +1047,103 @@ float dot(const float* q, const T* k, int64_t n) {
 #endif
 }
 
+// A few tokens' attention (decode, verify): B rows of `count` tokens each; row b's token t sits at
+// pos[b * count + t] of row b's cache, and cos_sin holds its rotation at the same index. write()
+// puts every new key and value into the cache; then each item (one query head of one token) is
+// independent of the others.
 template <typename T>
-// B rows of `count` tokens each; row b's token t sits at pos[b * count + t] of row b's cache, and
-// cos_sin holds its rotation at the same index.
-void attend_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* y, const int64_t* pos, int64_t B,
-                 int64_t count, int64_t H, int64_t KVH, int64_t hd, int64_t L, int64_t window) {
-  const int64_t width = (H + 2 * KVH) * hd, tokens = B * count;
+struct FewTokens {
+  const T* qkv;
+  const float* cos_sin;
+  T* kc;
+  T* vc;
+  T* y;
+  const int64_t* pos;
+  int64_t B, count, H, KVH, hd, L, window;
+
+  int64_t items() const { return B * count * H; }
+  int64_t width() const { return (H + 2 * KVH) * hd; }
+  int64_t longest() const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < B * count; ++i) n = std::max(n, pos[i] + 1);
+    return n;
+  }
+
   // Every new key and value goes into the cache first: a query sees those at positions up to its own.
-  for (int64_t i = 0; i < tokens; ++i) {
-    const float* cos = cos_sin + i * 2 * hd;
-    const float* sin = cos + hd;
-    const T* k = qkv + i * width + H * hd;
-    const T* v = k + KVH * hd;
-    const int64_t row = (i / count) * KVH * L;
-    for (int64_t g = 0; g < KVH; ++g) {
-      rope(k + g * hd, cos, sin, hd, kc + ((row + g * L) + pos[i]) * hd);
-      std::copy(v + g * hd, v + (g + 1) * hd, vc + ((row + g * L) + pos[i]) * hd);
+  void write() const {
+    for (int64_t i = 0; i < B * count; ++i) {
+      const float* cos = cos_sin + i * 2 * hd;
+      const float* sin = cos + hd;
+      const T* k = qkv + i * width() + H * hd;
+      const T* v = k + KVH * hd;
+      const int64_t row = (i / count) * KVH * L;
+      for (int64_t g = 0; g < KVH; ++g) {
+        rope(k + g * hd, cos, sin, hd, kc + ((row + g * L) + pos[i]) * hd);
+        std::copy(v + g * hd, v + (g + 1) * hd, vc + ((row + g * L) + pos[i]) * hd);
+      }
     }
   }
-  const int64_t group = H / KVH;
-  const float scale = 1.f / std::sqrt((float)hd);
-  int64_t longest = 0;
-  for (int64_t i = 0; i < tokens; ++i) longest = std::max(longest, pos[i] + 1);
-  // A few heads over a short cache is too little work to share out; a long cache is not.
-  const int64_t items = tokens * H, grain = longest * hd * items < (1 << 16) ? items : 1;
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> qh(hd);
-    std::vector<float> qf(hd), p(longest), acc(hd);
-    for (int64_t item = begin; item < end; ++item) {
-      // A query at p sees positions up to p; with a sliding window only the last `window` of them.
-      const int64_t t = item / H, h = item % H, first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
-      const int64_t n = pos[t] + 1 - first, row = (t / count) * KVH * L;
-      rope(qkv + t * width + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, qh.data());
-      const T* kh = kc + (row + (h / group) * L + first) * hd;
-      const T* vh = vc + (row + (h / group) * L + first) * hd;
-      for (int64_t d = 0; d < hd; ++d) qf[d] = widen(qh[d]);
-      float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) p[j] = dot(qf.data(), kh + j * hd, hd) * scale;
-      for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
-      // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
-      vf sums{};
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        const vf e = vexp(vload(p.data() + j) - top);
-        vstore(p.data() + j, e);
-        sums += e;
-      }
-      float total = hsum(sums);
-      for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-      // The weighted sum of values a vector of dimensions at a time, its sum held in a register
-      // over every position (not read and written back per position).
-      int64_t d = 0;
-      for (; d + kLanes <= hd; d += kLanes) {
-        vf a[kChains] = {};
-        int64_t i = 0;
-        for (; i + kChains <= n; i += kChains)
-          for (int c = 0; c < kChains; ++c) a[c] += p[i + c] * vload(vh + (i + c) * hd + d);
-        for (; i < n; ++i) a[0] += p[i] * vload(vh + i * hd + d);
-        vstore(acc.data() + d, (a[0] + a[1]) + (a[2] + a[3]));
-      }
-      for (; d < hd; ++d) {
-        float a = 0.f;
-        for (int64_t i = 0; i < n; ++i) a += p[i] * widen(vh[i * hd + d]);
-        acc[d] = a;
-      }
-      T* out = y + (t * H + h) * hd;
-      for (d = 0; d < hd; ++d) out[d] = static_cast<T>(acc[d] / total);
+
+  // A thread's buffers for items.
+  struct Scratch {
+    std::vector<T> qh;
+    std::vector<float> qf, p, acc;
+    Scratch(const FewTokens& a) : qh(a.hd), qf(a.hd), p(a.longest()), acc(a.hd) {}
+  };
+
+  void item(int64_t item, Scratch& s) const {
+    // A query at p sees positions up to p; with a sliding window only the last `window` of them.
+    const int64_t t = item / H, h = item % H, first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
+    const int64_t n = pos[t] + 1 - first, row = (t / count) * KVH * L, group = H / KVH;
+    const float scale = 1.f / std::sqrt((float)hd);
+    float* p = s.p.data();
+    rope(qkv + t * width() + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, s.qh.data());
+    const T* kh = kc + (row + (h / group) * L + first) * hd;
+    const T* vh = vc + (row + (h / group) * L + first) * hd;
+    for (int64_t d = 0; d < hd; ++d) s.qf[d] = widen(s.qh[d]);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) p[j] = dot(s.qf.data(), kh + j * hd, hd) * scale;
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
+    // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
+    vf sums{};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const vf e = vexp(vload(p + j) - top);
+      vstore(p + j, e);
+      sums += e;
     }
-  });
-}
+    float total = hsum(sums);
+    for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+    // The weighted sum of values a vector of dimensions at a time, its sum held in a register
+    // over every position (not read and written back per position).
+    int64_t d = 0;
+    for (; d + kLanes <= hd; d += kLanes) {
+      vf a[kChains] = {};
+      int64_t i = 0;
+      for (; i + kChains <= n; i += kChains)
+        for (int c = 0; c < kChains; ++c) a[c] += p[i + c] * vload(vh + (i + c) * hd + d);
+      for (; i < n; ++i) a[0] += p[i] * vload(vh + i * hd + d);
+      vstore(s.acc.data() + d, (a[0] + a[1]) + (a[2] + a[3]));
+    }
+    for (; d < hd; ++d) {
+      float a = 0.f;
+      for (int64_t i = 0; i < n; ++i) a += p[i] * widen(vh[i * hd + d]);
+      s.acc[d] = a;
+    }
+    T* out = y + (t * H + h) * hd;
+    for (d = 0; d < hd; ++d) out[d] = static_cast<T>(s.acc[d] / total);
+  }
+
+  void run() const {
+    write();
+    // A few heads over a short cache is too little work to share out; a long cache is not.
+    const int64_t grain = longest() * hd * items() < (1 << 16) ? items() : 1;
+    at::parallel_for(0, items(), grain, [&](int64_t begin, int64_t end) {
+      Scratch s(*this);
+      for (int64_t i = begin; i < end; ++i) item(i, s);
+    });
+  }
+};
 
 // RoPE on every head of T tokens; keys and values go into the cache, queries into q [H, T, hd].
 template <typename T>
@@ -1283,18 +1427,17 @@ void causal_attention_impl(const T* q, const T* kc, const T* vc, T* y, const int
   }
 }
 
-// The checks attend and rope_write share; returns the positions, each inside the cache.
-at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::Tensor& cos_sin,
-                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& input_pos,
-                             int64_t H, int64_t KVH) {
-  check_cpu_float(qkv, name);
+// The checks on caches and positions that attend, rope_write and decode_layers share, for B rows
+// of `count` tokens in `dtype`; returns the positions as [B, count], each inside the cache.
+at::Tensor checked_positions(const char* name, int64_t B, int64_t count, at::ScalarType dtype,
+                             const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& input_pos, int64_t H, int64_t KVH) {
+  TORCH_CHECK(k_cache.dim() == 4, "runner::", name, ": caches must be [B, n_kv_heads, L, head_dim], got ",
+              k_cache.sizes());
   const int64_t L = k_cache.size(2), hd = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) == (H + 2 * KVH) * hd, "runner::", name,
-              ": qkv must be [B, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
-  const int64_t B = qkv.size(0), count = qkv.size(1);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.scalar_type() == qkv.scalar_type() &&
-                  v_cache.scalar_type() == qkv.scalar_type(),
+                  k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.scalar_type() == dtype &&
+                  v_cache.scalar_type() == dtype,
               "runner::", name, ": caches must be contiguous [B, n_kv_heads, L, head_dim] in qkv's dtype");
   TORCH_CHECK(H % KVH == 0 && hd % 2 == 0, "runner::", name, ": n_heads must be a multiple of n_kv_heads");
   TORCH_CHECK(input_pos.scalar_type() == at::kLong && (input_pos.numel() == count || input_pos.numel() == B * count),
@@ -1307,6 +1450,22 @@ at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::
   for (int64_t i = 0; i < B * count; ++i)
     TORCH_CHECK(pos[i] >= 0 && pos[i] < L, "runner::", name, ": position ", pos[i], " is outside the cache of ", L);
   return positions;
+}
+
+at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::Tensor& cos_sin,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& input_pos,
+                             int64_t H, int64_t KVH) {
+  check_cpu_float(qkv, name);
+  TORCH_CHECK(k_cache.dim() == 4 && qkv.dim() == 3 && qkv.size(2) == (H + 2 * KVH) * k_cache.size(3), "runner::", name,
+              ": qkv must be [B, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
+  return checked_positions(name, qkv.size(0), qkv.size(1), qkv.scalar_type(), cos_sin, k_cache, v_cache, input_pos,
+                           H, KVH);
+}
+
+// cos_sin with one rotation per position of every row, as the positions have them.
+at::Tensor rotations(const at::Tensor& cos_sin, int64_t B, int64_t count, int64_t hd) {
+  return cos_sin.numel() == count * 2 * hd ? cos_sin.reshape({1, count, 2 * hd}).expand({B, count, 2 * hd}).contiguous()
+                                           : cos_sin.contiguous();
 }
 
 at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -1367,44 +1526,211 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& 
   const int64_t B = qkv.size(0), count = qkv.size(1);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   auto qc = qkv.contiguous();
-  // One rotation per position of every row, as pos has them.
-  auto cs = cos_sin.numel() == count * 2 * hd ? cos_sin.reshape({1, count, 2 * hd}).expand({B, count, 2 * hd}).contiguous()
-                                              : cos_sin.contiguous();
+  auto cs = rotations(cos_sin, B, count, hd);
   auto y = at::empty({B, count, H * hd}, qkv.options());
   if (qkv.scalar_type() == at::kBFloat16)
-    attend_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, B, count, H, KVH, hd, L,
-                window);
+    FewTokens<BFloat16>{qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
+                        v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, B, count, H, KVH,
+                        hd, L, window}.run();
   else
-    attend_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, B, count, H, KVH, hd, L, window);
+    FewTokens<float>{qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
+                     v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, B, count, H, KVH, hd, L,
+                     window}.run();
   return y;
 }
 
-// One linear layer by its operands: {w} float, {w, scales} int8, {w, scales, zeros} int4.
-at::Tensor linear_of(const at::Tensor& x, at::TensorList w, int64_t groupsize) {
-  switch (w.size()) {
-    case 1: return linear(x, w[0]);
-    case 2: return int8_linear(x, w[0], w[1]);
-    case 3: return int4_linear(x, w[0], w[1], w[2], groupsize);
-  }
-  TORCH_CHECK(false, "runner::decode_block: a linear is {w}, {w, scales} or {w, scales, zeros}, got ", w.size(),
-              " tensors");
+// --- a decode step's layers in one parallel region -----------------------------------------------
+// The step is a list of stages (a layer's norm, its linears, its attention, ...), each a number of
+// independent work items. Every thread of one parallel region takes the next item from one counter,
+// waits until every item of the stages before it is done, and runs it. No thread waits for another
+// to arrive: a team of one (a nested region) runs every item itself, and a thread that starts late
+// joins wherever the step is. The ops one by one open a parallel region per linear, 120 a step for
+// SmolLM2, and leave the other thread idle through each norm, residual and short attention.
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
 }
 
-// A whole dense layer for a few tokens (decode, verify) in one call, the same kernels in the same
-// order as the model's modules call them one by one: in eager mode the Python between those calls
-// was 7% of a bf16 decode step.
-at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
-                        at::TensorList wqkv, at::TensorList wo, at::TensorList w13, at::TensorList w2,
-                        at::IntArrayRef groupsizes, const at::Tensor& cos_sin, at::Tensor& k_cache,
-                        at::Tensor& v_cache, const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads,
-                        int64_t window) {
-  TORCH_CHECK(groupsizes.size() == 4, "runner::decode_block: one groupsize per linear (wqkv, wo, w13, w2)");
-  const at::Tensor qkv = linear_of(rms_norm(x, attention_norm, eps), wqkv, groupsizes[0]);
-  const at::Tensor h = at::add(
-      x, linear_of(attend(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window), wo, groupsizes[1]));
-  return at::add(h, linear_of(swiglu(linear_of(rms_norm(h, ffn_norm, eps), w13, groupsizes[2])), w2, groupsizes[3]));
+// A thread's state in a stage: the input its linear has made ready, attention's buffers.
+template <typename T>
+struct Scratch {
+  std::optional<Gemv<T>> gemv;
+  std::optional<typename FewTokens<T>::Scratch> attend;
+};
+
+template <typename T>
+struct Stage {
+  int64_t items;
+  std::function<void(Scratch<T>&, int64_t item, bool first)> run;  // first: the thread's first item of the stage
+};
+
+template <typename T>
+void run_stages(const std::vector<Stage<T>>& stages) {
+  std::vector<int64_t> base(stages.size() + 1, 0);  // stage s holds items [base[s], base[s + 1])
+  for (size_t s = 0; s < stages.size(); ++s) base[s + 1] = base[s] + stages[s].items;
+  const int64_t total = base.back();
+  std::atomic<int64_t> next{0}, done{0};
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch<T> scratch;
+    size_t s = 0, entered = stages.size();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < total;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      while (base[s + 1] <= i) ++s;
+      // Items are taken in order, so done reaching base[s] means every item before stage s is done.
+      while (done.load(std::memory_order_acquire) < base[s]) spin_pause();
+      stages[s].run(scratch, i - base[s], entered != s);
+      entered = s;
+      done.fetch_add(1, std::memory_order_release);
+    }
+  });
+}
+
+// A dense layer's operands.
+template <typename T>
+struct Layer {
+  const T* attention_norm;
+  const T* ffn_norm;
+  Weights<T> wqkv, wo, w13, w2;
+  T* k_cache;
+  T* v_cache;
+};
+
+// x [M, D] through every layer into y [M, D]; `tokens` (its qkv, y, caches unset) says where the
+// M = B * count tokens sit. The same kernels in the same order as the ops one by one: bit for bit
+// the same result.
+template <typename T>
+void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, float eps, FewTokens<T> tokens,
+                        int64_t D, int64_t I) {
+  const int64_t M = tokens.B * tokens.count;
+  std::vector<T> buffers(M * (5 * D + tokens.width() + tokens.H * tokens.hd + 3 * I));
+  T* xn = buffers.data();  // a norm's output, each linear's input but wo's and w2's
+  T* o = xn + M * D;       // wo's output
+  T* h = o + M * D;        // the residual stream after attention
+  T* d = h + M * D;        // w2's output
+  T* qkv = d + M * D;
+  T* att = qkv + M * tokens.width();
+  T* gu = att + M * tokens.H * tokens.hd;
+  T* act = gu + M * 2 * I;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<Stage<T>> stages;
+  const auto single = [&](auto f) { stages.push_back({1, [f](Scratch<T>&, int64_t, bool) { f(); }}); };
+  const auto linear = [&](const Weights<T>& w, const T* in, T* out) {
+    // About four runs of rows a thread, whole blocks of kRows: taken by whoever is free.
+    const int64_t run = std::max<int64_t>(16, (w.N + 4 * threads - 1) / (4 * threads) + kRows - 1) / kRows * kRows;
+    stages.push_back({(w.N + run - 1) / run, [&w, in, out, M, run](Scratch<T>& s, int64_t item, bool first) {
+                        if (first) s.gemv.emplace(w, in, M);
+                        s.gemv->rows(item * run, std::min(w.N, (item + 1) * run), out);
+                      }});
+  };
+  const auto norm = [=](const T* in, const T* weight) {
+    for (int64_t m = 0; m < M; ++m) rms_norm_row(in + m * D, weight, xn + m * D, D, eps);
+  };
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Layer<T>& layer = layers[l];
+    const T* stream = l == 0 ? x : y;  // the residual stream
+    if (l == 0) single([=] { norm(x, layer.attention_norm); });
+    linear(layer.wqkv, xn, qkv);
+    FewTokens<T> attention = tokens;
+    attention.qkv = qkv, attention.y = att, attention.kc = layer.k_cache, attention.vc = layer.v_cache;
+    single([=] { attention.write(); });
+    stages.push_back({attention.items(), [attention](Scratch<T>& s, int64_t item, bool first) {
+                        if (first) s.attend.emplace(attention);
+                        attention.item(item, *s.attend);
+                      }});
+    linear(layer.wo, att, o);
+    single([=] {
+      for (int64_t i = 0; i < M * D; ++i) h[i] = static_cast<T>(widen(stream[i]) + widen(o[i]));
+      norm(h, layer.ffn_norm);
+    });
+    linear(layer.w13, xn, gu);
+    const int64_t span = 512, spans = (I + span - 1) / span;  // a multiple of kLanes
+    stages.push_back({M * spans, [=](Scratch<T>&, int64_t item, bool) {
+                        const int64_t m = item / spans, j0 = item % spans * span;
+                        swiglu_span(gu + m * 2 * I, gu + m * 2 * I + I, act + m * I, I, j0, std::min(I, j0 + span));
+                      }});
+    linear(layer.w2, act, d);
+    const T* next_norm = l + 1 < layers.size() ? layers[l + 1].attention_norm : nullptr;
+    single([=] {
+      for (int64_t i = 0; i < M * D; ++i) y[i] = static_cast<T>(widen(h[i]) + widen(d[i]));
+      if (next_norm != nullptr) norm(y, next_norm);
+    });
+  }
+  run_stages(stages);
+}
+
+// Dense layers for a few tokens (decode, verify) in one call: one parallel region for them all.
+// norms: each layer's attention and ffn norm; weights: each layer's wqkv, wo, w13 and w2 operands
+// one after another, parts[i] tensors for linear i ({w}, {w, scales}, {w, scales, zeros}).
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
+                         at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
+                         at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& input_pos, int64_t n_heads,
+                         int64_t n_kv_heads, int64_t window) {
+  const char* name = "decode_layers";
+  check_cpu_float(x, name);
+  TORCH_CHECK(window >= 0, "runner::decode_layers: window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(x.dim() == 3, "runner::decode_layers: x must be [B, T, dim], got ", x.sizes());
+  const int64_t n = k_caches.size(), B = x.size(0), count = x.size(1), D = x.size(2);
+  TORCH_CHECK(n > 0 && v_caches.size() == n && norms.size() == 2 * n && parts.size() == 4 * n &&
+                  groupsizes.size() == 4 * n,
+              "runner::decode_layers: per layer, two norms, a k and a v cache, and four linears' parts and groupsizes");
+  int64_t total = 0;
+  for (const int64_t p : parts) total += p;
+  TORCH_CHECK(total == (int64_t)weights.size(), "runner::decode_layers: parts add up to ", total, ", not to the ",
+              weights.size(), " weight tensors");
+  const int64_t H = n_heads, KVH = n_kv_heads;
+  const auto positions = checked_positions(name, B, count, x.scalar_type(), cos_sin, k_caches[0], v_caches[0],
+                                           input_pos, H, KVH);
+  for (int64_t l = 1; l < n; ++l)
+    TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes() && v_caches[l].sizes() == k_caches[0].sizes() &&
+                    k_caches[l].is_contiguous() && v_caches[l].is_contiguous() &&
+                    k_caches[l].scalar_type() == x.scalar_type() && v_caches[l].scalar_type() == x.scalar_type(),
+                "runner::decode_layers: every layer's caches must be contiguous and shaped as the first's, ",
+                k_caches[0].sizes(), ", in x's dtype");
+  const int64_t L = k_caches[0].size(2), hd = k_caches[0].size(3);
+  for (const auto& norm : norms)
+    TORCH_CHECK(norm.dim() == 1 && norm.size(0) == D && norm.scalar_type() == x.scalar_type(),
+                "runner::decode_layers: norms must be [", D, "] in x's dtype");
+  // Every linear checked against its input's width: wqkv and w13 take dim, wo H * hd, w2 I.
+  std::vector<std::vector<at::Tensor>> linears;
+  int64_t offset = 0, I = 0;
+  for (int64_t i = 0; i < 4 * n; ++i) {
+    const at::TensorList w = weights.slice(offset, parts[i]);
+    offset += parts[i];
+    const int64_t K = i % 4 == 1 ? H * hd : i % 4 == 3 ? I : D;
+    TORCH_CHECK(!w.empty(), "runner::decode_layers: linear ", i, " has no tensors");
+    linears.push_back(checked_linear(name, K, x.scalar_type(), w, groupsizes[i]));
+    const int64_t N = w[0].size(0);
+    if (i % 4 == 2) I = N / 2;
+    const int64_t want = i % 4 == 0 ? (H + 2 * KVH) * hd : i % 4 == 2 ? 2 * I : D;
+    TORCH_CHECK(N == want && (i % 4 != 2 || N % 2 == 0), "runner::decode_layers: linear ", i, " (",
+                std::array<const char*, 4>{"wqkv", "wo", "w13", "w2"}[i % 4], " of layer ", i / 4, ") has ", N,
+                " outputs, not ", want);
+  }
+  auto xc = x.contiguous();
+  auto cs = rotations(cos_sin, B, count, hd);
+  auto y = at::empty_like(xc);
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<Layer<T>> layers;
+    for (int64_t l = 0; l < n; ++l) {
+      Layer<T> layer{norms[2 * l].const_data_ptr<T>(), norms[2 * l + 1].const_data_ptr<T>()};
+      Weights<T>* parts_of[4] = {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2};
+      for (int i = 0; i < 4; ++i) *parts_of[i] = weights_of<T>(linears[4 * l + i], groupsizes[4 * l + i]);
+      layer.k_cache = k_caches[l].mutable_data_ptr<T>(), layer.v_cache = v_caches[l].mutable_data_ptr<T>();
+      layers.push_back(layer);
+    }
+    FewTokens<T> tokens{nullptr, cs.const_data_ptr<float>(), nullptr, nullptr, nullptr,
+                        positions.const_data_ptr<int64_t>(), B, count, H, KVH, hd, L, window};
+    decode_layers_impl(xc.const_data_ptr<T>(), y.mutable_data_ptr<T>(), layers, (float)eps, tokens, D, I);
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    run(BFloat16());
+  else
+    run(0.f);
+  return y;
 }
 
 std::string isa() {
@@ -1434,9 +1760,9 @@ TORCH_LIBRARY(runner, m) {
   m.def("rope_write(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
         "int n_heads, int n_kv_heads) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int window=0) -> Tensor");
-  m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor[] wqkv, Tensor[] wo, "
-        "Tensor[] w13, Tensor[] w2, int[] groupsizes, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor input_pos, int n_heads, int n_kv_heads, int window=0) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] parts, int[] groupsizes, "
+        "Tensor cos_sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor input_pos, int n_heads, "
+        "int n_kv_heads, int window=0) -> Tensor");
   m.def("expert_linear(Tensor x, Tensor w, Tensor ids) -> Tensor");
   m.def("int8_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor ids) -> Tensor");
   m.def("int4_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, Tensor ids) -> Tensor");
@@ -1454,7 +1780,7 @@ TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("attend", &attend);
   m.impl("rope_write", &rope_write);
   m.impl("causal_attention", &causal_attention);
-  m.impl("decode_block", &decode_block);
+  m.impl("decode_layers", &decode_layers);
   m.impl("expert_linear", &expert_linear);
   m.impl("int8_expert_linear", &int8_expert_linear);
   m.impl("int4_expert_linear", &int4_expert_linear);

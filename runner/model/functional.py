@@ -125,9 +125,9 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, matmul=No
     return out
 
 
-def decode_block(block, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> None:
-    """A whole layer in one call, where an ops namespace has one (runner.kernels.KernelOps); the
-    reference runs the layer's modules one by one."""
+def decode_layers(model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> None:
+    """Every layer in one call, where an ops namespace has one (runner.kernels.KernelOps); the
+    reference runs each layer's modules one by one."""
     return None
 
 

@@ -74,7 +74,7 @@ class Linear(nn.Linear):
         return self.ops.linear(x, self.weight)
 
     def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
-        """What runner's decode_block takes for this layer with activations in `dtype`: its
+        """What runner's decode_layers takes for this layer with activations in `dtype`: its
         tensors ({w}, {w, scales} or {w, scales, zeros}) and groupsize (0 if none), or None where
         it runs no runner kernel in that dtype. Every linear type implements it."""
         return ((self.weight,), 0) if self.weight.dtype == dtype else None
@@ -199,14 +199,11 @@ class Block(nn.Module):
         self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
 
     def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
-        whole = self.ops.decode_block(self, x, cos_sin, input_pos, row)  # the layer in one call, where ops can
-        if whole is not None:
-            return whole
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def kernel_operands(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int]] | None:
-        """The four linears' operands (wqkv, wo, w13, w2) and groupsizes for runner's decode_block,
+        """The four linears' operands (wqkv, wo, w13, w2) and groupsizes for runner's decode_layers,
         or None where a part needs calls of its own: a mixture of experts, tensor parallelism's
         all-reduce, a layer on another kernel or in another dtype."""
         if not isinstance(self.feed_forward, FeedForward) or any(
@@ -252,15 +249,23 @@ class Transformer(nn.Module):
         with last_only (a prompt: the output layer is a fifth of its work). With `row`, tokens [1, T]
         go into that row of the cache only (a slice: tokens [n, T] into those n rows), the other rows
         left as they are."""
-        mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [(B,) T, L]
         cos_sin = self.cos_sin[input_pos]  # [(B,) T, 2, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]
-        for layer in self.layers:
-            x = layer(x, cos_sin, mask, input_pos, row)
+        whole = self.ops.decode_layers(self, x, cos_sin, input_pos, row)  # in one call, where ops can
+        if whole is not None:
+            x = whole
+        else:
+            mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [(B,) T, L]
+            for layer in self.layers:
+                x = layer(x, cos_sin, mask, input_pos, row)
         if last_only:
             x = x[:, -1:]  # [B, 1, dim]
         x = self.norm(x)
         return self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+
+    def _apply(self, function, *args, **kwargs):
+        self.__dict__.pop("_kernel_plans", None)  # a move or cast replaces tensors that ops may have cached
+        return super()._apply(function, *args, **kwargs)
 
     def use_ops(self, ops) -> None:
         """Run the math through `ops` (runner.model.functional, or runner.kernels.KernelOps)."""

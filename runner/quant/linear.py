@@ -40,7 +40,7 @@ class QuantizedLinear(nn.Module):
         return kernels.run(self.KERNELS, self, x)
 
     def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
-        """runner's decode_block operands (see runner.model.llama.Linear.kernel_operands): only on
+        """runner's decode_layers operands (see runner.model.llama.Linear.kernel_operands): only on
         runner's kernels, with activations in the scales' dtype, as forward's direct call."""
         if self.KERNELS[self.kernel].direct is None or self.scales.dtype != dtype:
             return None

@@ -423,16 +423,16 @@ def test_a_long_prompt_on_kernels_matches_hf(case, data):
 
 
 class OneByOne(kernels.KernelOps):
-    """runner's kernels, each layer's called one by one (no decode_block)."""
-    decode_block = staticmethod(fn.decode_block)
+    """runner's kernels, each layer's called one by one (no decode_layers)."""
+    decode_layers = staticmethod(fn.decode_layers)
 
 
 @settings(max_examples=30, deadline=None)
 @given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4]), dtype=DTYPES,
        window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), seed=seeds, data=st.data())
 @torch.no_grad()
-def test_a_layer_in_one_decode_block_call_equals_its_calls_one_by_one(mode, dtype, window, batch, seed, data):
-    # decode_block runs the kernels the modules would call, in their order: bit for bit the same
+def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode, dtype, window, batch, seed, data):
+    # decode_layers runs the kernels the modules would call, in their order: bit for bit the same
     # logits and caches, for decode steps, a verify's few tokens, batch rows and one row of a batch.
     spec = ModelSpec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=96,
                      max_seq_len=64, sliding_window=window, tie_embeddings=data.draw(st.booleans()))
@@ -464,7 +464,7 @@ def test_a_layer_in_one_decode_block_call_equals_its_calls_one_by_one(mode, dtyp
         assert torch.equal(a.attention.kv_cache.v, b.attention.kv_cache.v)
 
 
-def test_decode_block_is_what_a_dense_layer_on_the_kernels_runs():
+def test_decode_layers_is_what_dense_layers_on_the_kernels_run():
     # It must actually be taken (a dense layer on runner's kernels), and not where a part needs its
     # own call: a layer on another kernel, or in another dtype.
     model = Transformer(SMALL)
@@ -476,6 +476,40 @@ def test_decode_block_is_what_a_dense_layer_on_the_kernels_runs():
     kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     operands, groupsizes = model.layers[0].kernel_operands(torch.float32)
     assert [len(o) for o in operands] == [2, 2, 2, 2] and groupsizes == [0, 0, 0, 0]
+
+
+def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
+    # decode_layers' operands are gathered once per model and dtype, not per step; any change to
+    # the model's tensors (a parameter or submodule set, a quantization, a cast) gathers them again.
+    torch.manual_seed(0)
+    model = Transformer(SMALL)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    tokens = torch.randint(0, SMALL.vocab_size, (1, 8))
+
+    def steps(m):  # a prompt token by token
+        m.setup_cache(1, 16)
+        return torch.cat([m(tokens[:, i:i + 1], torch.arange(i, i + 1)) for i in range(tokens.shape[1])], 1)
+
+    def one_by_one():
+        twin = copy.deepcopy(model)
+        twin.use_ops(OneByOne)
+        return steps(twin)
+
+    first = steps(model)
+    plan = model._kernel_plans[torch.float32]
+    model(tokens[:, :1], torch.arange(8, 9))
+    assert model._kernel_plans[torch.float32] is plan
+    assert torch.equal(first, one_by_one())
+    model.layers[1].attention.wo.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].attention.wo.weight))
+    assert torch.equal(steps(model), one_by_one())
+    quantize_model(model, QuantSection(mode=QuantMode.int8))
+    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    assert torch.equal(steps(model), one_by_one())
+    model.to(torch.bfloat16)
+    assert torch.equal(steps(model), one_by_one())
+    assert model._kernel_plans[torch.bfloat16] is not None  # int8 in bf16 still takes decode_layers
 
 
 def test_an_unreadable_record_is_refused_before_loading(fresh_load):
