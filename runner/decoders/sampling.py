@@ -63,5 +63,34 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token for logits [..., V]."""
     if sampling.greedy:
-        return logits.argmax(-1)
+        # The first maximum, as argmax; torch's bf16 argmax on the CPU is a scalar loop (176 us for
+        # SmolLM2's 49152 logits, max 44).
+        return logits.max(-1).indices
+    if logits.device.type == "cpu" and sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        token = _top_k_race(logits, sampling, generator)
+        if token is not None:
+            return token
     return sample(logits_to_probs(logits, sampling), generator)
+
+
+def _top_k_race(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor | None:
+    """sample(logits_to_probs(logits)) for top-k, over the k candidates only: the same
+    distribution, and the same race (one exponential per candidate left, in vocabulary order), so
+    the same token for the same generator. Masking, softmax and top-p over the whole vocabulary
+    took 0.3 ms of a SmolLM2 step. None where ties at the k-th logit keep more than k tokens."""
+    k = sampling.top_k
+    flat = logits.reshape(-1, logits.shape[-1]).float() / sampling.temperature  # [R, V]
+    values, index = torch.topk(flat, k + 1, dim=-1)  # [R, k + 1], largest first; k < V
+    if (values[:, k] == values[:, k - 1]).any():
+        return None
+    probs = torch.softmax(values[:, :k], dim=-1)
+    index = index[:, :k]
+    if sampling.top_p < 1.0:  # as logits_to_probs: a token stays if the mass before it is < top_p
+        probs = probs.masked_fill((probs.cumsum(-1) - probs) >= sampling.top_p, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    order = index.argsort(-1)
+    index, probs = index.gather(-1, order), probs.gather(-1, order)
+    rows, cols = (probs > 0).nonzero(as_tuple=True)
+    race = torch.empty(len(rows), dtype=probs.dtype).exponential_(1, generator=generator)
+    scores = torch.zeros_like(probs).index_put_((rows, cols), probs[rows, cols] / race)
+    return index.gather(-1, scores.argmax(-1, keepdim=True)).reshape(logits.shape[:-1])

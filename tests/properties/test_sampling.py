@@ -92,3 +92,20 @@ def test_sparse_draws_follow_the_probabilities(weights, seed):
     freq = torch.bincount(draws, minlength=2048).double() / len(draws)
     assert (freq - probs.double()).abs().max() < 0.03
     assert freq[probs == 0].sum() == 0
+
+
+@PROPERTY
+@given(rows=st.integers(1, 3), vocab=st.integers(64, 400), data=st.data(), temperature=temperatures, seed=seeds,
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_top_k_over_the_candidates_is_the_whole_vocabularys_draw(rows, vocab, data, temperature, seed, dtype):
+    # next_token's top-k path softmaxes and races only the k candidates: the same token as the
+    # whole-vocabulary path for the same generator, ties at the k-th logit (bf16 has many) included.
+    k = data.draw(st.integers(1, vocab // 8), label="top_k")
+    top_p = data.draw(st.sampled_from([1.0, 0.95, 0.6]), label="top_p")
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 4).to(dtype)
+    sampling = Sampling(temperature=temperature, top_k=k, top_p=top_p)
+    if top_p < 1.0:  # distinct probabilities: which of two equal ones top-p keeps first is either's
+        assume(all(len(torch.unique(row)) == vocab for row in logits))
+    ours = next_token(logits, sampling, torch.Generator().manual_seed(seed))
+    whole = sample(logits_to_probs(logits, sampling), torch.Generator().manual_seed(seed))
+    assert torch.equal(ours, whole)
