@@ -60,6 +60,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.where(probs > 0, probs / race, 0.0).argmax(-1)
 
 
+TIES_SEEN = 16  # logits past the k-th that top-k sampling looks at for ties with it
+
+
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token for logits [..., V]."""
     if sampling.greedy:
@@ -74,17 +77,19 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def _top_k_race(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor | None:
-    """sample(logits_to_probs(logits)) for top-k, over the k candidates only: the same
+    """sample(logits_to_probs(logits)) for top-k, over the candidates only: the same
     distribution, and the same race (one exponential per candidate left, in vocabulary order), so
     the same token for the same generator. Masking, softmax and top-p over the whole vocabulary
-    took 0.3 ms of a SmolLM2 step. None where ties at the k-th logit keep more than k tokens."""
-    k = sampling.top_k
-    flat = logits.reshape(-1, logits.shape[-1]).float() / sampling.temperature  # [R, V]
-    values, index = torch.topk(flat, k + 1, dim=-1)  # [R, k + 1], largest first; k < V
-    if (values[:, k] == values[:, k - 1]).any():
+    took 0.3 ms of a SmolLM2 step. The candidates are every logit >= the k-th largest, as the mask
+    keeps them: bf16 logits often tie there. None where more ties than TIES_SEEN do."""
+    k, vocab = sampling.top_k, logits.shape[-1]
+    flat = logits.reshape(-1, vocab).float() / sampling.temperature  # [R, V]
+    seen = min(vocab, k + TIES_SEEN)
+    values, index = torch.topk(flat, seen, dim=-1)  # [R, seen], largest first
+    kth = values[:, k - 1:k]
+    if seen < vocab and (values[:, -1:] >= kth).any():
         return None
-    probs = torch.softmax(values[:, :k], dim=-1)
-    index = index[:, :k]
+    probs = torch.softmax(values.masked_fill(values < kth, float("-inf")), dim=-1)
     if sampling.top_p < 1.0:  # as logits_to_probs: a token stays if the mass before it is < top_p
         probs = probs.masked_fill((probs.cumsum(-1) - probs) >= sampling.top_p, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)

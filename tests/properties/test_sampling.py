@@ -98,8 +98,9 @@ def test_sparse_draws_follow_the_probabilities(weights, seed):
 @given(rows=st.integers(1, 3), vocab=st.integers(64, 400), data=st.data(), temperature=temperatures, seed=seeds,
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_top_k_over_the_candidates_is_the_whole_vocabularys_draw(rows, vocab, data, temperature, seed, dtype):
-    # next_token's top-k path softmaxes and races only the k candidates: the same token as the
-    # whole-vocabulary path for the same generator, ties at the k-th logit (bf16 has many) included.
+    # next_token's top-k path softmaxes and races only the candidates (the k largest and any ties
+    # with the k-th: bf16 logits have many): the same token as the whole-vocabulary path for the
+    # same generator.
     k = data.draw(st.integers(1, vocab // 8), label="top_k")
     top_p = data.draw(st.sampled_from([1.0, 0.95, 0.6]), label="top_p")
     logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 4).to(dtype)
