@@ -203,6 +203,15 @@ inline void ahead(const void* p, int64_t bytes) {
 // so one chain of them caps a row at a vector per four cycles (int8 on AVX-512: 14 GB/s a thread).
 constexpr int kChains = 4;
 
+// Sixteen values of T as fp32, masked by m (first(n): the first n).
+#if defined(__AVX512BW__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+#endif
+
 #if defined(__AVX512BF16__)
 inline __m512bh load_bh(const BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh load_bh(const BFloat16* p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
@@ -378,20 +387,21 @@ void dot_rows_i4(const float* xe, const float* xo, const float* xr, const uint8_
 // Each 16-bit lane of the loaded bytes holds four levels, columns 4j..4j+3; OR-ing a level into
 // the bits of bf16 128.0 (0x4300) makes the exact bf16 of 128 + q in one instruction, which
 // vdpbf16ps multiplies with x's columns 4j + c (xs[c], bf16) and sums in fp32. A product lane i
-// covers columns 8i..8i+7 of the step, so its scale and zero are the bf16 at `spread`'s word
-// 2i + 1 (a word moved into an fp32's top half is that fp32). The zero points are folded in as the
-// rows go: w = (q - 8) s + z = (128 + q) s - 136 s + z, and `firsts` holds each group's sum of x
-// in the group's first lane of its step (0 in the others), so a lane adds s (its products - 136
-// sum) + z sum. One row at a time, with the scales widened by three instructions a step, this ran
-// at 12.6 GB/s on two threads of an AMD EPYC; four rows at a time with one permute for the scales,
-// at 16-18. The zero points in the loop instead of a pass of their own per row, and a row's last
-// 32 bytes in 256-bit halves, took a 3072 x 576 layer on one thread from 69 to 57 us; eight rows
-// at a time instead of four (the x loads shared by twice as many), to 53.
+// covers columns 8i..8i+7 of the step, so its scale is the bf16 at `spread`'s word 2i + 1 (a word
+// moved into an fp32's top half is that fp32). The zero points are folded in: w = (q - 8) s + z =
+// (128 + q) s - 136 s + z. `firsts` holds each group's sum of x in the group's first lane of its
+// step (0 in the others), so a lane's products start from -136 sum before s multiplies them; z sum
+// goes into the row's lanes sixteen groups at a time, before they are summed. One row at a time,
+// with the scales widened by three instructions a step, this ran at 12.6 GB/s on two threads of an
+// AMD EPYC; four rows at a time with one permute for the scales, at 16-18. On one thread, a
+// 3072 x 576 layer: 69 us with the zero points in a pass of their own per row (a separate sum),
+// 57 with them folded in and a row's last 32 bytes in 256-bit halves, 53 with eight rows side by
+// side (the x loads shared by twice as many), 50 with the z sums out of the step loop.
 constexpr uint16_t kBf16_128 = 0x4300;
 
 template <int R>
-void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const uint8_t* w, const BFloat16* scales,
-                      const BFloat16* zeros, int64_t K, int64_t gs, BFloat16* out) {
+void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const float* sums, const uint8_t* w,
+                      const BFloat16* scales, const BFloat16* zeros, int64_t K, int64_t gs, BFloat16* out) {
   const int64_t bytes = K / 2, G = K / gs;
   // Lane i's group within the step, (8 i) / gs, in its top word.
   const __m512i iota = _mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0);
@@ -409,27 +419,25 @@ void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const ui
     const int64_t g = 2 * b / gs;
     const __mmask8 sm = (__mmask8)((1u << std::min(per_step, G - g)) - 1);
     const __m512bh x0 = load_bh(xs[0] + j), x1 = load_bh(xs[1] + j), x2 = load_bh(xs[2] + j), x3 = load_bh(xs[3] + j);
-    const __m512 first = _mm512_loadu_ps(firsts + b / 4), start = _mm512_mul_ps(first, minus136);
+    const __m512 start = _mm512_mul_ps(_mm512_loadu_ps(firsts + b / 4), minus136);
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * bytes + b;
       ahead(row);
       const __m512i q = _mm512_maskz_loadu_epi8(m, row);
       // (q >> s) & 0xF | 0x4300 in one ternary-logic op: A & B | C is 0xEA.
-      const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, offset, 0xEA);
-      const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nibble, offset, 0xEA);
+      // The top level needs no mask: the shift leaves nothing above it.
+      const __m512bh n3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 12), offset);
       const __m512bh n2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nibble, offset, 0xEA);
-      const __m512bh n3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 12), nibble, offset, 0xEA);
+      const __m512bh n1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nibble, offset, 0xEA);
+      const __m512bh n0 = (__m512bh)_mm512_ternarylogic_epi32(q, nibble, offset, 0xEA);
       __m512 t = _mm512_dpbf16_ps(start, n0, x0);
       t = _mm512_dpbf16_ps(t, n1, x1);
       t = _mm512_dpbf16_ps(t, n2, x2);
       t = _mm512_dpbf16_ps(t, n3, x3);
       const __m128i s16 = _mm_maskz_loadu_epi16(sm, scales + r * G + g);
-      const __m128i z16 = _mm_maskz_loadu_epi16(sm, zeros + r * G + g);
       const __m512 s = _mm512_castsi512_ps(
           _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_castsi128_si512(s16)));
-      const __m512 z = _mm512_castsi512_ps(
-          _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, spread, _mm512_castsi128_si512(z16)));
-      a[r] = _mm512_fmadd_ps(z, first, _mm512_fmadd_ps(t, s, a[r]));
+      a[r] = _mm512_fmadd_ps(t, s, a[r]);
     }
   }
   if (b < bytes) {  // a last 16 or 32 bytes in 256-bit halves of the same (a row of 576 columns ends so)
@@ -440,28 +448,30 @@ void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const ui
                    x1 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[1] + j)),
                    x2 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[2] + j)),
                    x3 = (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[3] + j));
-    const __m256 first = _mm256_loadu_ps(firsts + b / 4);
-    const __m256 start = _mm256_mul_ps(first, _mm512_castps512_ps256(minus136));
+    const __m256 start = _mm256_mul_ps(_mm256_loadu_ps(firsts + b / 4), _mm512_castps512_ps256(minus136));
     const __m256i half_spread = _mm512_castsi512_si256(spread), nib = _mm512_castsi512_si256(nibble),
                   off = _mm512_castsi512_si256(offset);
     for (int r = 0; r < R; ++r) {
       const __m256i q = _mm256_maskz_loadu_epi8(m, w + r * bytes + b);
-      const __m256bh n0 = (__m256bh)_mm256_ternarylogic_epi32(q, nib, off, 0xEA);
-      const __m256bh n1 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 4), nib, off, 0xEA);
+      const __m256bh n3 = (__m256bh)_mm256_or_si256(_mm256_srli_epi16(q, 12), off);
       const __m256bh n2 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 8), nib, off, 0xEA);
-      const __m256bh n3 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 12), nib, off, 0xEA);
+      const __m256bh n1 = (__m256bh)_mm256_ternarylogic_epi32(_mm256_srli_epi16(q, 4), nib, off, 0xEA);
+      const __m256bh n0 = (__m256bh)_mm256_ternarylogic_epi32(q, nib, off, 0xEA);
       __m256 t = _mm256_dpbf16_ps(start, n0, x0);
       t = _mm256_dpbf16_ps(t, n1, x1);
       t = _mm256_dpbf16_ps(t, n2, x2);
       t = _mm256_dpbf16_ps(t, n3, x3);
       const __m128i s16 = _mm_maskz_loadu_epi16(sm, scales + r * G + g);
-      const __m128i z16 = _mm_maskz_loadu_epi16(sm, zeros + r * G + g);
       const __m256 s =
           _mm256_castsi256_ps(_mm256_maskz_permutexvar_epi16(0xAAAAu, half_spread, _mm256_castsi128_si256(s16)));
-      const __m256 z =
-          _mm256_castsi256_ps(_mm256_maskz_permutexvar_epi16(0xAAAAu, half_spread, _mm256_castsi128_si256(z16)));
-      a[r] = _mm512_add_ps(a[r], _mm512_zextps256_ps512(_mm256_fmadd_ps(z, first, _mm256_mul_ps(t, s))));
+      a[r] = _mm512_add_ps(a[r], _mm512_zextps256_ps512(_mm256_mul_ps(t, s)));
     }
+  }
+  // Each group's z sum, sixteen groups at a time, into the lanes before they are summed.
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 gm = first(G - g);
+    const __m512 sum = _mm512_maskz_loadu_ps(gm, sums + g);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(load16(zeros + r * G + g, gm), sum, a[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = static_cast<BFloat16>(_mm512_reduce_add_ps(a[r]));
 }
@@ -632,17 +642,17 @@ class Gemv {
         if (bf16_path_) {
           const BFloat16* xs[4];
           for (int c = 0; c < 4; ++c) xs[c] = reinterpret_cast<const BFloat16*>(xq_.data() + (m * 4 + c) * quarter_);
-          const float* firsts = firsts_.data() + m * quarter_ / 2;
+          const float *firsts = firsts_.data() + m * quarter_ / 2, *sums = sums_.data() + m * G;
           const T* zeros = wt_.zeros;
           int64_t r = 0;
           for (; r + 8 <= rows; r += 8)
-            dot_rows_i4_bf16<8>(xs, firsts, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
+            dot_rows_i4_bf16<8>(xs, firsts, sums, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
                                 y + m * N + n + r);
           for (; r + kRows <= rows; r += kRows)
-            dot_rows_i4_bf16<kRows>(xs, firsts, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
+            dot_rows_i4_bf16<kRows>(xs, firsts, sums, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
                                     y + m * N + n + r);
           for (; r < rows; ++r)
-            dot_rows_i4_bf16<1>(xs, firsts, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
+            dot_rows_i4_bf16<1>(xs, firsts, sums, w + (n + r) * K / 2, scales + (n + r) * G, zeros + (n + r) * G, K, gs,
                                 y + m * N + n + r);
           continue;
         }
@@ -1024,15 +1034,6 @@ void rope(const T* in, const float* cos, const float* sin, int64_t hd, T* out) {
     out[d] = static_cast<T>(a + b);
   }
 }
-
-// Sixteen values of T as fp32, masked past n.
-#if defined(__AVX512BW__)
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-#endif
 
 // q . k for fp32 q and a cache row k.
 template <typename T>
