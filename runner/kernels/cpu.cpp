@@ -1035,6 +1035,51 @@ void rope(const T* in, const float* cos, const float* sin, int64_t hd, T* out) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// Lane j: the sum of v[j]'s sixteen lanes (a transpose by unpacks and shuffles, adding as it goes:
+// 45 instructions for sixteen sums, against about 8 each one by one).
+inline __m512 sums16(const __m512 v[16]) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [x0+x2, y0+y2, x1+x3, y1+y3] of v[2i], v[2i+1]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per block: v[4i..4i+3]'s partial sums, in order
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // The four blocks of each b[i] added: block i of the result is b[i]'s total.
+  const __m512 c01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 c23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c01, c23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c01, c23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// p[j] = scale (q . k_j) for bf16 q and cache rows k, sixteen positions at a time on vdpbf16ps (a
+// head of 64 is two instructions a position); returns how many positions it did, a multiple of 16.
+// One position at a time, widening k and summing each product vector, this was most of a long
+// cache's attention.
+inline int64_t scores_bf16(const BFloat16* q, const BFloat16* k, int64_t hd, int64_t n, float scale, float* p) {
+  constexpr int kMaxChunks = 8;  // head_dim up to 256, in pairs of 16 bf16 pairs
+  const int64_t chunks = hd / 32;
+  if (hd % 32 != 0 || chunks > kMaxChunks) return 0;
+  __m512bh qv[kMaxChunks];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = load_bh(q + 32 * c);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) {
+      const BFloat16* kr = k + (j + i) * hd;
+      ahead(kr);
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), load_bh(kr), qv[0]);
+      for (int64_t c = 1; c < chunks; ++c) a = _mm512_dpbf16_ps(a, load_bh(kr + 32 * c), qv[c]);
+      v[i] = a;
+    }
+    _mm512_storeu_ps(p + j, _mm512_mul_ps(sums16(v), _mm512_set1_ps(scale)));
+  }
+  return j;
+}
+#endif
+
 // q . k for fp32 q and a cache row k.
 template <typename T>
 float dot(const float* q, const T* k, int64_t n) {
@@ -1107,7 +1152,11 @@ struct FewTokens {
     const T* vh = vc + (row + (h / group) * L + first) * hd;
     for (int64_t d = 0; d < hd; ++d) s.qf[d] = widen(s.qh[d]);
     float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) p[j] = dot(s.qf.data(), kh + j * hd, hd) * scale;
+    int64_t done = 0;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, BFloat16>) done = scores_bf16(s.qh.data(), kh, hd, n, scale, p);
+#endif
+    for (int64_t j = done; j < n; ++j) p[j] = dot(s.qf.data(), kh + j * hd, hd) * scale;
     for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
     // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
     vf sums{};
