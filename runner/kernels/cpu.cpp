@@ -2,8 +2,8 @@
 //
 // A decode step reads every weight once and does little else, so its time is the time to stream
 // the weights plus the per-op overhead of a few hundred small ops. These kernels stream bf16 and
-// fp32 weights at close to the machine's read bandwidth and fold the small ops of a layer into four
-// calls. One source serves every target (runner/kernels/__init__.py builds it once per instruction
+// fp32 weights at close to the machine's read bandwidth, and decode_layers runs every layer of a
+// step in one call and one parallel region. One source serves every target (runner/kernels/__init__.py builds it once per instruction
 // set): AVX512-BF16 and AVX-512 have hand-written paths for the hot loops; everything else is
 // written once with GCC/Clang vector extensions, as wide as the target's registers (AVX2's 256
 // bits; SSE pairs on a generic x86-64 target), with scalar loops only for tails:
