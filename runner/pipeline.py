@@ -133,6 +133,7 @@ def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, rec
         # The quantized checkpoint's skeleton: its layers' shapes, to load (and shard) it as it is.
         model = loaders.load_model(path, arch, device, dtype, lambda m: quant.quantized_skeleton(m, layout), shard)
         quant.pack_for(model, device)
+        quant.use_activations(model, section)
         return model
     if section.mode is QuantMode.none:
         return loaders.load_model(path, arch, device, dtype, shard=shard)

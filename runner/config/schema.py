@@ -40,6 +40,13 @@ class QuantOutput(Enum):
     same = "same"  # as quant.mode
 
 
+class QuantActivations(Enum):
+    """What the int4 layers' weights meet when decoding on runner's CPU kernels."""
+
+    float = "float"  # the activations as they are (the model's dtype)
+    int8 = "int8"  # quantized to int8 per group of quant.groupsize inputs, as llama.cpp does: integer dot products
+
+
 class QuantEmbedding(Enum):
     keep = "keep"
     int8 = "int8"
@@ -158,6 +165,7 @@ class QuantSection:
     groupsize: int = 128  # int4 modes: consecutive inputs sharing one scale and zero
     output: QuantOutput = QuantOutput.keep
     embedding: QuantEmbedding = QuantEmbedding.keep
+    activations: QuantActivations = QuantActivations.float  # int4 modes, decoding on runner's CPU kernels
     calibration: QuantCalibration = field(default_factory=QuantCalibration)  # int4-gptq only
     damping: float = 0.01  # int4-gptq: added to the Hessian's diagonal, times its mean
     block_size: int = 128  # int4-gptq: columns per lazy batch update (speed only)
@@ -167,6 +175,8 @@ class QuantSection:
         int4 = self.mode in (QuantMode.int4, QuantMode.int4_gptq)
         if int4 and self.groupsize not in INT4_GROUPSIZES:
             out.append(("groupsize", self.groupsize, f"must be one of {', '.join(map(str, INT4_GROUPSIZES))}"))
+        if self.activations is not QuantActivations.float and not int4:
+            out.append(("activations", self.activations.value, "int8 applies to the int4 modes only (int4, int4-gptq)"))
         if self.mode is QuantMode.none:
             for key, keep in (("output", QuantOutput.keep), ("embedding", QuantEmbedding.keep)):
                 if getattr(self, key) is not keep:

@@ -50,7 +50,9 @@ class Target:
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 TARGETS = (  # best first
-    Target("avx512-bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mtune=native"), _V4 | {"avx512_bf16"}, True),
+    # Every CPU with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has AVX512-VNNI as well.
+    Target("avx512-bf16", ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mtune=native"),
+           _V4 | {"avx512_bf16", "avx512_vnni"}, True),
     Target("avx512", ("-march=x86-64-v4", "-mtune=native"), _V4, True),
     Target("avx2", ("-march=x86-64-v3", "-mtune=native"), _V3, True),
     Target("generic", ("-march=x86-64", "-mtune=generic") if _X86 else (), frozenset(), False),
@@ -167,7 +169,7 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("runner::int4_linear")
-    def _(x, w, scales, zeros, groupsize):
+    def _(x, w, scales, zeros, groupsize, int8_x=False):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("runner::dequantize_int8")
@@ -208,7 +210,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("runner::decode_layers")
     def _(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, input_pos, n_heads, n_kv_heads,
-          window=0):
+          window=0, int8_x=()):
         return torch.empty_like(x)
 
     @torch.library.register_fake("runner::causal_attention")
@@ -232,6 +234,7 @@ class _LayersPlan:
     weights: list[torch.Tensor]
     parts: list[int]
     groupsizes: list[int]
+    int8_x: list[int]  # 1 where an int4 linear quantizes its activations to int8
     kv_caches: list  # each layer's KVCache
     k_caches: list[torch.Tensor]  # their tensors, [B, KVH, L, D] each
     v_caches: list[torch.Tensor]
@@ -268,22 +271,23 @@ def _layers_plan(model, dtype: torch.dtype) -> _LayersPlan | None:
 
 
 def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
-    norms, weights, parts, groupsizes, kv_caches = [], [], [], [], []
+    norms, weights, parts, groupsizes, int8_x, kv_caches = [], [], [], [], [], []
     for block in model.layers:
         operands = block.kernel_operands(dtype)
         attention = block.attention
         cache = attention.kv_cache
         if operands is None or cache is None or cache.k.dtype != dtype:
             return None
-        linears, sizes = operands
+        linears, sizes, flags = operands
         norms += [block.attention_norm.weight, block.ffn_norm.weight]
         for each in linears:
             weights += each
             parts.append(len(each))
         groupsizes += sizes
+        int8_x += [int(flag) for flag in flags]
         kv_caches.append(cache)
     first = model.layers[0]
-    return _LayersPlan(norms, weights, parts, groupsizes, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
+    return _LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
                        first.attention_norm.eps,
                        first.attention.n_heads, first.attention.n_kv_heads, first.attention.window or 0)
 
@@ -336,7 +340,7 @@ class KernelOps:
             return None
         return torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
                                               cos_sin, k_caches, v_caches, input_pos, plan.n_heads, plan.n_kv_heads,
-                                              plan.window)
+                                              plan.window, plan.int8_x)
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,

@@ -73,11 +73,12 @@ class Linear(nn.Linear):
     def forward(self, x):
         return self.ops.linear(x, self.weight)
 
-    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int, bool] | None:
         """What runner's decode_layers takes for this layer with activations in `dtype`: its
-        tensors ({w}, {w, scales} or {w, scales, zeros}) and groupsize (0 if none), or None where
-        it runs no runner kernel in that dtype. Every linear type implements it."""
-        return ((self.weight,), 0) if self.weight.dtype == dtype else None
+        tensors ({w}, {w, scales} or {w, scales, zeros}), groupsize (0 if none) and whether its
+        activations are quantized to int8 (int4 only), or None where it runs no runner kernel in
+        that dtype. Every linear type implements it."""
+        return ((self.weight,), 0, False) if self.weight.dtype == dtype else None
 
     def shard_(self, dim: str, keep: torch.Tensor) -> None:
         """Keep only the output rows (dim "out") or input columns ("in") at indices `keep`, as
@@ -202,8 +203,8 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def kernel_operands(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int]] | None:
-        """The four linears' operands (wqkv, wo, w13, w2) and groupsizes for runner's decode_layers,
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int], list[bool]] | None:
+        """The four linears' operands (wqkv, wo, w13, w2), groupsizes and int8 flags for runner's decode_layers,
         or None where a part needs calls of its own: a mixture of experts, tensor parallelism's
         all-reduce, a layer on another kernel or in another dtype."""
         if not isinstance(self.feed_forward, FeedForward) or any(
@@ -213,7 +214,7 @@ class Block(nn.Module):
         operands = [linear.kernel_operands(dtype) for linear in linears]
         if any(o is None for o in operands):
             return None
-        return [o[0] for o in operands], [o[1] for o in operands]
+        return [o[0] for o in operands], [o[1] for o in operands], [o[2] for o in operands]
 
 
 class Transformer(nn.Module):

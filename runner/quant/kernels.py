@@ -172,11 +172,11 @@ def _int4_runner(x, layer):
         return _tiled_gemm(x, layer, lambda rows: torch.ops.runner.dequantize_int4(
             layer.weight[rows], scales[rows], zeros[rows], layer.groupsize))
     return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
-                                        layer.groupsize)
+                                        layer.groupsize, layer.int8_x)
 
 
 def _int4_runner_direct(x, layer):
-    return torch.ops.runner.int4_linear(x, layer.weight, layer.scales, layer.zeros, layer.groupsize)
+    return torch.ops.runner.int4_linear(x, layer.weight, layer.scales, layer.zeros, layer.groupsize, layer.int8_x)
 
 
 INT4_KERNELS = {

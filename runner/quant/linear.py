@@ -39,14 +39,14 @@ class QuantizedLinear(nn.Module):
             return direct(x, self)  # decoding on runner's kernels: no reshaping or casting around the call
         return kernels.run(self.KERNELS, self, x)
 
-    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int] | None:
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int, bool] | None:
         """runner's decode_layers operands (see runner.model.llama.Linear.kernel_operands): only on
         runner's kernels, with activations in the scales' dtype, as forward's direct call."""
         if self.KERNELS[self.kernel].direct is None or self.scales.dtype != dtype:
             return None
         return self._operands()
 
-    def _operands(self) -> tuple[tuple[torch.Tensor, ...], int]:
+    def _operands(self) -> tuple[tuple[torch.Tensor, ...], int, bool]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -85,7 +85,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
 
     def _operands(self):
-        return (self.weight, self.scales), 0
+        return (self.weight, self.scales), 0, False
 
     def _slices(self, dim, keep):
         if dim == "out":  # per-output-channel scales follow their rows
@@ -101,9 +101,15 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """weight uint8 [out, in / 2] (two levels a byte), scales and zeros [out, in / groupsize]."""
+    """weight uint8 [out, in / 2] (two levels a byte), scales and zeros [out, in / groupsize].
+
+    int8_x (quant.activations: int8): decoding on runner's CPU kernels quantizes the activations
+    to int8 per group of `groupsize` inputs and multiplies integers; a prompt's GEMM, and every
+    other kernel, takes them as they are.
+    """
 
     KERNELS = kernels.INT4_KERNELS
+    int8_x = False
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -129,10 +135,10 @@ class Int4Linear(QuantizedLinear):
         return cls.from_levels(*int4.quantize(linear.weight.detach(), groupsize))
 
     def _operands(self):
-        return (self.weight, self.scales, self.zeros), self.groupsize
+        return (self.weight, self.scales, self.zeros), self.groupsize, self.int8_x
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", groupsize={self.groupsize}"
+        return super().extra_repr() + f", groupsize={self.groupsize}" + (", int8_x=True" if self.int8_x else "")
 
     def _slices(self, dim, keep):
         if dim == "out":
@@ -333,7 +339,7 @@ class Int4Experts(QuantizedExperts):
         return torch.ops.runner.int4_linear(x, self.weight[e], self.scales[e], self.zeros[e], self.groupsize)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", groupsize={self.groupsize}"
+        return super().extra_repr() + f", groupsize={self.groupsize}" + (", int8_x=True" if self.int8_x else "")
 
     def _slices(self, dim, keep):
         if dim == "out":

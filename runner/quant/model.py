@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from runner.config.schema import QuantEmbedding, QuantMode, QuantOutput, QuantSection
+from runner.config.schema import QuantActivations, QuantEmbedding, QuantMode, QuantOutput, QuantSection
 import runner.quant.calibrate as calibrate
-from runner.quant.linear import Int8Embedding, QuantizedExperts, QuantizedLinear
+from runner.quant.linear import Int4Linear, Int8Embedding, QuantizedExperts, QuantizedLinear
 from runner.quant.plan import check_groupsize, make_plan, module, replace, untie
 
 Progress = Callable[[int, int], None]
@@ -70,6 +70,15 @@ def pack_for(model: nn.Module, device: torch.device | str, kernel: str | None = 
             for name, layer in model.named_modules() if isinstance(layer, (QuantizedLinear, QuantizedExperts))}
 
 
+def use_activations(model: nn.Module, section: QuantSection) -> None:
+    """Make the int4 layers quantize their activations as section.activations says (a choice of
+    kernel, not of stored layout: a quantized checkpoint serves either)."""
+    int8_x = section.activations is QuantActivations.int8
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            layer.int8_x = int8_x
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and persistent buffers (what a checkpoint holds), shared ones once."""
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
@@ -106,4 +115,5 @@ def transform(model: nn.Module, section: QuantSection, *, calibration: torch.Ten
     """The QUANT_MODES entry for every mode but none: quantize, then pack for the model's device."""
     quantize(model, section, calibration, progress, source, key)
     pack_for(model, model.norm.weight.device)
+    use_activations(model, section)
     return model

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from runner import kernels
 from runner.config.errors import ConfigError
-from runner.config.schema import Kernels, ModelSpec, QuantMode, QuantSection
+from runner.config.schema import Kernels, ModelSpec, QuantActivations, QuantMode, QuantSection
 from runner.model import functional as fn
 from runner.model.llama import KVCache, Transformer
-from runner.quant.model import quantize as quantize_model
+from runner.quant.model import quantize as quantize_model, transform as quant_transform, use_activations
 from runner.transforms import kernels as kernel_transform
 from tests.properties.strategies import build_twins, logits_bound, model_cases
 from tests.properties.test_model_vs_hf import run_chunks
@@ -256,7 +256,8 @@ def test_the_target_is_the_best_the_cpu_has(monkeypatch):
     names = [t.name for t in kernels.TARGETS]
     if "avx2" not in names:
         pytest.skip("x86-64 targets only")  # not reached on CI's x86-64 host
-    assert kernels.choose_target(V4 | {"avx512_bf16", "sse2"}).name == "avx512-bf16"
+    assert kernels.choose_target(V4 | {"avx512_bf16", "avx512_vnni", "sse2"}).name == "avx512-bf16"
+    assert kernels.choose_target(V4 | {"avx512_bf16"}).name == "avx512"  # its int8 dot products need VNNI too
     assert kernels.choose_target(V4).name == "avx512"
     assert kernels.choose_target(V3 | {"avx512_bf16"}).name == "avx2"  # bf16 alone is not AVX-512
     assert kernels.choose_target(V3 - {"fma"}).name == "generic"
@@ -429,7 +430,7 @@ class OneByOne(kernels.KernelOps):
 
 
 @settings(max_examples=30, deadline=None)
-@given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4]), dtype=DTYPES,
+@given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4, "int4, int8 activations"]), dtype=DTYPES,
        window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), seed=seeds, data=st.data())
 @torch.no_grad()
 def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode, dtype, window, batch, seed, data):
@@ -442,7 +443,12 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
     for p in one_call.parameters():
         p.data.normal_(0, 0.3)
     if mode is not QuantMode.none:
-        quantize_model(one_call, QuantSection(mode=mode, groupsize=32))
+        int8_x = isinstance(mode, str)
+        section = QuantSection(mode=QuantMode.int4 if int8_x else mode, groupsize=32,
+                               activations=QuantActivations.int8 if int8_x else QuantActivations.float)
+        quantize_model(one_call, section)
+        use_activations(one_call, section)
+        assert any(getattr(m, "int8_x", False) for m in one_call.modules()) == int8_x
     kernel_transform.apply(one_call, Kernels.runner, torch.device("cpu"), "r.yaml")
     one_by_one = copy.deepcopy(one_call)
     one_by_one.use_ops(OneByOne)
@@ -475,8 +481,33 @@ def test_decode_layers_is_what_dense_layers_on_the_kernels_run():
     quantize_model(model, QuantSection(mode=QuantMode.int8))
     assert model.layers[0].kernel_operands(torch.float32) is None  # the fallback kernel until packed
     kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
-    operands, groupsizes = model.layers[0].kernel_operands(torch.float32)
-    assert [len(o) for o in operands] == [2, 2, 2, 2] and groupsizes == [0, 0, 0, 0]
+    operands, groupsizes, int8_x = model.layers[0].kernel_operands(torch.float32)
+    assert [len(o) for o in operands] == [2, 2, 2, 2] and groupsizes == [0, 0, 0, 0] and int8_x == [False] * 4
+
+
+@torch.no_grad()
+def test_quant_activations_int8_reaches_every_int4_linear_of_a_decode_step():
+    # The recipe key's transform flags every int4 layer, decode_layers gets the flags, and its
+    # logits are those of the int8 stand-ins of the activations, not of the activations themselves.
+    spec = ModelSpec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(spec)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    as_float = copy.deepcopy(model)
+    for m, activations in ((model, QuantActivations.int8), (as_float, QuantActivations.float)):
+        quant_transform(m, QuantSection(mode=QuantMode.int4, groupsize=32, activations=activations))
+        kernel_transform.apply(m, Kernels.runner, torch.device("cpu"), "r.yaml")
+        m.setup_cache(1, 8)
+    assert model.layers[0].kernel_operands(torch.float32)[2] == [True] * 4
+    assert as_float.layers[0].kernel_operands(torch.float32)[2] == [False] * 4
+    tokens, pos = torch.tensor([[3]]), torch.tensor([0])
+    one_by_one = copy.deepcopy(model)
+    one_by_one.use_ops(OneByOne)
+    logits = model(tokens, pos)
+    assert model._kernel_plans[torch.float32][1].int8_x == [1] * 4 * spec.n_layers
+    assert torch.equal(logits, one_by_one(tokens, pos))
+    assert not torch.equal(logits, as_float(tokens, pos))
 
 
 def test_the_layers_operands_are_gathered_once_and_again_after_any_change():

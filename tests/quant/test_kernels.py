@@ -255,6 +255,37 @@ def test_runner_int4_op_reads_every_weight_exactly_for_any_row_count(case, extra
     assert torch.equal(y.double(), int4_weights(q, scales, zeros).T)
 
 
+def quantized_activations(x: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """x as int8 activations stand for it, in float64, from the documented rule (Int4Linear's
+    int8_x): per group of `groupsize` columns, d = max|x| / 127 and q = x / d rounded half to
+    even, in float32; x stands for q * d."""
+    xf = x.float().reshape(x.shape[0], -1, groupsize)
+    d = xf.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xf / torch.where(d > 0, d, 1)), 0)
+    assert q.abs().max() <= 127
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights(max_groups=5, groupsizes=(32, 64, 128, 256), dtypes=(torch.float32, torch.bfloat16)), ROWS,
+       st.integers(0, 2**32 - 1), st.booleans())
+def test_int4_with_int8_activations_decodes_the_quantized_x_times_dequantized_weight(case, rows, seed, zero_group):
+    # A few rows (decode, verify) multiply the int8 stand-in of x; a prompt's GEMM takes x as it is.
+    w, groupsize = case
+    layer = Int4Linear.from_float(linear(w), groupsize)
+    assert layer.pack_for(CPU, "runner") == "runner"
+    layer.int8_x = True
+    w_hat = int4_reference(layer)
+    x = activations(seed, rows, w_hat, w.dtype)
+    if zero_group:  # an all-zero group of x: d = 0
+        x[:, :groupsize] = 0
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (rows, layer.out_features)
+    x_seen = quantized_activations(x, groupsize) if rows <= MAX_ROWS else x.double()
+    err = (y.double() - reference(x_seen, w_hat)).abs()
+    assert (err <= tolerance(x, w_hat)).all(), f"max error {err.max():.3g}"
+
+
 def test_float64_activations_take_the_fallback_in_float64():
     g = torch.Generator().manual_seed(0)
     layer = Int4Linear.from_float(linear(torch.randn(32, 64, generator=g, dtype=torch.bfloat16)), 32)
