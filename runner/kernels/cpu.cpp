@@ -1258,6 +1258,45 @@ inline int64_t scores_bf16(const BFloat16* q, const BFloat16* k, int64_t hd, int
 }
 #endif
 
+#if defined(__AVX512BW__)
+// out[d] = sum_i p[i] v[i][d] for bf16 rows v of Blocks x 32 dimensions, 32 dimensions a load: a
+// bf16 shifted into an fp32's top half is that fp32, so the even dimensions are the words moved up
+// and the odd ones the words masked in place, two instructions for 32 values (widening 16 at a
+// time took a shuffle and a shift each).
+template <int Blocks>
+void weighted_values_bf16(const float* p, const BFloat16* v, int64_t n, float* out) {
+  const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512 even[Blocks], odd[Blocks];
+  for (int b = 0; b < Blocks; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 w = _mm512_set1_ps(p[i]);
+    const BFloat16* row = v + i * Blocks * 32;
+    for (int b = 0; b < Blocks; ++b) {
+      const __m512i x = _mm512_loadu_si512(row + 32 * b);
+      even[b] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), even[b]);
+      odd[b] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(x, top)), odd[b]);
+    }
+  }
+  // Dimension 2j is even's lane j, 2j + 1 odd's.
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int b = 0; b < Blocks; ++b) {
+    _mm512_storeu_ps(out + 32 * b, _mm512_permutex2var_ps(even[b], low, odd[b]));
+    _mm512_storeu_ps(out + 32 * b + 16, _mm512_permutex2var_ps(even[b], high, odd[b]));
+  }
+}
+
+// The head sizes it serves (the common ones); returns how many dimensions it did: hd or 0.
+inline int64_t weighted_values_bf16(const float* p, const BFloat16* v, int64_t hd, int64_t n, float* out) {
+  switch (hd) {
+    case 32: weighted_values_bf16<1>(p, v, n, out); return hd;
+    case 64: weighted_values_bf16<2>(p, v, n, out); return hd;
+    case 128: weighted_values_bf16<4>(p, v, n, out); return hd;
+    default: return 0;
+  }
+}
+#endif
+
 // q . k for fp32 q and a cache row k.
 template <typename T>
 float dot(const float* q, const T* k, int64_t n) {
@@ -1277,10 +1316,14 @@ float dot(const float* q, const T* k, int64_t n) {
 
 // A few tokens' attention (decode, verify): B rows of `count` tokens each; row b's token t sits at
 // pos[b * count + t] of row b's cache, and cos_sin holds its rotation at the same index. write()
-// puts every new key and value into the cache; then each item (one query head of one token) is
-// independent of the others.
+// puts every new key and value into the cache. Then each item, one key head of one token over one
+// chunk of kChunk positions, gives each query head of that key head its chunk's maximum score,
+// sum of exponentials and weighted sum of values (FlashDecoding's split): the chunk's keys and
+// values are read from memory once for the group's heads, and a long cache is shared out evenly
+// over the threads. combine() merges a token's chunks per query head.
 template <typename T>
 struct FewTokens {
+  static constexpr int64_t kChunk = 64;  // positions an item covers
   const T* qkv;
   const float* cos_sin;
   T* kc;
@@ -1288,18 +1331,23 @@ struct FewTokens {
   T* y;
   const int64_t* pos;
   int64_t B, count, H, KVH, hd, L, window;
+  float* parts = nullptr;  // partials() floats, set before items run
 
-  int64_t items() const { return B * count * H; }
-  int64_t width() const { return (H + 2 * KVH) * hd; }
+  int64_t tokens() const { return B * count; }
   int64_t longest() const {
     int64_t n = 0;
-    for (int64_t i = 0; i < B * count; ++i) n = std::max(n, pos[i] + 1);
+    for (int64_t i = 0; i < tokens(); ++i) n = std::max(n, window > 0 ? std::min(window, pos[i] + 1) : pos[i] + 1);
     return n;
   }
+  int64_t chunks() const { return (longest() + kChunk - 1) / kChunk; }
+  int64_t items() const { return tokens() * KVH * chunks(); }
+  int64_t heads() const { return tokens() * H; }  // combine()'s items
+  int64_t partials() const { return heads() * chunks() * (hd + 2); }
+  int64_t width() const { return (H + 2 * KVH) * hd; }
 
   // Every new key and value goes into the cache first: a query sees those at positions up to its own.
   void write() const {
-    for (int64_t i = 0; i < B * count; ++i) {
+    for (int64_t i = 0; i < tokens(); ++i) {
       const float* cos = cos_sin + i * 2 * hd;
       const float* sin = cos + hd;
       const T* k = qkv + i * width() + H * hd;
@@ -1312,68 +1360,128 @@ struct FewTokens {
     }
   }
 
-  // A thread's buffers for items.
+  // A thread's buffers for items: the rotated queries of the last key head it served (a thread's
+  // items run chunk after chunk of one key head), and a chunk's scores.
   struct Scratch {
     std::vector<T> qh;
-    std::vector<float> qf, p, acc;
-    Scratch(const FewTokens& a) : qh(a.hd), qf(a.hd), p(a.longest()), acc(a.hd) {}
+    std::vector<float> qf, p;
+    int64_t queries = -1;  // t * KVH + g of those queries
+    Scratch(const FewTokens& a) : qh(a.H / a.KVH * a.hd), qf(a.H / a.KVH * a.hd), p(kChunk) {}
   };
 
+  // Chunk c of token t's visible positions (a sliding window's last `window` of them), for every
+  // query head of key head g: into its partial, [maximum, sum of exp(score - maximum), hd sums].
   void item(int64_t item, Scratch& s) const {
-    // A query at p sees positions up to p; with a sliding window only the last `window` of them.
-    const int64_t t = item / H, h = item % H, first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
-    const int64_t n = pos[t] + 1 - first, row = (t / count) * KVH * L, group = H / KVH;
+    const int64_t C = chunks(), t = item / (KVH * C), g = item / C % KVH, c = item % C;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window) : 0;
+    const int64_t start = first + c * kChunk, n = std::min<int64_t>(kChunk, pos[t] + 1 - start);
+    const int64_t row = (t / count) * KVH * L, group = H / KVH;
     const float scale = 1.f / std::sqrt((float)hd);
+    const T* kh = kc + (row + g * L + start) * hd;
+    const T* vh = vc + (row + g * L + start) * hd;
     float* p = s.p.data();
-    rope(qkv + t * width() + h * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd, s.qh.data());
-    const T* kh = kc + (row + (h / group) * L + first) * hd;
-    const T* vh = vc + (row + (h / group) * L + first) * hd;
-    for (int64_t d = 0; d < hd; ++d) s.qf[d] = widen(s.qh[d]);
-    float top = -INFINITY;
-    int64_t done = 0;
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, BFloat16>) done = scores_bf16(s.qh.data(), kh, hd, n, scale, p);
-#endif
-    for (int64_t j = done; j < n; ++j) p[j] = dot(s.qf.data(), kh + j * hd, hd) * scale;
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
-    // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
-    vf sums{};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      const vf e = vexp(vload(p + j) - top);
-      vstore(p + j, e);
-      sums += e;
+    if (s.queries != t * KVH + g) {
+      s.queries = t * KVH + g;
+      for (int64_t i = 0; i < group; ++i) {
+        rope(qkv + t * width() + (g * group + i) * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd,
+             s.qh.data() + i * hd);
+        for (int64_t d = 0; d < hd; ++d) s.qf[i * hd + d] = widen(s.qh[i * hd + d]);
+      }
     }
-    float total = hsum(sums);
-    for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-    // The weighted sum of values a vector of dimensions at a time, its sum held in a register
-    // over every position (not read and written back per position).
+    for (int64_t i = 0; i < group; ++i) {
+      float* part = parts + ((t * H + g * group + i) * C + c) * (hd + 2);
+      if (n <= 0) {  // a shorter token's chunk past its last position
+        part[0] = -INFINITY, part[1] = 0.f;
+        std::fill(part + 2, part + 2 + hd, 0.f);
+        continue;
+      }
+      const T* qh = s.qh.data() + i * hd;
+      const float* qf = s.qf.data() + i * hd;
+      int64_t done = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, BFloat16>) done = scores_bf16(qh, kh, hd, n, scale, p);
+#endif
+      for (int64_t j = done; j < n; ++j) p[j] = dot(qf, kh + j * hd, hd) * scale;
+      // The maximum over vectors of positions (one position at a time, a chain of dependent
+      // maxima, this was a fifth of a long cache's time).
+      vf tops = splat(-INFINITY);
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        const vf v = vload(p + j);
+        tops = v > tops ? v : tops;
+      }
+      float top = -INFINITY;
+      for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
+      for (; j < n; ++j) top = std::max(top, p[j]);
+      // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
+      vf sums{};
+      for (j = 0; j + kLanes <= n; j += kLanes) {
+        const vf e = vexp(vload(p + j) - top);
+        vstore(p + j, e);
+        sums += e;
+      }
+      float total = hsum(sums);
+      for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      part[0] = top, part[1] = total;
+      int64_t d = 0;
+#if defined(__AVX512BW__)
+      if constexpr (std::is_same_v<T, BFloat16>) d = weighted_values_bf16(p, vh, hd, n, part + 2);
+#endif
+      // The weighted sum of values a vector of dimensions at a time, its sum held in a register
+      // over every position (not read and written back per position).
+      for (; d + kLanes <= hd; d += kLanes) {
+        vf a[kChains] = {};
+        int64_t i = 0;
+        for (; i + kChains <= n; i += kChains)
+          for (int k = 0; k < kChains; ++k) a[k] += p[i + k] * vload(vh + (i + k) * hd + d);
+        for (; i < n; ++i) a[0] += p[i] * vload(vh + i * hd + d);
+        vstore(part + 2 + d, (a[0] + a[1]) + (a[2] + a[3]));
+      }
+      for (; d < hd; ++d) {
+        float a = 0.f;
+        for (int64_t i = 0; i < n; ++i) a += p[i] * widen(vh[i * hd + d]);
+        part[2 + d] = a;
+      }
+    }
+  }
+
+  // Query head i (token i / H, head i % H): its chunks' partials merged, rescaled to the largest
+  // maximum, into y. (Each chunk's maximum is replaced by its weight on the way.)
+  void combine(int64_t i) const {
+    const int64_t C = chunks();
+    float* part = parts + i * C * (hd + 2);
+    float top = -INFINITY, total = 0.f;
+    for (int64_t c = 0; c < C; ++c) top = std::max(top, part[c * (hd + 2)]);
+    for (int64_t c = 0; c < C; ++c) {
+      float* pc = part + c * (hd + 2);
+      pc[0] = pc[0] == -INFINITY ? 0.f : std::exp(pc[0] - top);
+      total += pc[1] * pc[0];
+    }
+    T* out = y + i * hd;
     int64_t d = 0;
     for (; d + kLanes <= hd; d += kLanes) {
-      vf a[kChains] = {};
-      int64_t i = 0;
-      for (; i + kChains <= n; i += kChains)
-        for (int c = 0; c < kChains; ++c) a[c] += p[i + c] * vload(vh + (i + c) * hd + d);
-      for (; i < n; ++i) a[0] += p[i] * vload(vh + i * hd + d);
-      vstore(s.acc.data() + d, (a[0] + a[1]) + (a[2] + a[3]));
+      vf a{};
+      for (int64_t c = 0; c < C; ++c) a += vload(part + c * (hd + 2) + 2 + d) * part[c * (hd + 2)];
+      vstore(out + d, a / total);
     }
     for (; d < hd; ++d) {
       float a = 0.f;
-      for (int64_t i = 0; i < n; ++i) a += p[i] * widen(vh[i * hd + d]);
-      s.acc[d] = a;
+      for (int64_t c = 0; c < C; ++c) a += part[c * (hd + 2) + 2 + d] * part[c * (hd + 2)];
+      out[d] = static_cast<T>(a / total);
     }
-    T* out = y + (t * H + h) * hd;
-    for (d = 0; d < hd; ++d) out[d] = static_cast<T>(s.acc[d] / total);
   }
 
-  void run() const {
+  void run() {
     write();
+    std::vector<float> buffer(partials());
+    parts = buffer.data();
     // A few heads over a short cache is too little work to share out; a long cache is not.
-    const int64_t grain = longest() * hd * items() < (1 << 16) ? items() : 1;
+    const int64_t grain = longest() * hd * heads() < (1 << 16) ? items() : 1;
     at::parallel_for(0, items(), grain, [&](int64_t begin, int64_t end) {
       Scratch s(*this);
       for (int64_t i = begin; i < end; ++i) item(i, s);
     });
+    for (int64_t i = 0; i < heads(); ++i) combine(i);
   }
 };
 
@@ -1840,6 +1948,8 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
                         int64_t D, int64_t I) {
   const int64_t M = tokens.B * tokens.count;
   std::vector<T> buffers(M * (5 * D + tokens.width() + tokens.H * tokens.hd + 3 * I));
+  std::vector<float> partials(tokens.partials());  // attention's, for each layer in turn
+  float* parts = partials.data();
   T* xn = buffers.data();  // a norm's output, each linear's input but wo's and w2's
   T* o = xn + M * D;       // wo's output
   T* h = o + M * D;        // the residual stream after attention
@@ -1871,14 +1981,20 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
     linear(layer.wqkv, xn, qkv);
     FewTokens<T> attention = tokens;
     attention.qkv = qkv, attention.y = att, attention.kc = layer.k_cache, attention.vc = layer.v_cache;
+    attention.parts = parts;
     single([=] { attention.write(); });
-    const int64_t heads = (attention.items() + threads - 1) / threads;  // a run of (token, head) items a thread
-    const auto attend = [attention, heads](Scratch<T>& s, int64_t item, bool first) {
+    const int64_t run = (attention.items() + threads - 1) / threads;  // a run of (token, key head, chunk) items a thread
+    const auto attend = [attention, run](Scratch<T>& s, int64_t item, bool first) {
       if (first) s.attend.emplace(attention);
-      const int64_t end = std::min(attention.items(), (item + 1) * heads);
-      for (int64_t i = item * heads; i < end; ++i) attention.item(i, *s.attend);
+      const int64_t end = std::min(attention.items(), (item + 1) * run);
+      for (int64_t i = item * run; i < end; ++i) attention.item(i, *s.attend);
     };
-    stages.push_back({(attention.items() + heads - 1) / heads, attend});
+    stages.push_back({(attention.items() + run - 1) / run, attend});
+    const int64_t merged = (attention.heads() + threads - 1) / threads;  // a run of query heads a thread
+    stages.push_back({(attention.heads() + merged - 1) / merged, [attention, merged](Scratch<T>&, int64_t item, bool) {
+                        const int64_t end = std::min(attention.heads(), (item + 1) * merged);
+                        for (int64_t i = item * merged; i < end; ++i) attention.combine(i);
+                      }});
     linear(layer.wo, att, o);
     single([=] {
       for (int64_t i = 0; i < M * D; ++i) h[i] = static_cast<T>(widen(stream[i]) + widen(o[i]));
