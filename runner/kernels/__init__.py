@@ -250,14 +250,16 @@ class _LayersPlan:
 _generation = [0]
 
 
-def _changed(*args) -> None:
+def operands_changed(*args) -> None:
+    """Drop every gathered plan: a module's kernel operands changed in a way torch's hooks do not
+    see (runner.quant.linear.Int4Linear.int8_x)."""
     _generation[0] += 1
 
 
 for _register in (torch.nn.modules.module.register_module_buffer_registration_hook,
                   torch.nn.modules.module.register_module_parameter_registration_hook,
                   torch.nn.modules.module.register_module_module_registration_hook):
-    _register(_changed)
+    _register(operands_changed)
 
 
 def _layers_plan(model, dtype: torch.dtype) -> _LayersPlan | None:

@@ -105,11 +105,20 @@ class Int4Linear(QuantizedLinear):
 
     int8_x (quant.activations: int8): decoding on runner's CPU kernels quantizes the activations
     to int8 per group of `groupsize` inputs and multiplies integers; a prompt's GEMM, and every
-    other kernel, takes them as they are.
+    other kernel, takes them as they are (as do the experts of a mixture, Int4Experts).
     """
 
     KERNELS = kernels.INT4_KERNELS
-    int8_x = False
+    _int8_x = False
+
+    @property
+    def int8_x(self) -> bool:
+        return self._int8_x
+
+    @int8_x.setter
+    def int8_x(self, value: bool) -> None:
+        self._int8_x = bool(value)
+        runner_kernels.operands_changed()  # decode_layers' gathered flags are stale
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -339,7 +348,7 @@ class Int4Experts(QuantizedExperts):
         return torch.ops.runner.int4_linear(x, self.weight[e], self.scales[e], self.zeros[e], self.groupsize)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", groupsize={self.groupsize}" + (", int8_x=True" if self.int8_x else "")
+        return super().extra_repr() + f", groupsize={self.groupsize}"
 
     def _slices(self, dim, keep):
         if dim == "out":

@@ -14,6 +14,7 @@ from runner.config.errors import ConfigError
 from runner.config.schema import Kernels, ModelSpec, QuantActivations, QuantMode, QuantSection
 from runner.model import functional as fn
 from runner.model.llama import KVCache, Transformer
+from runner.quant.linear import Int4Linear
 from runner.quant.model import quantize as quantize_model, transform as quant_transform, use_activations
 from runner.transforms import kernels as kernel_transform
 from tests.properties.strategies import build_twins, logits_bound, model_cases
@@ -508,6 +509,10 @@ def test_quant_activations_int8_reaches_every_int4_linear_of_a_decode_step():
     assert model._kernel_plans[torch.float32][1].int8_x == [1] * 4 * spec.n_layers
     assert torch.equal(logits, one_by_one(tokens, pos))
     assert not torch.equal(logits, as_float(tokens, pos))
+    for layer in model.modules():  # switched off after a step: the gathered flags go with it
+        if isinstance(layer, Int4Linear):
+            layer.int8_x = False
+    assert torch.equal(model(tokens, pos), as_float(tokens, pos))
 
 
 def test_the_layers_operands_are_gathered_once_and_again_after_any_change():

@@ -109,6 +109,13 @@ def test_the_kernels_refuse_an_expert_id_out_of_range():
         layer(torch.randn(2, 32), torch.tensor([0, 4]))
 
 
+def test_quantized_experts_describe_themselves():
+    # repr(model) prints every layer; an int4 mixture's experts once raised on a dense layer's attribute.
+    layer = experts(4, 8, 32, 0, torch.float32)
+    assert "groupsize=32" in repr(Int4Experts.from_float(layer, 32))
+    assert "Int8Experts" in repr(Int8Experts.from_float(layer))
+
+
 @st.composite
 def moe_specs(draw) -> ModelSpec:
     """tiny_specs with 2-8 experts, top 1-2, and a sliding window or none."""
