@@ -2,15 +2,15 @@
 
 Each example runs on a pool of 2 or 3 gloo ranks (tests/tp/pool.py) against the same model
 unsharded in this process: prefill, one-token decode over the cache and split prefill agree
-within 1e-5 x max(1, |logits|), and 64 greedy tokens agree wherever the reference's choice is
-not a near-tie. Quantized models are quantized whole, then sharded: sharded int8 and int4 equal
+within 1e-5 x max(1, the position's largest |logit|), and 64 greedy tokens agree wherever the
+reference's choice is not a near-tie. Quantized models are quantized whole, then sharded: sharded int8 and int4 equal
 unsharded int8 and int4.
 """
 import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from runner.config.schema import ModelSpec, tp_problems
@@ -56,7 +56,10 @@ def assert_same(sharded: dict, reference: dict) -> None:
     for way in ("prefill", "decode", "chunks"):
         ours, ref = sharded[way], reference[way]
         assert ours.shape == ref.shape
-        bound = 1e-5 * ref.abs().clamp(min=1)
+        # The ranks' partial sums meet in another order (the all-reduce), so a logit's rounding
+        # scales with its row's sums, not with itself: a logit near 0 beside logits of 4 carries
+        # their absolute error (1.1e-5 in one example, against a bound of 1e-5 at the logit).
+        bound = 1e-5 * ref.abs().amax(-1, keepdim=True).clamp(min=1)
         assert ((ours - ref).abs() <= bound).all(), (way, (ours - ref).abs().max().item(), ref.abs().max().item())
     # Greedy tokens agree up to the first step where the reference's top two are a near-tie
     # (1e-5 apart decides nothing there); such a step is rare and ends the comparison.
@@ -88,8 +91,15 @@ def _margins(job: dict, ref: dict) -> list[float]:
     return (top[:, 0] - top[:, 1]).tolist()
 
 
+# A logit of 0.54 beside logits of 4, 1.1e-5 apart: once beyond a bound taken at the logit itself.
+NEAR_ZERO = (2, dict(spec=ModelSpec(dim=192, n_layers=2, n_heads=12, n_kv_heads=4, head_dim=16, vocab_size=136,
+                                    intermediate_size=4, max_seq_len=128),
+                     seed=0, tokens=torch.tensor([4, 60, 49, 33, 1, 42, 106, 1, 0, 0, 0, 0, 0]), greedy=64, chunks=[1]))
+
+
 @settings(max_examples=50, deadline=None)
 @given(cases())
+@example(NEAR_ZERO)
 def test_sharded_float_model_equals_the_unsharded_one(pools, case):
     world, job = case
     assert_same(pools[world].run(job), reference_of(job))
