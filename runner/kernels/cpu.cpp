@@ -905,7 +905,7 @@ std::vector<at::Tensor> checked_linear(const std::string& name, int64_t K, at::S
 template <typename T>
 Weights<T> weights_of(const std::vector<at::Tensor>& w, int64_t gs, bool int8_x = false) {
   Weights<T> out;
-  out.int8_x = int8_x && w.size() == 3;
+  out.int8_x = int8_x;
   out.w = w[0].const_data_ptr();
   if (w.size() > 1) out.scales = w[1].const_data_ptr<T>();
   if (w.size() > 2) out.zeros = w[2].const_data_ptr<T>(), out.gs = gs;
@@ -1431,15 +1431,14 @@ struct FewTokens {
       // over every position (not read and written back per position).
       for (; d + kLanes <= hd; d += kLanes) {
         vf a[kChains] = {};
-        int64_t i = 0;
-        for (; i + kChains <= n; i += kChains)
-          for (int k = 0; k < kChains; ++k) a[k] += p[i + k] * vload(vh + (i + k) * hd + d);
-        for (; i < n; ++i) a[0] += p[i] * vload(vh + i * hd + d);
+        for (j = 0; j + kChains <= n; j += kChains)
+          for (int k = 0; k < kChains; ++k) a[k] += p[j + k] * vload(vh + (j + k) * hd + d);
+        for (; j < n; ++j) a[0] += p[j] * vload(vh + j * hd + d);
         vstore(part + 2 + d, (a[0] + a[1]) + (a[2] + a[3]));
       }
       for (; d < hd; ++d) {
         float a = 0.f;
-        for (int64_t i = 0; i < n; ++i) a += p[i] * widen(vh[i * hd + d]);
+        for (j = 0; j < n; ++j) a += p[j] * widen(vh[j * hd + d]);
         part[2 + d] = a;
       }
     }
@@ -2060,6 +2059,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
     const int64_t K = i % 4 == 1 ? H * hd : i % 4 == 3 ? I : D;
     TORCH_CHECK(!w.empty(), "runner::decode_layers: linear ", i, " has no tensors");
     linears.push_back(checked_linear(name, K, x.scalar_type(), w, groupsizes[i]));
+    TORCH_CHECK(int8_x.empty() || !int8_x[i] || w.size() == 3, "runner::decode_layers: linear ", i,
+                " has int8_x set, which applies to int4 linears ({w, scales, zeros}) only");
     const int64_t N = w[0].size(0);
     if (i % 4 == 2) I = N / 2;
     const int64_t want = i % 4 == 0 ? (H + 2 * KVH) * hd : i % 4 == 2 ? 2 * I : D;

@@ -515,6 +515,19 @@ def test_quant_activations_int8_reaches_every_int4_linear_of_a_decode_step():
     assert torch.equal(model(tokens, pos), as_float(tokens, pos))
 
 
+@torch.no_grad()
+def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
+    model = Transformer(SMALL)
+    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    model.setup_cache(1, 8)
+    plan = kernels._layers_plan(model, torch.float32)
+    x, pos = torch.randn(1, 1, SMALL.dim), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="int8_x set, which applies to int4 linears"):
+        torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
+                                       model.cos_sin[pos], plan.k_caches, plan.v_caches, pos, plan.n_heads,
+                                       plan.n_kv_heads, plan.window, [1] * len(plan.parts))
+
+
 def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
     # decode_layers' operands are gathered once per model and dtype, not per step; any change to
     # the model's tensors (a parameter or submodule set, a quantization, a cast) gathers them again.
