@@ -13,7 +13,7 @@ from runner import decoders, loaders, parallel, sharders, sources, tokenizers, t
 from runner.transforms import compile as compile_step
 from runner.transforms import kernels as kernel_ops
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import DraftKind, ModelSpec, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
+from runner.config.schema import DraftKind, ModelSpec, QuantKVCache, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
 from runner.decoders.batched import BatchDecoder
 from runner.decoders.stats import Stats, peak_memory
 from runner.kernels import MAX_ROWS
@@ -109,7 +109,17 @@ def _sharder(rank: parallel.Rank | None) -> Shard | None:
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
          tokenizer: Tokenizer, note: Callable[[str], None] | None = None, key: str = "model",
          shard: Shard | None = None, bar: sources.Bar | None = None) -> torch.nn.Module:
-    """One model in the recipe's dtype on its device, quantized as `section` says, and `shard`ed.
+    """One model in the recipe's dtype on its device, quantized as `section` says (its KV cache
+    too, once set up), and `shard`ed."""
+    model = _load(path, arch, section, recipe, recipe_file, tokenizer, note, key, shard, bar)
+    model.int8_cache = section.kv_cache is QuantKVCache.int8
+    return model
+
+
+def _load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_file: str,
+          tokenizer: Tokenizer, note: Callable[[str], None] | None, key: str, shard: Shard | None,
+          bar: sources.Bar | None) -> torch.nn.Module:
+    """load's model, before its cache is chosen.
 
     A checkpoint written by `runner quantize` is loaded as it is, and must have been quantized
     the way `section` says: never a silent mix of two quantizations. A float model to be used as

@@ -47,6 +47,14 @@ class QuantActivations(Enum):
     int8 = "int8"  # quantized to int8 per group of quant.groupsize inputs, as llama.cpp does: integer dot products
 
 
+class QuantKVCache(Enum):
+    """What the KV cache stores."""
+
+    float = "float"  # keys and values in the model's dtype
+    int8 = "int8"  # int8 with a scale per position and key head (half a bf16 cache's bytes); queries are
+    # rounded to int8 per head for the scores, as llama.cpp does with a q8_0 cache
+
+
 class QuantEmbedding(Enum):
     keep = "keep"
     int8 = "int8"
@@ -166,6 +174,7 @@ class QuantSection:
     output: QuantOutput = QuantOutput.keep
     embedding: QuantEmbedding = QuantEmbedding.keep
     activations: QuantActivations = QuantActivations.float  # int4 modes, decoding on runner's CPU kernels
+    kv_cache: QuantKVCache = QuantKVCache.float  # any mode (none too), every device
     calibration: QuantCalibration = field(default_factory=QuantCalibration)  # int4-gptq only
     damping: float = 0.01  # int4-gptq: added to the Hessian's diagonal, times its mean
     block_size: int = 128  # int4-gptq: columns per lazy batch update (speed only)

@@ -201,20 +201,20 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[1])
 
     @torch.library.register_fake("runner::attend")
-    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window=0):
+    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window=0, k_scales=None, v_scales=None):
         return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * k_cache.shape[-1])
 
     @torch.library.register_fake("runner::rope_write")
-    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads):
+    def _(qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, k_scales=None, v_scales=None):
         return qkv.new_empty(1, n_heads, qkv.shape[1], k_cache.shape[-1])
 
     @torch.library.register_fake("runner::decode_layers")
-    def _(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, input_pos, n_heads, n_kv_heads,
-          window=0, int8_x=()):
+    def _(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, k_scales, v_scales, input_pos,
+          n_heads, n_kv_heads, window=0, int8_x=()):
         return torch.empty_like(x)
 
     @torch.library.register_fake("runner::causal_attention")
-    def _(q, k_cache, v_cache, input_pos, window=0):
+    def _(q, k_cache, v_cache, input_pos, window=0, k_scales=None, v_scales=None):
         return q.new_empty(1, q.shape[2], q.shape[1] * q.shape[3])
 
 
@@ -238,6 +238,8 @@ class _LayersPlan:
     kv_caches: list  # each layer's KVCache
     k_caches: list[torch.Tensor]  # their tensors, [B, KVH, L, D] each
     v_caches: list[torch.Tensor]
+    k_scales: list[torch.Tensor]  # an int8 cache's scales, [B, KVH, L] each; empty for a float cache
+    v_scales: list[torch.Tensor]
     eps: float
     n_heads: int
     n_kv_heads: int
@@ -278,7 +280,7 @@ def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
         operands = block.kernel_operands(dtype)
         attention = block.attention
         cache = attention.kv_cache
-        if operands is None or cache is None or cache.k.dtype != dtype:
+        if operands is None or cache is None or cache.dtype != dtype or cache.quantized != model.layers[0].attention.kv_cache.quantized:
             return None
         linears, sizes, flags = operands
         norms += [block.attention_norm.weight, block.ffn_norm.weight]
@@ -289,9 +291,11 @@ def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
         int8_x += [int(flag) for flag in flags]
         kv_caches.append(cache)
     first = model.layers[0]
+    scales = first.attention.kv_cache.quantized
     return _LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
-                       first.attention_norm.eps,
-                       first.attention.n_heads, first.attention.n_kv_heads, first.attention.window or 0)
+                       [c.k_scales for c in kv_caches] if scales else [], [c.v_scales for c in kv_caches] if scales else [],
+                       first.attention_norm.eps, first.attention.n_heads, first.attention.n_kv_heads,
+                       first.attention.window or 0)
 
 
 class KernelOps:
@@ -334,24 +338,28 @@ class KernelOps:
         plan = _layers_plan(model, x.dtype)
         if plan is None:
             return None
-        k_caches, v_caches = plan.k_caches, plan.v_caches
+        k_caches, v_caches, k_scales, v_scales = plan.k_caches, plan.v_caches, plan.k_scales, plan.v_scales
         if row is not None:
             rows = [cache.row(row) for cache in plan.kv_caches]
             k_caches, v_caches = [r.k for r in rows], [r.v for r in rows]
+            if k_scales:
+                k_scales, v_scales = [r.k_scales for r in rows], [r.v_scales for r in rows]
         if not (k_caches[0].shape[0] == x.shape[0] and k_caches[0].is_contiguous()):
             return None
         return torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
-                                              cos_sin, k_caches, v_caches, input_pos, plan.n_heads, plan.n_kv_heads,
-                                              plan.window, plan.int8_x)
+                                              cos_sin, k_caches, v_caches, k_scales, v_scales, input_pos, plan.n_heads,
+                                              plan.n_kv_heads, plan.window, plan.int8_x)
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,
                window: int | None = None) -> torch.Tensor:
-        if not (_fits(qkv) and cache.k.dtype == qkv.dtype and cache.k.shape[0] == qkv.shape[0]
+        if not (_fits(qkv) and cache.dtype == qkv.dtype and cache.k.shape[0] == qkv.shape[0]
                 and cache.k.is_contiguous()):
             return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
+        scales = (cache.k_scales, cache.v_scales)  # (None, None) for a float cache
         if qkv.shape[1] <= MAX_ROWS:  # a few tokens of each row (decode, verify), at shared or per-row positions
-            return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, window or 0)
+            return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, window or 0,
+                                           *scales)
         if qkv.shape[0] > 1:  # prompts of several rows at once: torch's ops
             return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
         input_pos = input_pos.reshape(-1)  # one row's positions, [T] or [1, T]
@@ -359,5 +367,5 @@ class KernelOps:
         # casts, cats and copies), then causal attention over the cache by positions, block by
         # block (torch's flash attention took 30% of a 512-token bf16 prefill, at a fifth of the
         # GEMM rate).
-        q = torch.ops.runner.rope_write(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads)  # [1, H, T, D]
-        return torch.ops.runner.causal_attention(q, cache.k, cache.v, input_pos, window or 0)
+        q = torch.ops.runner.rope_write(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, *scales)  # [1, H, T, D]
+        return torch.ops.runner.causal_attention(q, cache.k, cache.v, input_pos, window or 0, *scales)

@@ -1314,6 +1314,186 @@ float dot(const float* q, const T* k, int64_t n) {
 #endif
 }
 
+// max(p[0..n)) (-inf for none) over vectors of positions: one position at a time, a chain of
+// dependent maxima, this was a fifth of a long cache's attention.
+inline float largest(const float* p, int64_t n) {
+  vf tops = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf v = vload(p + j);
+    tops = v > tops ? v : tops;
+  }
+  float top = -INFINITY;
+  for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
+  for (; j < n; ++j) top = std::max(top, p[j]);
+  return top;
+}
+
+// --- an int8 KV cache: keys and values int8 with a scale per position and key head ---------------
+
+// x [n] -> q [n] and its scale d = max|x| / 127, q = x / d rounded half to even: what
+// runner.model.functional.quantize_rows computes (a division, as there, so the same integers).
+template <typename T>
+float quantize_row(const T* x, int64_t n, int8_t* q) {
+  float top = 0.f;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(widen(x[i])));
+  const float d = top / 127.f;
+  for (int64_t i = 0; i < n; ++i)
+    q[i] = d > 0.f ? (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d))) : 0;
+  return d;
+}
+
+// p[j] = scale dk[j] (q . k_j) for int8 q and cache rows k; returns how many positions it did.
+// AVX512-VNNI: vpdpbusd takes unsigned bytes times signed ones, so the keys are moved up by 128
+// (a xor of the sign bits) and 128 sum(q) taken away after; a head of 64 is one instruction a
+// position, sixteen positions summed by one transpose.
+inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale,
+                                float* p) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  constexpr int kMaxChunks = 4;  // head_dim up to 256, 64 bytes a chunk
+  const int64_t chunks = hd / 64;
+  if (hd % 64 != 0 || chunks > kMaxChunks) return 0;
+  __m512i qv[kMaxChunks];
+  int32_t qsum = 0;
+  for (int64_t d = 0; d < hd; ++d) qsum += q[d];
+  for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_si512(q + 64 * c);
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  const __m512 offset = _mm512_set1_ps(128.f * (float)qsum), s = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) {
+      const int8_t* kr = k + (j + i) * hd;
+      ahead(kr);
+      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(kr), flip), qv[0]);
+      for (int64_t c = 1; c < chunks; ++c)
+        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(kr + 64 * c), flip), qv[c]);
+      v[i] = _mm512_cvtepi32_ps(a);  // exact: |lane| < 2^24
+    }
+    const __m512 dots = _mm512_sub_ps(sums16(v), offset);  // exact integers again
+    _mm512_storeu_ps(p + j, _mm512_mul_ps(_mm512_mul_ps(dots, _mm512_loadu_ps(dk + j)), s));
+  }
+  return j;
+#elif defined(__AVX2__)
+  // vpmaddubsw multiplies unsigned by signed bytes: |q| times k with q's sign (no pair can
+  // saturate: 2 x 127 x 127 < 2^15). Eight positions summed by horizontal adds.
+  constexpr int kMaxChunks = 8;
+  const int64_t chunks = hd / 32;
+  if (hd % 32 != 0 || chunks > kMaxChunks) return 0;
+  __m256i qs[kMaxChunks], qa[kMaxChunks];
+  for (int64_t c = 0; c < chunks; ++c) {
+    qs[c] = _mm256_loadu_si256((const __m256i*)(q + 32 * c));
+    qa[c] = _mm256_abs_epi8(qs[c]);
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i v[8];
+    for (int i = 0; i < 8; ++i) {
+      const int8_t* kr = k + (j + i) * hd;
+      __m256i a = _mm256_setzero_si256();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m256i kv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(kr + 32 * c)), qs[c]);
+        a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(qa[c], kv), ones));
+      }
+      v[i] = a;
+    }
+    const __m256i t0 = _mm256_hadd_epi32(v[0], v[1]), t1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i t2 = _mm256_hadd_epi32(v[4], v[5]), t3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);  // halves of 0-3, 4-7
+    const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+    _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_loadu_ps(dk + j)), s));
+  }
+  return j;
+#else
+  return 0;
+#endif
+}
+
+inline void scores_int8(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale, float* p) {
+  for (int64_t j = scores_int8_fast(q, k, dk, hd, n, scale, p); j < n; ++j) {
+    int32_t a = 0;
+    for (int64_t d = 0; d < hd; ++d) a += (int32_t)q[d] * k[j * hd + d];
+    p[j] = (float)a * dk[j] * scale;
+  }
+}
+
+// out[d] = sum_j w[j] v[j][d] for float weights and cache rows v (a vector of dimensions at a time,
+// its sum held in registers over every position).
+template <typename V>
+void weighted_values(const float* w, const V* v, int64_t hd, int64_t n, float* out) {
+  int64_t d = 0;
+  for (; d + kLanes <= hd; d += kLanes) {
+    vf a[kChains] = {};
+    int64_t j = 0;
+    for (; j + kChains <= n; j += kChains)
+      for (int k = 0; k < kChains; ++k) a[k] += w[j + k] * vload(v + (j + k) * hd + d);
+    for (; j < n; ++j) a[0] += w[j] * vload(v + j * hd + d);
+    vstore(out + d, (a[0] + a[1]) + (a[2] + a[3]));
+  }
+  for (; d < hd; ++d) {
+    float a = 0.f;
+    for (int64_t j = 0; j < n; ++j) a += w[j] * widen(v[j * hd + d]);
+    out[d] = a;
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+// The same for int8 rows of Blocks x 32 dimensions and n <= 64 weights >= 0, on vpdpwssd: the
+// weights as int16 (scale max w / 32767: each off by at most 1/65534 of the largest, where bf16
+// would be off by 1/512 of itself), two positions an instruction, rows j and j + 1 interleaved
+// into (v[j][d], v[j + 1][d]) word pairs. In int32 a sum stays under 32 x 2 x 32767 x 127 < 2^31.
+template <int Blocks>
+void weighted_values_int8(const float* w, const int8_t* v, int64_t n, float* out) {
+  const float top = largest(w, n);
+  if (!(top > 0.f)) {
+    std::fill(out, out + Blocks * 32, 0.f);
+    return;
+  }
+  alignas(64) int16_t w16[64 + 2] = {};
+  const float up = 32767.f / top;
+  for (int64_t j = 0; j < n; ++j) w16[j] = (int16_t)std::nearbyint(w[j] * up);
+  __m512i lo[Blocks], hi[Blocks];
+  for (int b = 0; b < Blocks; ++b) lo[b] = hi[b] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 2) {
+    int32_t pair;
+    std::memcpy(&pair, w16 + j, sizeof pair);  // w16[n] is 0 when n is odd: row j stands in for j + 1
+    const __m512i wp = _mm512_set1_epi32(pair);
+    const int8_t* r0 = v + j * Blocks * 32;
+    const int8_t* r1 = j + 1 < n ? r0 + Blocks * 32 : r0;
+    ahead(r0, 2 * Blocks * 32);
+    for (int b = 0; b < Blocks; ++b) {
+      const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r0 + 32 * b)));
+      const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r1 + 32 * b)));
+      lo[b] = _mm512_dpwssd_epi32(lo[b], _mm512_unpacklo_epi16(a, c), wp);
+      hi[b] = _mm512_dpwssd_epi32(hi[b], _mm512_unpackhi_epi16(a, c), wp);
+    }
+  }
+  // Per 128-bit lane L, lo holds dimensions 8L..8L+3 and hi 8L+4..8L+7: back into order.
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  const __m512 down = _mm512_set1_ps(top / 32767.f);
+  for (int b = 0; b < Blocks; ++b) {
+    const __m512 l = _mm512_cvtepi32_ps(lo[b]), h = _mm512_cvtepi32_ps(hi[b]);
+    _mm512_storeu_ps(out + 32 * b, _mm512_mul_ps(_mm512_permutex2var_ps(l, first, h), down));
+    _mm512_storeu_ps(out + 32 * b + 16, _mm512_mul_ps(_mm512_permutex2var_ps(l, second, h), down));
+  }
+}
+#endif
+
+inline void weighted_values_int8(const float* w, const int8_t* v, int64_t hd, int64_t n, float* out) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  switch (hd) {
+    case 32: return weighted_values_int8<1>(w, v, n, out);
+    case 64: return weighted_values_int8<2>(w, v, n, out);
+    case 128: return weighted_values_int8<4>(w, v, n, out);
+    default: break;
+  }
+#endif
+  weighted_values(w, v, hd, n, out);
+}
+
 // A few tokens' attention (decode, verify): B rows of `count` tokens each; row b's token t sits at
 // pos[b * count + t] of row b's cache, and cos_sin holds its rotation at the same index. write()
 // puts every new key and value into the cache. Then each item, one key head of one token over one
@@ -1332,6 +1512,11 @@ struct FewTokens {
   const int64_t* pos;
   int64_t B, count, H, KVH, hd, L, window;
   float* parts = nullptr;  // partials() floats, set before items run
+  // An int8 cache (kc and vc unset): values [B, KVH, L, hd] and their scales [B, KVH, L].
+  int8_t* kq = nullptr;
+  int8_t* vq = nullptr;
+  float* ks = nullptr;
+  float* vs = nullptr;
 
   int64_t tokens() const { return B * count; }
   int64_t longest() const {
@@ -1353,20 +1538,31 @@ struct FewTokens {
       const T* k = qkv + i * width() + H * hd;
       const T* v = k + KVH * hd;
       const int64_t row = (i / count) * KVH * L;
+      std::vector<T> rotated(kq != nullptr ? hd : 0);
       for (int64_t g = 0; g < KVH; ++g) {
-        rope(k + g * hd, cos, sin, hd, kc + ((row + g * L) + pos[i]) * hd);
-        std::copy(v + g * hd, v + (g + 1) * hd, vc + ((row + g * L) + pos[i]) * hd);
+        const int64_t at = row + g * L + pos[i];
+        if (kq != nullptr) {
+          rope(k + g * hd, cos, sin, hd, rotated.data());
+          ks[at] = quantize_row(rotated.data(), hd, kq + at * hd);
+          vs[at] = quantize_row(v + g * hd, hd, vq + at * hd);
+          continue;
+        }
+        rope(k + g * hd, cos, sin, hd, kc + at * hd);
+        std::copy(v + g * hd, v + (g + 1) * hd, vc + at * hd);
       }
     }
   }
 
   // A thread's buffers for items: the rotated queries of the last key head it served (a thread's
-  // items run chunk after chunk of one key head), and a chunk's scores.
+  // items run chunk after chunk of one key head), as int8 with their scales for an int8 cache, and
+  // a chunk's scores.
   struct Scratch {
     std::vector<T> qh;
-    std::vector<float> qf, p;
+    std::vector<float> qf, p, dq;
+    std::vector<int8_t> q8;
     int64_t queries = -1;  // t * KVH + g of those queries
-    Scratch(const FewTokens& a) : qh(a.H / a.KVH * a.hd), qf(a.H / a.KVH * a.hd), p(kChunk) {}
+    Scratch(const FewTokens& a)
+        : qh(a.H / a.KVH * a.hd), qf(a.H / a.KVH * a.hd), p(kChunk), dq(a.H / a.KVH), q8(a.H / a.KVH * a.hd) {}
   };
 
   // Chunk c of token t's visible positions (a sliding window's last `window` of them), for every
@@ -1377,8 +1573,9 @@ struct FewTokens {
     const int64_t start = first + c * kChunk, n = std::min<int64_t>(kChunk, pos[t] + 1 - start);
     const int64_t row = (t / count) * KVH * L, group = H / KVH;
     const float scale = 1.f / std::sqrt((float)hd);
-    const T* kh = kc + (row + g * L + start) * hd;
-    const T* vh = vc + (row + g * L + start) * hd;
+    const int64_t at = row + g * L + start;  // the chunk's first position in the cache
+    const T* kh = kc + at * hd;
+    const T* vh = vc + at * hd;
     float* p = s.p.data();
     if (s.queries != t * KVH + g) {
       s.queries = t * KVH + g;
@@ -1386,6 +1583,7 @@ struct FewTokens {
         rope(qkv + t * width() + (g * group + i) * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd,
              s.qh.data() + i * hd);
         for (int64_t d = 0; d < hd; ++d) s.qf[i * hd + d] = widen(s.qh[i * hd + d]);
+        if (kq != nullptr) s.dq[i] = quantize_row(s.qh.data() + i * hd, hd, s.q8.data() + i * hd);
       }
     }
     for (int64_t i = 0; i < group; ++i) {
@@ -1397,25 +1595,20 @@ struct FewTokens {
       }
       const T* qh = s.qh.data() + i * hd;
       const float* qf = s.qf.data() + i * hd;
-      int64_t done = 0;
+      if (kq != nullptr) {
+        scores_int8(s.q8.data() + i * hd, kq + at * hd, ks + at, hd, n, scale * s.dq[i], p);
+      } else {
+        int64_t done = 0;
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, BFloat16>) done = scores_bf16(qh, kh, hd, n, scale, p);
+        if constexpr (std::is_same_v<T, BFloat16>) done = scores_bf16(qh, kh, hd, n, scale, p);
 #endif
-      for (int64_t j = done; j < n; ++j) p[j] = dot(qf, kh + j * hd, hd) * scale;
-      // The maximum over vectors of positions (one position at a time, a chain of dependent
-      // maxima, this was a fifth of a long cache's time).
-      vf tops = splat(-INFINITY);
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        const vf v = vload(p + j);
-        tops = v > tops ? v : tops;
+        for (int64_t j = done; j < n; ++j) p[j] = dot(qf, kh + j * hd, hd) * scale;
       }
-      float top = -INFINITY;
-      for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
-      for (; j < n; ++j) top = std::max(top, p[j]);
+      const float top = largest(p, n);
       // exp over whole vectors of positions (one call per position was a fifth of a long cache's time)
       vf sums{};
-      for (j = 0; j + kLanes <= n; j += kLanes) {
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
         const vf e = vexp(vload(p + j) - top);
         vstore(p + j, e);
         sums += e;
@@ -1423,24 +1616,17 @@ struct FewTokens {
       float total = hsum(sums);
       for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
       part[0] = top, part[1] = total;
-      int64_t d = 0;
+      if (kq != nullptr) {
+        for (j = 0; j + kLanes <= n; j += kLanes) vstore(p + j, vload(p + j) * vload(vs + at + j));
+        for (; j < n; ++j) p[j] *= vs[at + j];  // each position's weight times its values' scale
+        weighted_values_int8(p, vq + at * hd, hd, n, part + 2);
+        continue;
+      }
 #if defined(__AVX512BW__)
-      if constexpr (std::is_same_v<T, BFloat16>) d = weighted_values_bf16(p, vh, hd, n, part + 2);
+      if constexpr (std::is_same_v<T, BFloat16>)
+        if (weighted_values_bf16(p, vh, hd, n, part + 2) == hd) continue;
 #endif
-      // The weighted sum of values a vector of dimensions at a time, its sum held in a register
-      // over every position (not read and written back per position).
-      for (; d + kLanes <= hd; d += kLanes) {
-        vf a[kChains] = {};
-        for (j = 0; j + kChains <= n; j += kChains)
-          for (int k = 0; k < kChains; ++k) a[k] += p[j + k] * vload(vh + (j + k) * hd + d);
-        for (; j < n; ++j) a[0] += p[j] * vload(vh + j * hd + d);
-        vstore(part + 2 + d, (a[0] + a[1]) + (a[2] + a[3]));
-      }
-      for (; d < hd; ++d) {
-        float a = 0.f;
-        for (j = 0; j < n; ++j) a += p[j] * widen(vh[j * hd + d]);
-        part[2 + d] = a;
-      }
+      weighted_values(p, vh, hd, n, part + 2);
     }
   }
 
@@ -1485,19 +1671,29 @@ struct FewTokens {
 };
 
 // RoPE on every head of T tokens; keys and values go into the cache, queries into q [H, T, hd].
+// An int8 cache (kq, vq and their scales ks, vs instead of kc, vc) gets them quantized.
 template <typename T>
 void rope_write_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* q, const int64_t* pos, int64_t count,
-                     int64_t H, int64_t KVH, int64_t hd, int64_t L) {
+                     int64_t H, int64_t KVH, int64_t hd, int64_t L, int8_t* kq, int8_t* vq, float* ks, float* vs) {
   const int64_t width = (H + 2 * KVH) * hd;
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> rotated(hd);
     for (int64_t t = begin; t < end; ++t) {
       const float* cos = cos_sin + t * 2 * hd;
       const float* sin = cos + hd;
       const T* row = qkv + t * width;
       for (int64_t h = 0; h < H; ++h) rope(row + h * hd, cos, sin, hd, q + (h * count + t) * hd);
       for (int64_t g = 0; g < KVH; ++g) {
-        rope(row + (H + g) * hd, cos, sin, hd, kc + (g * L + pos[t]) * hd);
-        std::copy(row + (H + KVH + g) * hd, row + (H + KVH + g + 1) * hd, vc + (g * L + pos[t]) * hd);
+        const int64_t at = g * L + pos[t];
+        const T* v = row + (H + KVH + g) * hd;
+        if (kq != nullptr) {
+          rope(row + (H + g) * hd, cos, sin, hd, rotated.data());
+          ks[at] = quantize_row(rotated.data(), hd, kq + at * hd);
+          vs[at] = quantize_row(v, hd, vq + at * hd);
+        } else {
+          rope(row + (H + g) * hd, cos, sin, hd, kc + at * hd);
+          std::copy(v, v + hd, vc + at * hd);
+        }
       }
     }
   });
@@ -1768,16 +1964,34 @@ void causal_attention_impl(const T* q, const T* kc, const T* vc, T* y, const int
 
 // The checks on caches and positions that attend, rope_write and decode_layers share, for B rows
 // of `count` tokens in `dtype`; returns the positions as [B, count], each inside the cache.
+// Whether k_cache and v_cache are an int8 cache: its scales given, each checked to be fp32
+// [B, n_kv_heads, L], contiguous.
+bool int8_cache(const char* name, const at::Tensor& k_cache, const std::optional<at::Tensor>& k_scales,
+                const std::optional<at::Tensor>& v_scales) {
+  TORCH_CHECK(k_scales.has_value() == v_scales.has_value(), "runner::", name,
+              ": k_scales and v_scales come together (an int8 cache) or not at all");
+  if (!k_scales.has_value()) return false;
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kChar, "runner::", name,
+              ": scales come with int8 caches [B, n_kv_heads, L, head_dim], got ", k_cache.scalar_type(), " ",
+              k_cache.sizes());
+  for (const at::Tensor& scales : {*k_scales, *v_scales})
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.sizes() == k_cache.sizes().slice(0, 3),
+                "runner::", name, ": an int8 cache's scales must be contiguous fp32 ", k_cache.sizes().slice(0, 3),
+                ", got ", scales.scalar_type(), " ", scales.sizes());
+  return true;
+}
+
 at::Tensor checked_positions(const char* name, int64_t B, int64_t count, at::ScalarType dtype,
                              const at::Tensor& cos_sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& input_pos, int64_t H, int64_t KVH) {
+                             const at::Tensor& input_pos, int64_t H, int64_t KVH, bool int8 = false) {
   TORCH_CHECK(k_cache.dim() == 4, "runner::", name, ": caches must be [B, n_kv_heads, L, head_dim], got ",
               k_cache.sizes());
   const int64_t L = k_cache.size(2), hd = k_cache.size(3);
+  const at::ScalarType stored = int8 ? at::kChar : dtype;
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.scalar_type() == dtype &&
-                  v_cache.scalar_type() == dtype,
-              "runner::", name, ": caches must be contiguous [B, n_kv_heads, L, head_dim] in qkv's dtype");
+                  k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.scalar_type() == stored &&
+                  v_cache.scalar_type() == stored,
+              "runner::", name, ": caches must be contiguous [B, n_kv_heads, L, head_dim] in qkv's dtype (int8 with scales)");
   TORCH_CHECK(H % KVH == 0 && hd % 2 == 0, "runner::", name, ": n_heads must be a multiple of n_kv_heads");
   TORCH_CHECK(input_pos.scalar_type() == at::kLong && (input_pos.numel() == count || input_pos.numel() == B * count),
               "runner::", name, ": input_pos must be T int64 positions, or [B, T]");
@@ -1793,13 +2007,17 @@ at::Tensor checked_positions(const char* name, int64_t B, int64_t count, at::Sca
 
 at::Tensor checked_positions(const char* name, const at::Tensor& qkv, const at::Tensor& cos_sin,
                              const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& input_pos,
-                             int64_t H, int64_t KVH) {
+                             int64_t H, int64_t KVH, bool int8) {
   check_cpu_float(qkv, name);
   TORCH_CHECK(k_cache.dim() == 4 && qkv.dim() == 3 && qkv.size(2) == (H + 2 * KVH) * k_cache.size(3), "runner::", name,
               ": qkv must be [B, T, (n_heads + 2 n_kv_heads) head_dim], got ", qkv.sizes());
   return checked_positions(name, qkv.size(0), qkv.size(1), qkv.scalar_type(), cos_sin, k_cache, v_cache, input_pos,
-                           H, KVH);
+                           H, KVH, int8);
 }
+
+template <typename T>
+T* maybe(at::Tensor& t, bool yes) { return yes ? t.mutable_data_ptr<T>() : nullptr; }
+inline float* maybe(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 // cos_sin with one rotation per position of every row, as the positions have them.
 at::Tensor rotations(const at::Tensor& cos_sin, int64_t B, int64_t count, int64_t hd) {
@@ -1808,8 +2026,10 @@ at::Tensor rotations(const at::Tensor& cos_sin, int64_t B, int64_t count, int64_
 }
 
 at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                      const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads) {
-  auto positions = checked_positions("rope_write", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads);
+                      const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads,
+                      const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales) {
+  const bool int8 = int8_cache("rope_write", k_cache, k_scales, v_scales);
+  auto positions = checked_positions("rope_write", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, int8);
   TORCH_CHECK(qkv.size(0) == 1, "runner::rope_write: one row only (a prompt), got ", qkv.size(0));
   const int64_t L = k_cache.size(2), hd = k_cache.size(3), count = qkv.size(1);
   auto qc = qkv.contiguous();
@@ -1817,27 +2037,53 @@ at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tens
   auto q = at::empty({1, n_heads, count, hd}, qkv.options());
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   if (qkv.scalar_type() == at::kBFloat16)
-    rope_write_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                    v_cache.mutable_data_ptr<BFloat16>(), q.mutable_data_ptr<BFloat16>(), pos, count, n_heads,
-                    n_kv_heads, hd, L);
+    rope_write_impl(qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), maybe<BFloat16>(k_cache, !int8),
+                    maybe<BFloat16>(v_cache, !int8), q.mutable_data_ptr<BFloat16>(), pos, count, n_heads, n_kv_heads,
+                    hd, L, maybe<int8_t>(k_cache, int8), maybe<int8_t>(v_cache, int8), maybe(k_scales), maybe(v_scales));
   else
-    rope_write_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                    v_cache.mutable_data_ptr<float>(), q.mutable_data_ptr<float>(), pos, count, n_heads, n_kv_heads,
-                    hd, L);
+    rope_write_impl(qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), maybe<float>(k_cache, !int8),
+                    maybe<float>(v_cache, !int8), q.mutable_data_ptr<float>(), pos, count, n_heads, n_kv_heads, hd, L,
+                    maybe<int8_t>(k_cache, int8), maybe<int8_t>(v_cache, int8), maybe(k_scales), maybe(v_scales));
   return q;
 }
 
+// An int8 cache's first n positions [KVH, n, hd] as T, and rows of q put on int8's grid (each
+// rounded to int8 with its own scale and back): as the reference reads an int8 cache.
+template <typename T>
+void dequantize_cache(const int8_t* c, const float* scales, int64_t KVH, int64_t L, int64_t n, int64_t hd, T* out) {
+  at::parallel_for(0, KVH * n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t at = i / n * L + i % n;
+      for (int64_t d = 0; d < hd; ++d) out[i * hd + d] = static_cast<T>((float)c[at * hd + d] * scales[at]);
+    }
+  });
+}
+
+template <typename T>
+void int8_grid(T* x, int64_t rows, int64_t hd) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(hd);
+    for (int64_t r = begin; r < end; ++r) {
+      const float d = quantize_row(x + r * hd, hd, q.data());
+      for (int64_t i = 0; i < hd; ++i) x[r * hd + i] = static_cast<T>((float)q[i] * d);
+    }
+  });
+}
+
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& input_pos, int64_t window) {
+                            const at::Tensor& input_pos, int64_t window, const std::optional<at::Tensor>& k_scales,
+                            const std::optional<at::Tensor>& v_scales) {
   check_cpu_float(q, "causal_attention");
+  const bool int8 = int8_cache("causal_attention", k_cache, k_scales, v_scales);
   TORCH_CHECK(window >= 0, "runner::causal_attention: window must be >= 0 (0: none), got ", window);
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && k_cache.dim() == 4 && k_cache.size(0) == 1 && q.size(3) == k_cache.size(3),
               "runner::causal_attention: q must be [1, n_heads, T, head_dim] and the caches [1, n_kv_heads, L, head_dim], got ",
               q.sizes(), " and ", k_cache.sizes());
   const int64_t H = q.size(1), count = q.size(2), KVH = k_cache.size(1), L = k_cache.size(2), hd = q.size(3);
+  const at::ScalarType stored = int8 ? at::kChar : q.scalar_type();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "runner::causal_attention: caches must be contiguous [1, n_kv_heads, L, head_dim] in q's dtype");
+                  k_cache.scalar_type() == stored && v_cache.scalar_type() == stored,
+              "runner::causal_attention: caches must be contiguous [1, n_kv_heads, L, head_dim] in q's dtype (int8 with scales)");
   TORCH_CHECK(H % KVH == 0, "runner::causal_attention: n_heads must be a multiple of n_kv_heads");
   TORCH_CHECK(input_pos.scalar_type() == at::kLong && input_pos.numel() == count,
               "runner::causal_attention: input_pos must be T int64 positions");
@@ -1847,34 +2093,56 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     TORCH_CHECK(pos[i] >= 0 && pos[i] < L, "runner::causal_attention: position ", pos[i], " is outside the cache of ", L);
   auto qc = q.contiguous();
   auto y = at::empty({1, count, H * hd}, q.options());
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    if (!int8) {
+      causal_attention_impl(qc.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(),
+                            y.mutable_data_ptr<T>(), pos, H, KVH, count, hd, L, window);
+      return;
+    }
+    // An int8 cache: the positions any query sees, read as the model's dtype, for the same kernel.
+    const int64_t n = *std::max_element(pos, pos + count) + 1;
+    auto k = at::empty({KVH, n, hd}, q.options()), v = at::empty({KVH, n, hd}, q.options());
+    dequantize_cache(k_cache.const_data_ptr<int8_t>(), k_scales->const_data_ptr<float>(), KVH, L, n, hd,
+                     k.mutable_data_ptr<T>());
+    dequantize_cache(v_cache.const_data_ptr<int8_t>(), v_scales->const_data_ptr<float>(), KVH, L, n, hd,
+                     v.mutable_data_ptr<T>());
+    qc = qc.clone();
+    int8_grid(qc.mutable_data_ptr<T>(), H * count, hd);
+    causal_attention_impl(qc.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), y.mutable_data_ptr<T>(),
+                          pos, H, KVH, count, hd, n, window);
+  };
   if (q.scalar_type() == at::kBFloat16)
-    causal_attention_impl(qc.const_data_ptr<BFloat16>(), k_cache.const_data_ptr<BFloat16>(),
-                          v_cache.const_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, H, KVH, count, hd, L,
-                          window);
+    run(BFloat16());
   else
-    causal_attention_impl(qc.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
-                          y.mutable_data_ptr<float>(), pos, H, KVH, count, hd, L, window);
+    run(0.f);
   return y;
 }
 
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache,
-                  const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads, int64_t window) {
+                  const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads, int64_t window,
+                  const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(window >= 0, "runner::attend: window must be >= 0 (0: none), got ", window);
-  auto positions = checked_positions("attend", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads);
+  const bool int8 = int8_cache("attend", k_cache, k_scales, v_scales);
+  auto positions = checked_positions("attend", qkv, cos_sin, k_cache, v_cache, input_pos, n_heads, n_kv_heads, int8);
   const int64_t KVH = n_kv_heads, H = n_heads, L = k_cache.size(2), hd = k_cache.size(3);
   const int64_t B = qkv.size(0), count = qkv.size(1);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   auto qc = qkv.contiguous();
   auto cs = rotations(cos_sin, B, count, hd);
   auto y = at::empty({B, count, H * hd}, qkv.options());
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    FewTokens<T> tokens{qc.const_data_ptr<T>(), cs.const_data_ptr<float>(), maybe<T>(k_cache, !int8),
+                        maybe<T>(v_cache, !int8), y.mutable_data_ptr<T>(), pos, B, count, H, KVH, hd, L, window};
+    tokens.kq = maybe<int8_t>(k_cache, int8), tokens.vq = maybe<int8_t>(v_cache, int8);
+    tokens.ks = maybe(k_scales), tokens.vs = maybe(v_scales);
+    tokens.run();
+  };
   if (qkv.scalar_type() == at::kBFloat16)
-    FewTokens<BFloat16>{qc.const_data_ptr<BFloat16>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<BFloat16>(),
-                        v_cache.mutable_data_ptr<BFloat16>(), y.mutable_data_ptr<BFloat16>(), pos, B, count, H, KVH,
-                        hd, L, window}.run();
+    run(BFloat16());
   else
-    FewTokens<float>{qc.const_data_ptr<float>(), cs.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
-                     v_cache.mutable_data_ptr<float>(), y.mutable_data_ptr<float>(), pos, B, count, H, KVH, hd, L,
-                     window}.run();
+    run(0.f);
   return y;
 }
 
@@ -1935,8 +2203,12 @@ struct Layer {
   const T* attention_norm;
   const T* ffn_norm;
   Weights<T> wqkv, wo, w13, w2;
-  T* k_cache;
+  T* k_cache;  // or, for an int8 cache, these four
   T* v_cache;
+  int8_t* kq;
+  int8_t* vq;
+  float* ks;
+  float* vs;
 };
 
 // x [M, D] through every layer into y [M, D]; `tokens` (its qkv, y, caches unset) says where the
@@ -1980,6 +2252,7 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
     linear(layer.wqkv, xn, qkv);
     FewTokens<T> attention = tokens;
     attention.qkv = qkv, attention.y = att, attention.kc = layer.k_cache, attention.vc = layer.v_cache;
+    attention.kq = layer.kq, attention.vq = layer.vq, attention.ks = layer.ks, attention.vs = layer.vs;
     attention.parts = parts;
     single([=] { attention.write(); });
     const int64_t run = (attention.items() + threads - 1) / threads;  // a run of (token, key head, chunk) items a thread
@@ -2021,8 +2294,9 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
 // one after another, parts[i] tensors for linear i ({w}, {w, scales}, {w, scales, zeros}).
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
                          at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
-                         at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& input_pos, int64_t n_heads,
-                         int64_t n_kv_heads, int64_t window, at::IntArrayRef int8_x) {
+                         at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
+                         at::TensorList v_scales, const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t window, at::IntArrayRef int8_x) {
   const char* name = "decode_layers";
   check_cpu_float(x, name);
   TORCH_CHECK(window >= 0, "runner::decode_layers: window must be >= 0 (0: none), got ", window);
@@ -2038,14 +2312,20 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
   TORCH_CHECK(total == (int64_t)weights.size(), "runner::decode_layers: parts add up to ", total, ", not to the ",
               weights.size(), " weight tensors");
   const int64_t H = n_heads, KVH = n_kv_heads;
+  TORCH_CHECK((k_scales.empty() && v_scales.empty()) || (k_scales.size() == n && v_scales.size() == n),
+              "runner::decode_layers: k_scales and v_scales are empty, or one each for every layer's int8 cache");
+  const bool int8 = !k_scales.empty();
   const auto positions = checked_positions(name, B, count, x.scalar_type(), cos_sin, k_caches[0], v_caches[0],
-                                           input_pos, H, KVH);
-  for (int64_t l = 1; l < n; ++l)
+                                           input_pos, H, KVH, int8);
+  for (int64_t l = 0; l < n; ++l) {
     TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes() && v_caches[l].sizes() == k_caches[0].sizes() &&
                     k_caches[l].is_contiguous() && v_caches[l].is_contiguous() &&
-                    k_caches[l].scalar_type() == x.scalar_type() && v_caches[l].scalar_type() == x.scalar_type(),
+                    k_caches[l].scalar_type() == k_caches[0].scalar_type() &&
+                    v_caches[l].scalar_type() == k_caches[0].scalar_type(),
                 "runner::decode_layers: every layer's caches must be contiguous and shaped as the first's, ",
-                k_caches[0].sizes(), ", in x's dtype");
+                k_caches[0].sizes(), ", in x's dtype (int8 with scales)");
+    if (int8) int8_cache(name, k_caches[l], k_scales[l], v_scales[l]);
+  }
   const int64_t L = k_caches[0].size(2), hd = k_caches[0].size(3);
   for (const auto& norm : norms)
     TORCH_CHECK(norm.dim() == 1 && norm.size(0) == D && norm.scalar_type() == x.scalar_type(),
@@ -2079,7 +2359,10 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
       Weights<T>* parts_of[4] = {&layer.wqkv, &layer.wo, &layer.w13, &layer.w2};
       for (int i = 0; i < 4; ++i)
         *parts_of[i] = weights_of<T>(linears[4 * l + i], groupsizes[4 * l + i], !int8_x.empty() && int8_x[4 * l + i]);
-      layer.k_cache = k_caches[l].mutable_data_ptr<T>(), layer.v_cache = v_caches[l].mutable_data_ptr<T>();
+      at::Tensor k = k_caches[l], v = v_caches[l];
+      layer.k_cache = maybe<T>(k, !int8), layer.v_cache = maybe<T>(v, !int8);
+      layer.kq = maybe<int8_t>(k, int8), layer.vq = maybe<int8_t>(v, int8);
+      layer.ks = int8 ? k_scales[l].data_ptr<float>() : nullptr, layer.vs = int8 ? v_scales[l].data_ptr<float>() : nullptr;
       layers.push_back(layer);
     }
     FewTokens<T> tokens{nullptr, cs.const_data_ptr<float>(), nullptr, nullptr, nullptr,
@@ -2115,14 +2398,16 @@ TORCH_LIBRARY(runner, m) {
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
+  // k_scales, v_scales: an int8 cache's (runner.model.llama.KVCache), with int8 k_cache and v_cache.
   m.def("attend(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
-        "int n_heads, int n_kv_heads, int window=0) -> Tensor");
+        "int n_heads, int n_kv_heads, int window=0, Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> Tensor");
   m.def("rope_write(Tensor qkv, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos, "
-        "int n_heads, int n_kv_heads) -> Tensor");
-  m.def("causal_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int window=0) -> Tensor");
+        "int n_heads, int n_kv_heads, Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, int window=0, "
+        "Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] parts, int[] groupsizes, "
-        "Tensor cos_sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor input_pos, int n_heads, "
-        "int n_kv_heads, int window=0, int[] int8_x=[]) -> Tensor");
+        "Tensor cos_sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, Tensor(d!)[] v_scales, "
+        "Tensor input_pos, int n_heads, int n_kv_heads, int window=0, int[] int8_x=[]) -> Tensor");
   m.def("expert_linear(Tensor x, Tensor w, Tensor ids) -> Tensor");
   m.def("int8_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor ids) -> Tensor");
   m.def("int4_expert_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, Tensor ids) -> Tensor");

@@ -73,6 +73,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] as int8 [..., D] times fp32 scales [...]: d = max|x| / 127 per row, x / d rounded half
+    to even (an int8 KV cache's keys and values, and the queries that score against its keys)."""
+    xf = x.float()
+    scales = xf.abs().amax(dim=-1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))[..., None]
+    return (xf / safe).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scales[..., None]).to(dtype)
+
+
 def causal_mask(input_pos: torch.Tensor, cache_len: int, window: int | None = None) -> torch.Tensor:
     """[T, cache_len] (or [B, T, cache_len] for per-row positions [B, T]): a query at position p sees cache slots 0..p, or with a sliding window only
     the last `window` of them, p - window + 1..p (HF's and Mistral's convention)."""
@@ -145,6 +158,8 @@ def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Ten
     k = k.view(B, T, n_kv_heads, D).transpose(1, 2)  # [B, KVH, T, D]
     v = v.view(B, T, n_kv_heads, D).transpose(1, 2)
     q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
-    k, v = cache.update(input_pos, k, v)  # [B, KVH, L, D]
+    if cache.quantized:  # the queries on int8's grid too, as runner's kernels score them
+        q = dequantize_rows(*quantize_rows(q), q.dtype)
+    k, v = cache.update(input_pos, k, v)  # [B, KVH, L, D], in the model's dtype
     y = attention(q, k, v, mask)  # [B, H, T, D]
     return y.transpose(1, 2).reshape(B, T, n_heads * D)

@@ -26,29 +26,51 @@ from runner.model import functional as fn
 
 
 def _update(cache, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Write k, v [B, KVH, T, D] at input_pos ([T], shared by the rows, or [B, T], each row its own)."""
+    """Write k, v [B, KVH, T, D] at input_pos ([T], shared by the rows, or [B, T], each row its own);
+    returns the whole cache's keys and values [B, KVH, L, D] in the model's dtype."""
     # Slots beyond a row's current position may hold stale values: the causal mask never reads them.
+    if not cache.quantized:
+        _write(cache.k, input_pos, k), _write(cache.v, input_pos, v)
+        return cache.k, cache.v
+    for x, values, scales in ((k, cache.k, cache.k_scales), (v, cache.v, cache.v_scales)):
+        q, d = fn.quantize_rows(x)
+        _write(values, input_pos, q), _write(scales, input_pos, d)
+    return (fn.dequantize_rows(cache.k, cache.k_scales, cache.dtype),
+            fn.dequantize_rows(cache.v, cache.v_scales, cache.dtype))
+
+
+def _write(buffer: torch.Tensor, input_pos: torch.Tensor, x: torch.Tensor) -> None:
+    """x [B, KVH, T, ...] into buffer [B, KVH, L, ...] at input_pos [T] or [B, T]."""
     if input_pos.dim() == 1:
-        cache.k.index_copy_(2, input_pos, k)
-        cache.v.index_copy_(2, input_pos, v)
+        buffer.index_copy_(2, input_pos, x)
     else:
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], against positions [B, T]
-        cache.k[rows, :, input_pos] = k.transpose(1, 2)  # [B, T, KVH, D]
-        cache.v[rows, :, input_pos] = v.transpose(1, 2)
-    return cache.k, cache.v
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]  # [B, 1], against positions [B, T]
+        buffer[rows, :, input_pos] = x.transpose(1, 2)  # [B, T, KVH, ...]
 
 
 class KVCache(nn.Module):
     """A static cache: [B, n_kv_heads, max_len, head_dim] for keys and values; row b is batch row
-    (or decoding slot) b."""
+    (or decoding slot) b. With int8, keys and values are int8 with a scale per position and key
+    head (k_scales, v_scales [B, n_kv_heads, max_len], fp32): runner.model.functional.quantize_rows."""
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device, int8: bool = False):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.dtype = dtype  # what attention reads the cache as
+        store = torch.int8 if int8 else dtype
+        self.register_buffer("k", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        if int8:
+            self.register_buffer("k_scales", torch.zeros(shape[:3], device=device), persistent=False)
+            self.register_buffer("v_scales", torch.zeros(shape[:3], device=device), persistent=False)
+        else:
+            self.k_scales = self.v_scales = None
 
     update = _update
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scales is not None
 
     def row(self, index: "int | slice") -> "CacheRow":
         return CacheRow(self, index)
@@ -62,7 +84,9 @@ class CacheRow:
 
     def __init__(self, cache: KVCache, index: "int | slice"):
         rows = index if isinstance(index, slice) else slice(index, index + 1)
+        self.dtype, self.quantized = cache.dtype, cache.quantized
         self.k, self.v = cache.k[rows], cache.v[rows]
+        self.k_scales, self.v_scales = (cache.k_scales[rows], cache.v_scales[rows]) if cache.quantized else (None, None)
 
 
 class Linear(nn.Linear):
@@ -228,6 +252,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.output = None if spec.tie_embeddings else Linear(spec.dim, spec.vocab_size, bias=False)
         self.cache_len = 0
+        self.int8_cache = False  # setup_cache's caches store int8 (quant.kv_cache)
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
 
     def setup_cache(self, batch: int, cache_len: int) -> None:
@@ -238,7 +263,7 @@ class Transformer(nn.Module):
         dtype = weight.dtype
         for layer in self.layers:  # n_kv_heads: this rank's share under tensor parallelism
             layer.attention.kv_cache = KVCache(batch, layer.attention.n_kv_heads, cache_len, self.spec.head_size, dtype,
-                                               weight.device)
+                                               weight.device, self.int8_cache)
         inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)
         self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
         self.cache_len = cache_len

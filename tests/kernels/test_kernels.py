@@ -432,11 +432,14 @@ class OneByOne(kernels.KernelOps):
 
 @settings(max_examples=30, deadline=None)
 @given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4, "int4, int8 activations"]), dtype=DTYPES,
-       window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), seed=seeds, data=st.data())
+       window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), int8_cache=st.booleans(), seed=seeds,
+       data=st.data())
 @torch.no_grad()
-def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode, dtype, window, batch, seed, data):
+def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode, dtype, window, batch, int8_cache, seed,
+                                                                           data):
     # decode_layers runs the kernels the modules would call, in their order: bit for bit the same
-    # logits and caches, for decode steps, a verify's few tokens, batch rows and one row of a batch.
+    # logits and caches, for decode steps, a verify's few tokens, batch rows and one row of a batch,
+    # over a float or an int8 KV cache.
     spec = ModelSpec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=96,
                      max_seq_len=64, sliding_window=window, tie_embeddings=data.draw(st.booleans()))
     torch.manual_seed(seed)
@@ -460,7 +463,9 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
         start = steps[-1][1]
         steps.append((start, min(tokens.shape[1], start + data.draw(st.integers(1, 3), label="tokens"))))
     for model in (one_call, one_by_one):
+        model.int8_cache = int8_cache
         model.setup_cache(batch, 40)
+        assert model.layers[0].attention.kv_cache.k.dtype == (torch.int8 if int8_cache else dtype)
     for start, end in steps:
         outs = [m(tokens[:, start:end], torch.arange(start, end)) for m in (one_call, one_by_one)]
         assert torch.equal(outs[0], outs[1])
@@ -468,8 +473,8 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
         outs = [m(tokens[1:, :1], torch.arange(30, 31), row=1) for m in (one_call, one_by_one)]
         assert torch.equal(outs[0], outs[1])
     for a, b in zip(one_call.layers, one_by_one.layers):
-        assert torch.equal(a.attention.kv_cache.k, b.attention.kv_cache.k)
-        assert torch.equal(a.attention.kv_cache.v, b.attention.kv_cache.v)
+        for name in ("k", "v") + (("k_scales", "v_scales") if int8_cache else ()):
+            assert torch.equal(getattr(a.attention.kv_cache, name), getattr(b.attention.kv_cache, name))
 
 
 def test_decode_layers_is_what_dense_layers_on_the_kernels_run():
@@ -524,7 +529,7 @@ def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
     x, pos = torch.randn(1, 1, SMALL.dim), torch.tensor([0])
     with pytest.raises(RuntimeError, match="int8_x set, which applies to int4 linears"):
         torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
-                                       model.cos_sin[pos], plan.k_caches, plan.v_caches, pos, plan.n_heads,
+                                       model.cos_sin[pos], plan.k_caches, plan.v_caches, [], [], pos, plan.n_heads,
                                        plan.n_kv_heads, plan.window, [1] * len(plan.parts))
 
 
