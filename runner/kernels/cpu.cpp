@@ -1333,13 +1333,29 @@ inline float largest(const float* p, int64_t n) {
 
 // x [n] -> q [n] and its scale d = max|x| / 127, q = x / d rounded half to even: what
 // runner.model.functional.quantize_rows computes (a division, as there, so the same integers).
+// Vectors of x at a time: a decode step quantizes every new key, value and query.
 template <typename T>
 float quantize_row(const T* x, int64_t n, int8_t* q) {
+  vf tops{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf v = (vf)((vu)vload(x + i) & 0x7FFFFFFFu);
+    tops = v > tops ? v : tops;
+  }
   float top = 0.f;
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(widen(x[i])));
+  for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
+  for (int64_t j = i; j < n; ++j) top = std::max(top, std::fabs(widen(x[j])));
   const float d = top / 127.f;
-  for (int64_t i = 0; i < n; ++i)
-    q[i] = d > 0.f ? (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d))) : 0;
+  if (!(d > 0.f)) {
+    std::fill(q, q + n, (int8_t)0);
+    return d;
+  }
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and taking it away rounds to an integer, ties to even
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    const vi r = __builtin_convertvector((vload(x + i) / splat(d) + magic) - magic, vi);
+    for (int l = 0; l < kLanes; ++l) q[i + l] = (int8_t)r[l];
+  }
+  for (; i < n; ++i) q[i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d)));
   return d;
 }
 

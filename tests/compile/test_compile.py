@@ -36,9 +36,12 @@ def run(overrides, recipe_file=RECIPE):
 
 
 @pytest.mark.parametrize("steps", [["compile.decode=true"], ["compile.decode=true", "compile.prefill=true"],
-                                   ["compile.decode=true", "kernels=torch"]], ids=["decode", "decode+prefill", "torch-ops"])
+                                   ["compile.decode=true", "kernels=torch"],
+                                   ["compile.decode=true", "compile.prefill=true", "quant.kv_cache=int8"],
+                                   ["compile.decode=true", "kernels=torch", "quant.kv_cache=int8"]],
+                         ids=["decode", "decode+prefill", "torch-ops", "int8-cache", "torch-ops-int8-cache"])
 def test_compiled_greedy_tokens_equal_eager_and_no_step_recompiles(steps):
-    _, _, eager, _ = run([s for s in steps if s.startswith("kernels=")])
+    _, _, eager, _ = run([s for s in steps if not s.startswith("compile.")])
     from torch._dynamo.utils import counters
 
     counters.clear()
