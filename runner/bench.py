@@ -9,6 +9,7 @@ import importlib.util
 import statistics
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Figures:
     baselines: dict[str, float] = field(default_factory=dict)  # --vs name -> its decode tokens/s
     baseline_prefill: dict[str, float] = field(default_factory=dict)  # --vs name -> its prompt tokens/s
     prompt_tokens: int = 0
+    recipe: str = ""  # the recipe's label, shared by its rows at several prompt lengths
     matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
     gemm_gflop_s: float = 0.0  # torch's GEMM rate in this recipe's dtype (--roofline); 0: not measured
     rank_peak_memory_bytes: list[int] = field(default_factory=list)  # tensor parallelism: each rank's peak RSS
@@ -94,31 +96,51 @@ def long_prompt(built: pipeline.Pipeline, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens: int,
-            note=None, prompt_tokens: int | None = None, bar=None) -> tuple[Figures, pipeline.Pipeline, list[int]]:
+def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens: int, note=None,
+            prompt_tokens: Sequence[int] = (), bar=None) -> tuple[list[Figures], pipeline.Pipeline, list[list[int]]]:
     """Build the recipe's pipeline, warm it up, then time `runs` greedy-or-sampled generations of
-    the recipe's prompt, or of a `prompt_tokens`-token one."""
+    the recipe's prompt, or of a prompt of each length in `prompt_tokens`: one Figures (and prompt)
+    each. Several lengths take their runs in turn, a run of each per round, so that a long prompt
+    and a short one are timed over the same minutes of a machine whose speed drifts."""
     built = pipeline.build(recipe, recipe_file, note, bar)
-    if prompt_tokens:
-        prompt = pipeline.fit_prompt(built, long_prompt(built, prompt_tokens), recipe_file)
-    else:
-        prompt = pipeline.encode_prompt(built, recipe_file)
-    figures = Figures(label, prompt_tokens=len(prompt))
-    figures.compile_seconds = pipeline.warm_up(built, prompt)
-    if not figures.compile_seconds:
-        pipeline.generate(built, prompt)  # warm caches and allocator
+    # Fitted longest first: the first sets the cache's size, which every length then shares.
+    cut = {n: long_prompt(built, n) for n in prompt_tokens}
+    for n in sorted(cut, reverse=True):
+        pipeline.fit_prompt(built, cut[n], recipe_file)
+    prompts = [cut[n] for n in prompt_tokens] or [pipeline.encode_prompt(built, recipe_file)]
+    rows = [Figures(f"{label} @{len(p)}" if len(prompts) > 1 else label, prompt_tokens=len(p), recipe=label)
+            for p in prompts]
+    for figures, prompt in zip(rows, prompts):
+        figures.compile_seconds = pipeline.warm_up(built, prompt)
+        if not figures.compile_seconds:
+            pipeline.generate(built, prompt)  # warm caches and allocator
     show = bar(f"bench: {label}: timed runs") if bar else (lambda done, total: None)
     for i in range(runs):
-        _, stats = pipeline.generate(built, prompt, sample_index=i)
-        figures.decode_tokens_per_s.append(stats.tokens_per_second)
-        figures.time_to_first_token_s.append(stats.time_to_first_token)
-        figures.prefill_tokens_per_s.append(stats.prompt_tokens / stats.time_to_first_token)
-        figures.peak_memory_bytes = max(figures.peak_memory_bytes, stats.peak_memory_bytes)
+        for figures, prompt in zip(rows, prompts):
+            _, stats = pipeline.generate(built, prompt, sample_index=i)
+            figures.decode_tokens_per_s.append(stats.tokens_per_second)
+            figures.time_to_first_token_s.append(stats.time_to_first_token)
+            figures.prefill_tokens_per_s.append(stats.prompt_tokens / stats.time_to_first_token)
+            figures.peak_memory_bytes = max(figures.peak_memory_bytes, stats.peak_memory_bytes)
         show(i + 1, runs)
-    figures.model_bytes, figures.bytes_per_token = weight_bytes(built.model)
-    figures.matmul_params = sum(m.in_features * m.out_features for m in built.model.modules()
-                                if hasattr(m, "in_features") and hasattr(m, "out_features"))
-    return figures, built, prompt
+    model_bytes, bytes_per_token = weight_bytes(built.model)
+    matmul_params = sum(m.in_features * m.out_features for m in built.model.modules()
+                        if hasattr(m, "in_features") and hasattr(m, "out_features"))
+    for figures in rows:
+        figures.model_bytes, figures.bytes_per_token, figures.matmul_params = model_bytes, bytes_per_token, matmul_params
+    return rows, built, prompts
+
+
+def context_ratios(rows: list[Figures]) -> dict[str, dict[int, float]]:
+    """For each recipe timed at several prompt lengths: its median decode speed after each length
+    over that after the shortest, {recipe: {prompt tokens: ratio}}."""
+    out: dict[str, dict[int, float]] = {}
+    for recipe in dict.fromkeys(r.recipe for r in rows):
+        mine = [r for r in rows if r.recipe == recipe]
+        if len(mine) > 1:
+            shortest = min(mine, key=lambda r: r.prompt_tokens)
+            out[recipe] = {r.prompt_tokens: r.median / shortest.median for r in mine}
+    return out
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:

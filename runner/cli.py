@@ -276,8 +276,10 @@ def quantize(recipe, overrides, out):
               help="New tokens per generation.")
 @click.option("--prompt", default="Hello, my name is", show_default=True,
               help="The prompt every recipe runs (any text, as typed).")
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=None,
-              help="Instead of --prompt, a prompt of exactly N tokens cut from English prose (prefill, long contexts).")
+@click.option("--prompt-tokens", default=None, metavar="N[,M,...]",
+              help="Instead of --prompt, a prompt of exactly N tokens cut from English prose (prefill, long contexts); "
+                   "several lengths time each recipe after each, their runs in turn, with decode after each "
+                   "over decode after the shortest.")
 @click.option("--vs", "versus", type=click.Choice(["hf", "hf-compile", "llamacpp"]), multiple=True,
               help="Also time a baseline on the same weights, prompt and threads (repeatable): HF transformers' "
                    "generate (hf), HF with a static cache and torch.compile (hf-compile), llama.cpp on the "
@@ -323,6 +325,13 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
         sizes = [int(n) for n in world_sizes.split(",")] if world_sizes else [None]
     except ValueError:
         raise click.UsageError(f"--world-sizes takes whole numbers separated by commas, got {world_sizes!r}") from None
+    try:
+        lengths = [int(n) for n in prompt_tokens.split(",")] if prompt_tokens else []
+    except ValueError:
+        lengths = [0]
+    if any(n < 1 for n in lengths) or len(set(lengths)) != len(lengths):
+        raise click.UsageError(f"--prompt-tokens takes different whole numbers >= 1 separated by commas "
+                               f"(e.g. 5,512), got {prompt_tokens!r}")
     jobs = []
     for path in recipes:
         for size in sizes:
@@ -346,34 +355,37 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
         report.note(f"bench: {label}")
         parallel.check(recipe.parallel, recipe.device, path)
         if parallel.world_size(recipe.parallel) == 1:
-            figures, built, ids = measure.measure(recipe, path, label, runs, new_tokens, report.note, prompt_tokens,
-                                                  report.progress)
+            timed, built, prompts = measure.measure(recipe, path, label, runs, new_tokens, report.note, lengths,
+                                                    report.progress)
         else:
-            ranks = _on_ranks(_bench_rank, recipe, path, label, runs, new_tokens, prompt_tokens)
-            figures, built = ranks[0], None
-            figures.rank_peak_memory_bytes = [ranks[k].peak_memory_bytes for k in sorted(ranks)]
+            ranks = _on_ranks(_bench_rank, recipe, path, label, runs, new_tokens, lengths)
+            timed, built, prompts = ranks[0], None, [None] * len(ranks[0])
+            for i, figures in enumerate(timed):
+                figures.rank_peak_memory_bytes = [ranks[k][i].peak_memory_bytes for k in sorted(ranks)]
         if roofline:
             from runner.transforms import torch_dtype
 
             dtype = torch_dtype(recipe)
             if dtype not in gemm_rates:
                 gemm_rates[dtype] = measure.gemm_rate(dtype)
-            figures.gemm_gflop_s = gemm_rates[dtype]
-        rows.append(figures)
+            for figures in timed:
+                figures.gemm_gflop_s = gemm_rates[dtype]
+        rows += timed
         baseline_runs = max(1, runs // 2)
         for name in dict.fromkeys(versus):
             report.note(f"bench: {measure.BASELINES[name]} on the same weights")
-            try:
-                if name == "llamacpp":
-                    rate, prefill = measure.llamacpp_decode_speed(built, path, ids, new_tokens, baseline_runs,
-                                                                  report.note)
-                else:
-                    rate, prefill = measure.hf_decode_speed(built, ids, new_tokens, baseline_runs,
-                                                            compiled=name == "hf-compile")
-            except ValueError as e:
-                raise click.UsageError(f"--vs {name}: {e}") from None
-            figures.baselines[name] = rate
-            figures.baseline_prefill[name] = prefill
+            for figures, ids in zip(timed, prompts):
+                try:
+                    if name == "llamacpp":
+                        rate, prefill = measure.llamacpp_decode_speed(built, path, ids, new_tokens, baseline_runs,
+                                                                      report.note)
+                    else:
+                        rate, prefill = measure.hf_decode_speed(built, ids, new_tokens, baseline_runs,
+                                                                compiled=name == "hf-compile")
+                except ValueError as e:
+                    raise click.UsageError(f"--vs {name}: {e}") from None
+                figures.baselines[name] = rate
+                figures.baseline_prefill[name] = prefill
         del built
     import torch
 
@@ -381,12 +393,19 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
     report.line(caption)
     report.line(measure.table(rows, ceiling))
+    ratios = measure.context_ratios(rows)
+    for recipe_label, by_length in ratios.items():
+        shortest = min(by_length)
+        report.line(f"{recipe_label}: decode after " + ", ".join(
+            f"{n} prompt tokens {ratio:.2f}" for n, ratio in by_length.items() if n != shortest)
+            + f" of after {shortest}")
     if plot_path:
         measure.plot(rows, plot_path, caption)
     if json_path:
         data = {"machine": measure.cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "read_bandwidth_gb_s": ceiling, "prompt": None if prompt_tokens else prompt,
-                "prompt_tokens": rows[0].prompt_tokens, "new_tokens": new_tokens, "runs": runs,
+                "prompt_tokens": rows[0].prompt_tokens if len(lengths) < 2 else lengths,
+                "decode_over_shortest_prompt": ratios, "new_tokens": new_tokens, "runs": runs,
                 "gemm_gflop_s_by_dtype": {str(k).removeprefix("torch."): v for k, v in gemm_rates.items()},
                 "results": [r.as_dict() for r in rows]}
         if len(rows) == 1:
@@ -394,17 +413,18 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
         Path(json_path).write_text(json.dumps(data, indent=2))
 
 
-def _bench_rank(resolved, recipe: str, label: str, runs: int, new_tokens: int, prompt_tokens: int | None):
-    """One recipe's figures, measured on this rank (every rank of a tensor-parallel run times the same steps)."""
+def _bench_rank(resolved, recipe: str, label: str, runs: int, new_tokens: int, prompt_tokens: list[int]):
+    """One recipe's figures (one per prompt length), measured on this rank (every rank of a
+    tensor-parallel run times the same steps)."""
     from runner import bench as measure
     from runner import parallel
     from runner.report import Reporter
 
     rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
-    figures, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens,
-                                    report.progress)
-    return figures
+    timed, _, _ = measure.measure(resolved, recipe, label, runs, new_tokens, report.note, prompt_tokens,
+                                  report.progress)
+    return timed
 
 
 @cli.command(name="eval")

@@ -1389,6 +1389,13 @@ inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* d
     const __m512 dots = _mm512_sub_ps(sums16(v), offset);  // exact integers again
     _mm512_storeu_ps(p + j, _mm512_mul_ps(_mm512_mul_ps(dots, _mm512_loadu_ps(dk + j)), s));
   }
+  for (; j < n; ++j) {  // the last few (all of a short cache's), one reduction each
+    const int8_t* kr = k + j * hd;
+    __m512i a = _mm512_setzero_si512();
+    for (int64_t c = 0; c < chunks; ++c)
+      a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(kr + 64 * c), flip), qv[c]);
+    p[j] = (float)(_mm512_reduce_add_epi32(a) - 128 * qsum) * dk[j] * scale;
+  }
   return j;
 #elif defined(__AVX2__)
   // vpmaddubsw multiplies unsigned by signed bytes: |q| times k with q's sign (no pair can
@@ -1420,6 +1427,17 @@ inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* d
     const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);  // halves of 0-3, 4-7
     const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
     _mm256_storeu_ps(p + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dots), _mm256_loadu_ps(dk + j)), s));
+  }
+  for (; j < n; ++j) {  // the last few, one reduction each
+    const int8_t* kr = k + j * hd;
+    __m256i a = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256i kv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(kr + 32 * c)), qs[c]);
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(qa[c], kv), ones));
+    }
+    const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    const __m128i q2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+    p[j] = (float)_mm_cvtsi128_si32(_mm_add_epi32(q2, _mm_shuffle_epi32(q2, _MM_SHUFFLE(2, 3, 0, 1)))) * dk[j] * scale;
   }
   return j;
 #else

@@ -82,3 +82,40 @@ def test_bench_prompt_is_text_as_typed(tmp_path, monkeypatch, prompt):
                                       "--prompt", prompt, "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["prompt"] == prompt
+
+
+def test_bench_times_several_prompt_lengths_in_turn_and_reports_each_against_the_shortest(tmp_path, monkeypatch):
+    from runner import pipeline
+
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    lengths = []
+    generate = pipeline.generate
+
+    def spy(built, prompt, *args, **kwargs):
+        lengths.append(len(prompt))
+        return generate(built, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", spy)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "3", "--tokens", "4",
+                                      "--prompt-tokens", "5,40", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    # A warm-up of each length, then the timed runs alternate: both lengths see the same minutes.
+    assert lengths == [5, 40] + [5, 40] * 3
+    data = json.loads(out.read_text())
+    assert data["prompt_tokens"] == [5, 40]
+    rows = data["results"]
+    assert [r["prompt_tokens"] for r in rows] == [5, 40] and [r["label"] for r in rows] == [
+        "tiny-random threads=1 @5", "tiny-random threads=1 @40"]
+    assert all(len(r["decode_tokens_per_s"]) == 3 for r in rows)
+    ratio = data["decode_over_shortest_prompt"]["tiny-random threads=1"]
+    assert ratio["5"] == 1.0 and ratio["40"] == pytest.approx(rows[1]["decode_tokens_per_s_median"]
+                                                                / rows[0]["decode_tokens_per_s_median"])
+    assert "decode after 40 prompt tokens" in result.output and "of after 5" in result.output
+
+
+@pytest.mark.parametrize("bad", ["0", "5,x", "5,5", "-3"])
+def test_bench_refuses_prompt_lengths_that_are_not_different_positive_numbers(tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "--prompt-tokens", bad])
+    assert result.exit_code == 2 and "--prompt-tokens" in result.output and "Traceback" not in result.output

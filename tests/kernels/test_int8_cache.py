@@ -170,7 +170,9 @@ def test_a_model_on_an_int8_cache_agrees_with_its_reference_and_stays_near_a_flo
         out += [model(tokens[:, i:i + 1], torch.arange(i, i + 1)) for i in range(150, 200)]
         logits[name] = torch.cat(out, dim=1).double()
     scale = logits["float"].abs().max()
-    rounding = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 activations round differently on each path
+    # The paths' activations differ by float rounding (bf16's a lot more), and where a key, value or
+    # query sits near a midpoint of its int8 grid that moves it by a whole step (1/127 of its row's largest).
+    rounding = 2e-3 if dtype == torch.float32 else 3e-2
     assert (logits["kernels"] - logits["torch"]).abs().max() <= rounding * scale
     assert (logits["torch"] - logits["float"]).abs().max() <= 0.05 * scale
 
