@@ -397,8 +397,8 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
     for recipe_label, by_length in ratios.items():
         shortest = min(by_length)
         report.line(f"{recipe_label}: decode after " + ", ".join(
-            f"{n} prompt tokens {ratio:.2f}" for n, ratio in by_length.items() if n != shortest)
-            + f" of after {shortest}")
+            f"{n} prompt tokens {ratio['median']:.2f} (best runs {ratio['best']:.2f})"
+            for n, ratio in by_length.items() if n != shortest) + f" of after {shortest}")
     if plot_path:
         measure.plot(rows, plot_path, caption)
     if json_path:
