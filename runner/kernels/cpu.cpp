@@ -1474,58 +1474,87 @@ void weighted_values(const float* w, const V* v, int64_t hd, int64_t n, float* o
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-// The same for int8 rows of Blocks x 32 dimensions and n <= 64 weights >= 0, on vpdpwssd: the
-// weights as int16 (scale max w / 32767: each off by at most 1/65534 of the largest, where bf16
-// would be off by 1/512 of itself), two positions an instruction, rows j and j + 1 interleaved
-// into (v[j][d], v[j + 1][d]) word pairs. In int32 a sum stays under 32 x 2 x 32767 x 127 < 2^31.
-template <int Blocks>
-void weighted_values_int8(const float* w, const int8_t* v, int64_t n, float* out) {
-  const float top = largest(w, n);
-  if (!(top > 0.f)) {
-    std::fill(out, out + Blocks * 32, 0.f);
-    return;
+// The same for int8 rows of Blocks x 32 dimensions, n <= 64 positions and the weights (>= 0) of
+// Heads query heads at once (w[h * stride + j]: each row is read and widened once for them all),
+// on vpdpwssd: each head's weights as int16 (scale its largest / 32767: each off by at most
+// 1/65534 of the largest, where bf16 would be off by 1/512 of itself), two positions an
+// instruction, rows j and j + 1 interleaved into (v[j][d], v[j + 1][d]) word pairs. In int32 a sum
+// stays under 32 x 2 x 32767 x 127 < 2^31.
+template <int Blocks, int Heads>
+void weighted_values_int8(const float* w, int64_t stride, const int8_t* v, int64_t n, float* const* out) {
+  alignas(64) int16_t w16[Heads][64 + 2] = {};
+  float down[Heads];
+  for (int h = 0; h < Heads; ++h) {
+    const float top = largest(w + h * stride, n);
+    down[h] = top > 0.f ? top / 32767.f : 0.f;
+    const float up = top > 0.f ? 32767.f / top : 0.f;
+    for (int64_t j = 0; j < n; ++j) w16[h][j] = (int16_t)std::nearbyint(w[h * stride + j] * up);
   }
-  alignas(64) int16_t w16[64 + 2] = {};
-  const float up = 32767.f / top;
-  for (int64_t j = 0; j < n; ++j) w16[j] = (int16_t)std::nearbyint(w[j] * up);
-  __m512i lo[Blocks], hi[Blocks];
-  for (int b = 0; b < Blocks; ++b) lo[b] = hi[b] = _mm512_setzero_si512();
+  __m512i lo[Heads][Blocks], hi[Heads][Blocks];
+  for (int h = 0; h < Heads; ++h)
+    for (int b = 0; b < Blocks; ++b) lo[h][b] = hi[h][b] = _mm512_setzero_si512();
   for (int64_t j = 0; j < n; j += 2) {
-    int32_t pair;
-    std::memcpy(&pair, w16 + j, sizeof pair);  // w16[n] is 0 when n is odd: row j stands in for j + 1
-    const __m512i wp = _mm512_set1_epi32(pair);
     const int8_t* r0 = v + j * Blocks * 32;
-    const int8_t* r1 = j + 1 < n ? r0 + Blocks * 32 : r0;
+    const int8_t* r1 = j + 1 < n ? r0 + Blocks * 32 : r0;  // w16[h][n] is 0 when n is odd
     ahead(r0, 2 * Blocks * 32);
+    __m512i pairs[Heads];
+    for (int h = 0; h < Heads; ++h) {
+      int32_t pair;
+      std::memcpy(&pair, w16[h] + j, sizeof pair);
+      pairs[h] = _mm512_set1_epi32(pair);
+    }
     for (int b = 0; b < Blocks; ++b) {
       const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r0 + 32 * b)));
       const __m512i c = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r1 + 32 * b)));
-      lo[b] = _mm512_dpwssd_epi32(lo[b], _mm512_unpacklo_epi16(a, c), wp);
-      hi[b] = _mm512_dpwssd_epi32(hi[b], _mm512_unpackhi_epi16(a, c), wp);
+      const __m512i l = _mm512_unpacklo_epi16(a, c), u = _mm512_unpackhi_epi16(a, c);
+      for (int h = 0; h < Heads; ++h) {
+        lo[h][b] = _mm512_dpwssd_epi32(lo[h][b], l, pairs[h]);
+        hi[h][b] = _mm512_dpwssd_epi32(hi[h][b], u, pairs[h]);
+      }
     }
   }
   // Per 128-bit lane L, lo holds dimensions 8L..8L+3 and hi 8L+4..8L+7: back into order.
   const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-  const __m512 down = _mm512_set1_ps(top / 32767.f);
-  for (int b = 0; b < Blocks; ++b) {
-    const __m512 l = _mm512_cvtepi32_ps(lo[b]), h = _mm512_cvtepi32_ps(hi[b]);
-    _mm512_storeu_ps(out + 32 * b, _mm512_mul_ps(_mm512_permutex2var_ps(l, first, h), down));
-    _mm512_storeu_ps(out + 32 * b + 16, _mm512_mul_ps(_mm512_permutex2var_ps(l, second, h), down));
+  for (int h = 0; h < Heads; ++h) {
+    const __m512 scale = _mm512_set1_ps(down[h]);
+    for (int b = 0; b < Blocks; ++b) {
+      const __m512 l = _mm512_cvtepi32_ps(lo[h][b]), u = _mm512_cvtepi32_ps(hi[h][b]);
+      _mm512_storeu_ps(out[h] + 32 * b, _mm512_mul_ps(_mm512_permutex2var_ps(l, first, u), scale));
+      _mm512_storeu_ps(out[h] + 32 * b + 16, _mm512_mul_ps(_mm512_permutex2var_ps(l, second, u), scale));
+    }
+  }
+}
+
+// Up to four heads of 32 or 64 dimensions a pass, two of 128 (the sums stay in registers).
+template <int Blocks>
+void weighted_values_int8_heads(const float* w, int64_t stride, int64_t heads, const int8_t* v, int64_t n,
+                                float* const* out) {
+  constexpr int kMost = Blocks > 2 ? 2 : 4;
+  for (int64_t h = 0; h < heads; h += kMost) {
+    const float* wh = w + h * stride;
+    switch (std::min<int64_t>(kMost, heads - h)) {
+      case 1: weighted_values_int8<Blocks, 1>(wh, stride, v, n, out + h); break;
+      case 2: weighted_values_int8<Blocks, 2>(wh, stride, v, n, out + h); break;
+      case 3: if constexpr (kMost > 2) weighted_values_int8<Blocks, 3>(wh, stride, v, n, out + h); break;
+      default: if constexpr (kMost > 2) weighted_values_int8<Blocks, 4>(wh, stride, v, n, out + h); break;
+    }
   }
 }
 #endif
 
-inline void weighted_values_int8(const float* w, const int8_t* v, int64_t hd, int64_t n, float* out) {
+// out[h][d] = sum_j w[h * stride + j] v[j][d] for `heads` heads' weights over the same int8 rows.
+inline void weighted_values_int8(const float* w, int64_t stride, int64_t heads, const int8_t* v, int64_t hd, int64_t n,
+                                 float* const* out) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
   switch (hd) {
-    case 32: return weighted_values_int8<1>(w, v, n, out);
-    case 64: return weighted_values_int8<2>(w, v, n, out);
-    case 128: return weighted_values_int8<4>(w, v, n, out);
+    case 32: return weighted_values_int8_heads<1>(w, stride, heads, v, n, out);
+    case 64: return weighted_values_int8_heads<2>(w, stride, heads, v, n, out);
+    case 128: return weighted_values_int8_heads<4>(w, stride, heads, v, n, out);
     default: break;
   }
 #endif
-  weighted_values(w, v, hd, n, out);
+  for (int64_t h = 0; h < heads; ++h) weighted_values(w + h * stride, v, hd, n, out[h]);
 }
 
 // A few tokens' attention (decode, verify): B rows of `count` tokens each; row b's token t sits at
@@ -1594,9 +1623,11 @@ struct FewTokens {
     std::vector<T> qh;
     std::vector<float> qf, p, dq;
     std::vector<int8_t> q8;
+    std::vector<float*> outs;  // an int8 cache's weighted sums, per query head
     int64_t queries = -1;  // t * KVH + g of those queries
     Scratch(const FewTokens& a)
-        : qh(a.H / a.KVH * a.hd), qf(a.H / a.KVH * a.hd), p(kChunk), dq(a.H / a.KVH), q8(a.H / a.KVH * a.hd) {}
+        : qh(a.H / a.KVH * a.hd), qf(a.H / a.KVH * a.hd), p(a.H / a.KVH * kChunk), dq(a.H / a.KVH),
+          q8(a.H / a.KVH * a.hd), outs(a.H / a.KVH) {}
   };
 
   // Chunk c of token t's visible positions (a sliding window's last `window` of them), for every
@@ -1610,7 +1641,6 @@ struct FewTokens {
     const int64_t at = row + g * L + start;  // the chunk's first position in the cache
     const T* kh = kc + at * hd;
     const T* vh = vc + at * hd;
-    float* p = s.p.data();
     if (s.queries != t * KVH + g) {
       s.queries = t * KVH + g;
       for (int64_t i = 0; i < group; ++i) {
@@ -1622,6 +1652,7 @@ struct FewTokens {
     }
     for (int64_t i = 0; i < group; ++i) {
       float* part = parts + ((t * H + g * group + i) * C + c) * (hd + 2);
+      float* p = s.p.data() + (kq != nullptr ? i * kChunk : 0);  // an int8 cache keeps each head's weights
       if (n <= 0) {  // a shorter token's chunk past its last position
         part[0] = -INFINITY, part[1] = 0.f;
         std::fill(part + 2, part + 2 + hd, 0.f);
@@ -1650,10 +1681,10 @@ struct FewTokens {
       float total = hsum(sums);
       for (; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
       part[0] = top, part[1] = total;
-      if (kq != nullptr) {
+      if (kq != nullptr) {  // each position's weight times its values' scale; the sums after every head's
         for (j = 0; j + kLanes <= n; j += kLanes) vstore(p + j, vload(p + j) * vload(vs + at + j));
-        for (; j < n; ++j) p[j] *= vs[at + j];  // each position's weight times its values' scale
-        weighted_values_int8(p, vq + at * hd, hd, n, part + 2);
+        for (; j < n; ++j) p[j] *= vs[at + j];
+        s.outs[i] = part + 2;
         continue;
       }
 #if defined(__AVX512BW__)
@@ -1662,6 +1693,8 @@ struct FewTokens {
 #endif
       weighted_values(p, vh, hd, n, part + 2);
     }
+    // The group's heads in one pass over the chunk's int8 values (a short token's chunk has none).
+    if (kq != nullptr && n > 0) weighted_values_int8(s.p.data(), kChunk, group, vq + at * hd, hd, n, s.outs.data());
   }
 
   // Query head i (token i / H, head i % H): its chunks' partials merged, rescaled to the largest
