@@ -41,6 +41,8 @@ def model_for(moe: bool, ops: str, dtype=torch.float32) -> Transformer:
 
 
 MODELS = {(moe, ops): model_for(moe, ops) for moe in (False, True) for ops in ("torch", "kernels")}
+INT8_CACHE = model_for(False, "kernels")
+INT8_CACHE.int8_cache = True  # quant.kv_cache: int8, rows of one cache with their own scales
 
 
 @st.composite
@@ -96,6 +98,17 @@ def test_on_runner_kernels_a_rows_logits_do_not_depend_on_its_batch(schedule, mo
     tokens, logits = run_batched(model, prompts, joins)
     for i, prompt in enumerate(prompts):
         alone = logits_alone(model, prompt, tokens[i])[1:]  # the decode steps (the prefill is one row anyway)
+        assert torch.equal(torch.stack(logits[i]), alone), i
+
+
+@settings(max_examples=10, deadline=None)
+@given(schedules())
+def test_over_an_int8_cache_a_rows_logits_do_not_depend_on_its_batch(schedule):
+    prompts, joins = schedule
+    tokens, logits = run_batched(INT8_CACHE, prompts, joins)
+    assert INT8_CACHE.layers[0].attention.kv_cache.k.dtype == torch.int8
+    for i, prompt in enumerate(prompts):
+        alone = logits_alone(INT8_CACHE, prompt, tokens[i])[1:]
         assert torch.equal(torch.stack(logits[i]), alone), i
 
 

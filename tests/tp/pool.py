@@ -43,6 +43,7 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
         quant.quantize(model, QuantSection(mode=QuantMode(mode), groupsize=groupsize))
     if world_size > 1:
         sharders.shard(model, rank, world_size, torch.distributed.group.WORLD)
+    model.int8_cache = bool(job.get("int8_cache"))  # quant.kv_cache: int8, each rank its own kv heads
     model.setup_cache(1, spec.max_seq_len)
     return model
 
