@@ -33,6 +33,8 @@
 //   causal_attention(q [1, H, T, hd], k_cache, v_cache, pos [T], window) -> [1, T, H * hd]
 //                                                        a prompt's causal (sliding-window) GQA
 //                                                        attention over the cache, block by block
+//   attend, rope_write, causal_attention and decode_layers also take an int8 cache: int8 k_cache
+//   and v_cache with their fp32 scales [B, n_kv_heads, L] (k_scales, v_scales; quant.kv_cache)
 //
 // Each rounds where the torch reference (runner/model/functional.py) rounds, so bf16 results
 // stay within a rounding step of it; tests/kernels compare them.
