@@ -36,7 +36,6 @@ class Figures:
     baselines: dict[str, float] = field(default_factory=dict)  # --vs name -> its decode tokens/s
     baseline_prefill: dict[str, float] = field(default_factory=dict)  # --vs name -> its prompt tokens/s
     prompt_tokens: int = 0
-    recipe: str = ""  # the recipe's label, shared by its rows at several prompt lengths
     matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
     gemm_gflop_s: float = 0.0  # torch's GEMM rate in this recipe's dtype (--roofline); 0: not measured
     rank_peak_memory_bytes: list[int] = field(default_factory=list)  # tensor parallelism: each rank's peak RSS
@@ -108,11 +107,12 @@ def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens:
     for n in sorted(cut, reverse=True):
         pipeline.fit_prompt(built, cut[n], recipe_file)
     prompts = [cut[n] for n in prompt_tokens] or [pipeline.encode_prompt(built, recipe_file)]
-    rows = [Figures(f"{label} @{len(p)}" if len(prompts) > 1 else label, prompt_tokens=len(p), recipe=label)
-            for p in prompts]
+    rows = [Figures(f"{label} @{len(p)}" if len(prompts) > 1 else label, prompt_tokens=len(p)) for p in prompts]
+    compiled = 0.0  # seconds, so far: warm_up reports the compiled steps' total
     for figures, prompt in zip(rows, prompts):
-        figures.compile_seconds = pipeline.warm_up(built, prompt)
-        if not figures.compile_seconds:
+        total = pipeline.warm_up(built, prompt)
+        figures.compile_seconds, compiled = total - compiled, total
+        if not total:
             pipeline.generate(built, prompt)  # warm caches and allocator
     show = bar(f"bench: {label}: timed runs") if bar else (lambda done, total: None)
     for i in range(runs):
@@ -131,20 +131,15 @@ def measure(recipe: Recipe, recipe_file: str, label: str, runs: int, new_tokens:
     return rows, built, prompts
 
 
-def context_ratios(rows: list[Figures]) -> dict[str, dict[int, dict[str, float]]]:
-    """For each recipe timed at several prompt lengths: its decode speed after each length over that
+def context_ratios(label: str, rows: list[Figures]) -> dict:
+    """One recipe's rows at several prompt lengths: its decode speed after each length over that
     after the shortest, of the medians and of the best runs (on a machine whose speed swings from
-    minute to minute, the best runs are the ones least disturbed), {recipe: {prompt tokens:
-    {"median": ratio, "best": ratio}}}."""
-    out: dict[str, dict[int, dict[str, float]]] = {}
-    for recipe in dict.fromkeys(r.recipe for r in rows):
-        mine = [r for r in rows if r.recipe == recipe]
-        if len(mine) > 1:
-            shortest = min(mine, key=lambda r: r.prompt_tokens)
-            out[recipe] = {r.prompt_tokens: {"median": r.median / shortest.median,
-                                             "best": max(r.decode_tokens_per_s) / max(shortest.decode_tokens_per_s)}
-                           for r in mine}
-    return out
+    minute to minute, the best runs are the least disturbed): {"recipe": label, "ratios":
+    {prompt tokens: {"median": ratio, "best": ratio}}}."""
+    shortest = min(rows, key=lambda r: r.prompt_tokens)
+    return {"recipe": label, "ratios": {
+        r.prompt_tokens: {"median": r.median / shortest.median,
+                          "best": max(r.decode_tokens_per_s) / max(shortest.decode_tokens_per_s)} for r in rows}}
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:

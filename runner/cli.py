@@ -349,7 +349,7 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
     report = Reporter()
     ceiling = measure.read_bandwidth() if roofline else None
     gemm_rates: dict = {}  # dtype -> torch's GEMM GFLOP/s, measured once per dtype
-    rows = []
+    rows, ratios = [], []  # ratios: each recipe's decode after each prompt length over after the shortest
     for path, more, recipe in jobs:
         label = " ".join([Path(path).stem, *overrides, *more])
         report.note(f"bench: {label}")
@@ -371,6 +371,8 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
             for figures in timed:
                 figures.gemm_gflop_s = gemm_rates[dtype]
         rows += timed
+        if len(timed) > 1:
+            ratios.append(measure.context_ratios(label, timed))
         baseline_runs = max(1, runs // 2)
         for name in dict.fromkeys(versus):
             report.note(f"bench: {measure.BASELINES[name]} on the same weights")
@@ -393,12 +395,11 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
                + (f", read bandwidth {ceiling:.1f} GB/s" if ceiling else ""))
     report.line(caption)
     report.line(measure.table(rows, ceiling))
-    ratios = measure.context_ratios(rows)
-    for recipe_label, by_length in ratios.items():
-        shortest = min(by_length)
-        report.line(f"{recipe_label}: decode after " + ", ".join(
+    for each in ratios:
+        shortest = min(each["ratios"])
+        report.line(f"{each['recipe']}: decode after " + ", ".join(
             f"{n} prompt tokens {ratio['median']:.2f} (best runs {ratio['best']:.2f})"
-            for n, ratio in by_length.items() if n != shortest) + f" of after {shortest}")
+            for n, ratio in each["ratios"].items() if n != shortest) + f" of after {shortest}")
     if plot_path:
         measure.plot(rows, plot_path, caption)
     if json_path:

@@ -1354,20 +1354,22 @@ float quantize_row(const T* x, int64_t n, int8_t* q) {
   }
   const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and taking it away rounds to an integer, ties to even
   for (i = 0; i + kLanes <= n; i += kLanes) {
-    const vi r = __builtin_convertvector((vload(x + i) / splat(d) + magic) - magic, vi);
+    vi r = __builtin_convertvector((vload(x + i) / splat(d) + magic) - magic, vi);
+    r = r > 127 ? 127 : r;  // only a subnormal d reaches past 127
+    r = r < -127 ? -127 : r;
     for (int l = 0; l < kLanes; ++l) q[i + l] = (int8_t)r[l];
   }
   for (; i < n; ++i) q[i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d)));
   return d;
 }
 
-// p[j] = scale dk[j] (q . k_j) for int8 q and cache rows k; returns how many positions it did.
-// AVX512-VNNI: vpdpbusd takes unsigned bytes times signed ones, so the keys are moved up by 128
-// (a xor of the sign bits) and 128 sum(q) taken away after; a head of 64 is one instruction a
-// position, sixteen positions summed by one transpose.
-inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale,
-                                float* p) {
+// p[j] = scale dk[j] (q . k_j) for int8 q and cache rows k, for heads of whole 64s (else none);
+// returns how many positions it did. vpdpbusd takes unsigned bytes times signed ones, so the keys
+// are moved up by 128 (a xor of the sign bits) and 128 sum(q) taken away after; a head of 64 is
+// one instruction a position, sixteen positions summed by one transpose.
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+inline int64_t scores_int8_vnni(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale,
+                                float* p) {
   constexpr int kMaxChunks = 4;  // head_dim up to 256, 64 bytes a chunk
   const int64_t chunks = hd / 64;
   if (hd % 64 != 0 || chunks > kMaxChunks) return 0;
@@ -1399,9 +1401,15 @@ inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* d
     p[j] = (float)(_mm512_reduce_add_epi32(a) - 128 * qsum) * dk[j] * scale;
   }
   return j;
-#elif defined(__AVX2__)
-  // vpmaddubsw multiplies unsigned by signed bytes: |q| times k with q's sign (no pair can
-  // saturate: 2 x 127 x 127 < 2^15). Eight positions summed by horizontal adds.
+}
+#endif
+
+#if defined(__AVX2__)
+// The same on AVX2 (and on AVX-512 for heads that are not whole 64s): vpmaddubsw multiplies
+// unsigned by signed bytes, so |q| times k with q's sign (no pair can saturate: 2 x 127 x 127 <
+// 2^15). Eight positions summed by horizontal adds.
+inline int64_t scores_int8_avx2(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale,
+                                float* p) {
   constexpr int kMaxChunks = 8;
   const int64_t chunks = hd / 32;
   if (hd % 32 != 0 || chunks > kMaxChunks) return 0;
@@ -1442,13 +1450,20 @@ inline int64_t scores_int8_fast(const int8_t* q, const int8_t* k, const float* d
     p[j] = (float)_mm_cvtsi128_si32(_mm_add_epi32(q2, _mm_shuffle_epi32(q2, _MM_SHUFFLE(2, 3, 0, 1)))) * dk[j] * scale;
   }
   return j;
-#else
-  return 0;
-#endif
 }
+#endif
 
+// p[j] = scale dk[j] (q . k_j) for int8 q and cache rows k: the widest path this build has for the
+// head size, a portable loop for the rest.
 inline void scores_int8(const int8_t* q, const int8_t* k, const float* dk, int64_t hd, int64_t n, float scale, float* p) {
-  for (int64_t j = scores_int8_fast(q, k, dk, hd, n, scale, p); j < n; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  j = scores_int8_vnni(q, k, dk, hd, n, scale, p);
+#endif
+#if defined(__AVX2__)
+  if (j == 0) j = scores_int8_avx2(q, k, dk, hd, n, scale, p);
+#endif
+  for (; j < n; ++j) {
     int32_t a = 0;
     for (int64_t d = 0; d < hd; ++d) a += (int32_t)q[d] * k[j * hd + d];
     p[j] = (float)a * dk[j] * scale;
@@ -1489,8 +1504,8 @@ void weighted_values_int8(const float* w, int64_t stride, const int8_t* v, int64
   for (int h = 0; h < Heads; ++h) {
     const float top = largest(w + h * stride, n);
     down[h] = top > 0.f ? top / 32767.f : 0.f;
-    const float up = top > 0.f ? 32767.f / top : 0.f;
-    for (int64_t j = 0; j < n; ++j) w16[h][j] = (int16_t)std::nearbyint(w[h * stride + j] * up);
+    if (top > 0.f)  // w / top <= 1 (32767 / top would overflow for a top under 1e-34)
+      for (int64_t j = 0; j < n; ++j) w16[h][j] = (int16_t)std::nearbyint(w[h * stride + j] / top * 32767.f);
   }
   __m512i lo[Heads][Blocks], hi[Heads][Blocks];
   for (int h = 0; h < Heads; ++h)
@@ -1641,8 +1656,8 @@ struct FewTokens {
     const int64_t row = (t / count) * KVH * L, group = H / KVH;
     const float scale = 1.f / std::sqrt((float)hd);
     const int64_t at = row + g * L + start;  // the chunk's first position in the cache
-    const T* kh = kc + at * hd;
-    const T* vh = vc + at * hd;
+    const T* kh = kq == nullptr ? kc + at * hd : nullptr;
+    const T* vh = kq == nullptr ? vc + at * hd : nullptr;
     if (s.queries != t * KVH + g) {
       s.queries = t * KVH + g;
       for (int64_t i = 0; i < group; ++i) {
@@ -2170,6 +2185,7 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       return;
     }
     // An int8 cache: the positions any query sees, read as the model's dtype, for the same kernel.
+    if (count == 0) return;
     const int64_t n = *std::max_element(pos, pos + count) + 1;
     auto k = at::empty({KVH, n, hd}, q.options()), v = at::empty({KVH, n, hd}, q.options());
     dequantize_cache(k_cache.const_data_ptr<int8_t>(), k_scales->const_data_ptr<float>(), KVH, L, n, hd,

@@ -17,6 +17,7 @@ def test_bench_writes_a_table_and_json_with_the_hf_ratio(tmp_path, monkeypatch):
                                       "threads=1", "--runs", "2", "--tokens", "8", "--vs", "hf", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.count("| tiny-random dtype=bfloat16 threads=1 |") == 2
+    assert "decode after" not in result.output  # one prompt length: no context ratio, twin labels or not
     data = json.loads(out.read_text())
     assert len(data["results"]) == 2
     for row in data["results"]:
@@ -99,6 +100,7 @@ def test_bench_times_several_prompt_lengths_in_turn_and_reports_each_against_the
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "3", "--tokens", "4",
                                       "--prompt-tokens", "5,40", "--json", str(out)])
+    assert result.output.count("decode after 40 prompt tokens") == 1
     assert result.exit_code == 0, result.output
     # A warm-up of each length, then the timed runs alternate: both lengths see the same minutes.
     assert lengths == [5, 40] + [5, 40] * 3
@@ -108,7 +110,8 @@ def test_bench_times_several_prompt_lengths_in_turn_and_reports_each_against_the
     assert [r["prompt_tokens"] for r in rows] == [5, 40] and [r["label"] for r in rows] == [
         "tiny-random threads=1 @5", "tiny-random threads=1 @40"]
     assert all(len(r["decode_tokens_per_s"]) == 3 for r in rows)
-    ratio = data["decode_over_shortest_prompt"]["tiny-random threads=1"]
+    assert [r["recipe"] for r in data["decode_over_shortest_prompt"]] == ["tiny-random threads=1"]
+    ratio = data["decode_over_shortest_prompt"][0]["ratios"]
     assert ratio["5"] == {"median": 1.0, "best": 1.0}
     assert ratio["40"]["median"] == pytest.approx(rows[1]["decode_tokens_per_s_median"]
                                                   / rows[0]["decode_tokens_per_s_median"])

@@ -177,6 +177,33 @@ def test_a_model_on_an_int8_cache_agrees_with_its_reference_and_stays_near_a_flo
     assert (logits["torch"] - logits["float"]).abs().max() <= 0.05 * scale
 
 
+@settings(max_examples=10, deadline=None)
+@given(dtype=DTYPES, lengths=st.lists(st.integers(1, 90), min_size=2, max_size=3), seed=seeds)
+@torch.no_grad()
+def test_batch_rows_at_their_own_positions_over_an_int8_cache_agree_with_the_reference(dtype, lengths, seed):
+    # Rows of a batch, each prefilled alone to its own length, then decoded together at per-row
+    # positions [B, 1]: runner's kernels against the torch reference, both over int8 caches.
+    torch.manual_seed(seed)
+    model = Transformer(SPEC)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    model = model.to(dtype)
+    model.int8_cache = True
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, SPEC.vocab_size, (1, n), generator=g) for n in lengths]
+    steps = torch.randint(0, SPEC.vocab_size, (len(lengths), 6), generator=g)
+    logits = {}
+    for name, ops in (("kernels", kernels.KernelOps), ("torch", fn)):
+        model.use_ops(ops)
+        model.setup_cache(len(lengths), 100)
+        for row, prompt in enumerate(prompts):
+            model(prompt, torch.arange(prompt.shape[1]), row=row)
+        out = [model(steps[:, i:i + 1], torch.tensor(lengths)[:, None] + i) for i in range(steps.shape[1])]
+        logits[name] = torch.cat(out, dim=1).double()
+    rounding = 2e-3 if dtype == torch.float32 else 3e-2  # as above: a value moved by a whole int8 step
+    assert (logits["kernels"] - logits["torch"]).abs().max() <= rounding * logits["torch"].abs().max()
+
+
 def test_the_recipe_key_sets_up_int8_caches_for_the_model_and_its_draft(tmp_path, monkeypatch):
     # Speculative greedy decoding over int8 caches gives plain greedy decoding's tokens; the
     # draft's cache follows draft.quant.kv_cache, not the target's key.

@@ -43,6 +43,11 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
         quant.quantize(model, QuantSection(mode=QuantMode(mode), groupsize=groupsize))
     if world_size > 1:
         sharders.shard(model, rank, world_size, torch.distributed.group.WORLD)
+    if job.get("kernels"):  # runner's CPU kernels (each layer's own calls: the all-reduce sits between them)
+        from runner import kernels
+
+        kernels.load()
+        model.use_ops(kernels.KernelOps)
     model.int8_cache = bool(job.get("int8_cache"))  # quant.kv_cache: int8, each rank its own kv heads
     model.setup_cache(1, spec.max_seq_len)
     return model
