@@ -280,7 +280,7 @@ def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
         operands = block.kernel_operands(dtype)
         attention = block.attention
         cache = attention.kv_cache
-        if operands is None or cache is None or cache.dtype != dtype or cache.quantized != model.layers[0].attention.kv_cache.quantized:
+        if operands is None or cache is None or cache.dtype != dtype:
             return None
         linears, sizes, flags = operands
         norms += [block.attention_norm.weight, block.ffn_norm.weight]
@@ -290,8 +290,9 @@ def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
         groupsizes += sizes
         int8_x += [int(flag) for flag in flags]
         kv_caches.append(cache)
-    first = model.layers[0]
-    scales = first.attention.kv_cache.quantized
+    if len({cache.quantized for cache in kv_caches}) > 1:  # int8 caches beside float ones: each layer on its own
+        return None
+    first, scales = model.layers[0], kv_caches[0].quantized
     return _LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
                        [c.k_scales for c in kv_caches] if scales else [], [c.v_scales for c in kv_caches] if scales else [],
                        first.attention_norm.eps, first.attention.n_heads, first.attention.n_kv_heads,

@@ -454,6 +454,37 @@ void dot_rows_i4_bf16(const BFloat16* const xs[4], const float* firsts, const fl
 }
 #endif
 
+// x [n] -> q [n] and its scale d = max|x| / 127, q = x / d rounded half to even: what
+// runner.model.functional.quantize_rows computes (a division, as there, so the same integers).
+// Vectors of x at a time: a decode step quantizes every int8 activation group, and with an int8
+// KV cache every new key, value and query.
+template <typename T>
+float quantize_row(const T* x, int64_t n, int8_t* q) {
+  vf tops{};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf v = (vf)((vu)vload(x + i) & 0x7FFFFFFFu);
+    tops = v > tops ? v : tops;
+  }
+  float top = 0.f;
+  for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
+  for (int64_t j = i; j < n; ++j) top = std::max(top, std::fabs(widen(x[j])));
+  const float d = top / 127.f;
+  if (!(d > 0.f)) {
+    std::fill(q, q + n, (int8_t)0);
+    return d;
+  }
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and taking it away rounds to an integer, ties to even
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    vi r = __builtin_convertvector((vload(x + i) / splat(d) + magic) - magic, vi);
+    r = r > 127 ? 127 : r;  // only a subnormal d reaches past 127
+    r = r < -127 ? -127 : r;
+    for (int l = 0; l < kLanes; ++l) q[i + l] = (int8_t)r[l];
+  }
+  for (; i < n; ++i) q[i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d)));
+  return d;
+}
+
 // --- int4 weights against int8 activations (quant.activations: int8) ------------------------------
 // x is quantized per group of the weights' gs columns, q = rne(x / d) with d = max|x| / 127, and
 // kept as its even and odd columns (a weight byte's low and high level), padded to whole steps of
@@ -786,31 +817,17 @@ class Gemv {
     dl_.assign(M_ * half_ / 4, 0.f);
     starts_.assign(M_ * half_ / 4, 0);
     sums_.resize(M_ * G);
-    const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and taking it away rounds to an integer, ties to even
+    std::vector<int8_t> q(gs);
     for (int64_t m = 0; m < M_; ++m) {
       int8_t* even = xq8_.data() + m * 2 * half_;
       int8_t* odd = even + half_;
       for (int64_t g = 0; g < G; ++g) {
-        const T* xs = x_ + m * K + g * gs;
-        vf top{};
-        for (int64_t k = 0; k < gs; k += kLanes) {
-          const vf v = (vf)((vu)vload(xs + k) & 0x7FFFFFFFu);
-          top = v > top ? v : top;
-        }
-        float amax = 0.f;
-        for (int i = 0; i < kLanes; ++i) amax = std::max(amax, top[i]);
-        const float d = amax / 127.f;
-        vi total{};
-        for (int64_t k = 0; d > 0.f && k < gs; k += kLanes) {
-          const vi q = __builtin_convertvector((vload(xs + k) / splat(d) + magic) - magic, vi);
-          total += q;
-          for (int i = 0; i < kLanes; i += 2) {
-            even[(g * gs + k + i) / 2] = (int8_t)q[i];
-            odd[(g * gs + k + i) / 2] = (int8_t)q[i + 1];
-          }
-        }
+        const float d = quantize_row(x_ + m * K + g * gs, gs, q.data());
         int32_t sum = 0;
-        for (int i = 0; i < kLanes; ++i) sum += total[i];
+        for (int64_t k = 0; k < gs; k += 2) {
+          even[(g * gs + k) / 2] = q[k], odd[(g * gs + k) / 2] = q[k + 1];
+          sum += q[k] + q[k + 1];
+        }
         std::fill_n(dl_.data() + m * half_ / 4 + g * gs / 8, gs / 8, d);
         starts_[m * half_ / 4 + g * gs / 8] = -8 * sum;
         sums_[m * G + g] = d * (float)sum;
@@ -1333,35 +1350,29 @@ inline float largest(const float* p, int64_t n) {
 
 // --- an int8 KV cache: keys and values int8 with a scale per position and key head ---------------
 
-// x [n] -> q [n] and its scale d = max|x| / 127, q = x / d rounded half to even: what
-// runner.model.functional.quantize_rows computes (a division, as there, so the same integers).
-// Vectors of x at a time: a decode step quantizes every new key, value and query.
+// A KV cache's rows: in T (k, v), or int8 (kq, vq) with their scales (ks, vs) [B, KVH, L].
 template <typename T>
-float quantize_row(const T* x, int64_t n, int8_t* q) {
-  vf tops{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const vf v = (vf)((vu)vload(x + i) & 0x7FFFFFFFu);
-    tops = v > tops ? v : tops;
+struct CacheRows {
+  T* k;
+  T* v;
+  int8_t* kq;
+  int8_t* vq;
+  float* ks;
+  float* vs;
+
+  // Key k (RoPE'd here; `rotated` holds hd values of scratch) and value v into row `at`.
+  void write(int64_t at, const T* k_in, const T* v_in, const float* cos, const float* sin, int64_t hd,
+             T* rotated) const {
+    if (kq == nullptr) {
+      rope(k_in, cos, sin, hd, k + at * hd);
+      std::copy(v_in, v_in + hd, v + at * hd);
+      return;
+    }
+    rope(k_in, cos, sin, hd, rotated);
+    ks[at] = quantize_row(rotated, hd, kq + at * hd);
+    vs[at] = quantize_row(v_in, hd, vq + at * hd);
   }
-  float top = 0.f;
-  for (int l = 0; l < kLanes; ++l) top = std::max(top, tops[l]);
-  for (int64_t j = i; j < n; ++j) top = std::max(top, std::fabs(widen(x[j])));
-  const float d = top / 127.f;
-  if (!(d > 0.f)) {
-    std::fill(q, q + n, (int8_t)0);
-    return d;
-  }
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and taking it away rounds to an integer, ties to even
-  for (i = 0; i + kLanes <= n; i += kLanes) {
-    vi r = __builtin_convertvector((vload(x + i) / splat(d) + magic) - magic, vi);
-    r = r > 127 ? 127 : r;  // only a subnormal d reaches past 127
-    r = r < -127 ? -127 : r;
-    for (int l = 0; l < kLanes; ++l) q[i + l] = (int8_t)r[l];
-  }
-  for (; i < n; ++i) q[i] = (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(widen(x[i]) / d)));
-  return d;
-}
+};
 
 // p[j] = scale dk[j] (q . k_j) for int8 q and cache rows k, for heads of whole 64s (else none);
 // returns how many positions it did. vpdpbusd takes unsigned bytes times signed ones, so the keys
@@ -1618,18 +1629,10 @@ struct FewTokens {
       const T* k = qkv + i * width() + H * hd;
       const T* v = k + KVH * hd;
       const int64_t row = (i / count) * KVH * L;
-      std::vector<T> rotated(kq != nullptr ? hd : 0);
-      for (int64_t g = 0; g < KVH; ++g) {
-        const int64_t at = row + g * L + pos[i];
-        if (kq != nullptr) {
-          rope(k + g * hd, cos, sin, hd, rotated.data());
-          ks[at] = quantize_row(rotated.data(), hd, kq + at * hd);
-          vs[at] = quantize_row(v + g * hd, hd, vq + at * hd);
-          continue;
-        }
-        rope(k + g * hd, cos, sin, hd, kc + at * hd);
-        std::copy(v + g * hd, v + (g + 1) * hd, vc + at * hd);
-      }
+      std::vector<T> rotated(kq != nullptr ? hd : 0);  // an int8 cache's scratch
+      for (int64_t g = 0; g < KVH; ++g)
+        CacheRows<T>{kc, vc, kq, vq, ks, vs}.write(row + g * L + pos[i], k + g * hd, v + g * hd, cos, sin, hd,
+                                                   rotated.data());
     }
   }
 
@@ -1663,8 +1666,10 @@ struct FewTokens {
       for (int64_t i = 0; i < group; ++i) {
         rope(qkv + t * width() + (g * group + i) * hd, cos_sin + t * 2 * hd, cos_sin + t * 2 * hd + hd, hd,
              s.qh.data() + i * hd);
-        for (int64_t d = 0; d < hd; ++d) s.qf[i * hd + d] = widen(s.qh[i * hd + d]);
-        if (kq != nullptr) s.dq[i] = quantize_row(s.qh.data() + i * hd, hd, s.q8.data() + i * hd);
+        if (kq != nullptr)
+          s.dq[i] = quantize_row(s.qh.data() + i * hd, hd, s.q8.data() + i * hd);
+        else
+          for (int64_t d = 0; d < hd; ++d) s.qf[i * hd + d] = widen(s.qh[i * hd + d]);
       }
     }
     for (int64_t i = 0; i < group; ++i) {
@@ -1767,18 +1772,9 @@ void rope_write_impl(const T* qkv, const float* cos_sin, T* kc, T* vc, T* q, con
       const float* sin = cos + hd;
       const T* row = qkv + t * width;
       for (int64_t h = 0; h < H; ++h) rope(row + h * hd, cos, sin, hd, q + (h * count + t) * hd);
-      for (int64_t g = 0; g < KVH; ++g) {
-        const int64_t at = g * L + pos[t];
-        const T* v = row + (H + KVH + g) * hd;
-        if (kq != nullptr) {
-          rope(row + (H + g) * hd, cos, sin, hd, rotated.data());
-          ks[at] = quantize_row(rotated.data(), hd, kq + at * hd);
-          vs[at] = quantize_row(v, hd, vq + at * hd);
-        } else {
-          rope(row + (H + g) * hd, cos, sin, hd, kc + at * hd);
-          std::copy(v, v + hd, vc + at * hd);
-        }
-      }
+      for (int64_t g = 0; g < KVH; ++g)
+        CacheRows<T>{kc, vc, kq, vq, ks, vs}.write(g * L + pos[t], row + (H + g) * hd, row + (H + KVH + g) * hd, cos,
+                                                   sin, hd, rotated.data());
     }
   });
 }

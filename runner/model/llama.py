@@ -81,10 +81,11 @@ class CacheRow:
     in the whole cache)."""
 
     update = _update
+    quantized = KVCache.quantized
 
     def __init__(self, cache: KVCache, index: "int | slice"):
         rows = index if isinstance(index, slice) else slice(index, index + 1)
-        self.dtype, self.quantized = cache.dtype, cache.quantized
+        self.dtype = cache.dtype
         self.k, self.v = cache.k[rows], cache.v[rows]
         self.k_scales, self.v_scales = (cache.k_scales[rows], cache.v_scales[rows]) if cache.quantized else (None, None)
 
