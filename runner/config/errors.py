@@ -21,6 +21,12 @@ class Problem:
         return " ".join(f"{where}: {self.message}{got}".splitlines())  # one line, whatever the message holds
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message, cut to its first line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def problem(source: str, key: str, message: str, *value) -> Problem:
     """A Problem; pass the offending value as a fourth argument to show it."""
     return Problem(source, key, message, value[0] if value else None, bool(value))

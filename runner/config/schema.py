@@ -31,6 +31,11 @@ class QuantMode(Enum):
     int4 = "int4"  # weight-only, asymmetric, a scale and a zero per quant.groupsize inputs
     int4_gptq = "int4-gptq"  # int4's layout, rounded by GPTQ on calibration activations
 
+    @property
+    def is_int4(self) -> bool:
+        """int4 or int4-gptq: the modes that store int4 levels in groups of quant.groupsize."""
+        return self in (QuantMode.int4, QuantMode.int4_gptq)
+
 
 class QuantOutput(Enum):
     """How the output (logits) layer is stored when the rest is quantized."""
@@ -181,7 +186,7 @@ class QuantSection:
 
     def problems(self) -> list[tuple[str, object, str]]:
         out = []
-        int4 = self.mode in (QuantMode.int4, QuantMode.int4_gptq)
+        int4 = self.mode.is_int4
         if int4 and self.groupsize not in INT4_GROUPSIZES:
             out.append(("groupsize", self.groupsize, f"must be one of {', '.join(map(str, INT4_GROUPSIZES))}"))
         if self.activations is not QuantActivations.float and not int4:
@@ -374,7 +379,7 @@ class Recipe:
         if self.draft.kind is DraftKind.model and draft is not None and draft.arch.vocab_size != self.model.arch.vocab_size:
             out.append(("draft.model.arch.vocab_size", draft.arch.vocab_size,
                         f"must equal the target's vocabulary (model.arch.vocab_size={self.model.arch.vocab_size})"))
-        int4 = self.quant.mode in (QuantMode.int4, QuantMode.int4_gptq)
+        int4 = self.quant.mode.is_int4
         out += [(f"parallel.{key}", value, why) for key, value, why in
                 tp_problems(self.model.arch, self.parallel.world_size, self.quant.groupsize if int4 else None)]
         kind = self.device.split(":")[0]

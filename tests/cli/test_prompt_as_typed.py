@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from runner.config.errors import ConfigError
 from runner.config.resolve import resolve
+from runner.recipes import load
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny-random.yaml")
@@ -48,23 +49,52 @@ def test_code_with_a_colon_runs_from_the_command_line():
 def test_a_prompt_file_is_read_as_it_is(tmp_path):
     text = "Q: why?\nA: because: {it} is [so] # really\n"
     (tmp_path / "p.txt").write_text(text)
-    assert resolve(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}"]).generate.prompt == text
+    assert load(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}"]).generate.prompt == text
+
+
+def test_resolve_keeps_the_prompt_file_unread(tmp_path):
+    (tmp_path / "p.txt").write_text("from the file")
+    recipe = resolve(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}"])
+    assert recipe.generate.prompt_file == str(tmp_path / "p.txt")
+    assert recipe.generate.prompt != "from the file"
+    # Nor does it look at the file: a missing one is for the reading step to report.
+    assert resolve(TINY, [f"generate.prompt_file={tmp_path / 'missing.txt'}"]).generate.prompt_file.endswith("missing.txt")
 
 
 def test_a_prompt_file_in_a_recipe_is_found_beside_it_and_a_command_line_prompt_wins(tmp_path):
     (tmp_path / "p.txt").write_text("from the file")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"base: {TINY}\ngenerate:\n  prompt_file: p.txt\n")
-    assert resolve(recipe).generate.prompt == "from the file"
-    assert resolve(recipe, ["generate.prompt=typed"]).generate.prompt == "typed"
+    assert load(recipe).generate.prompt == "from the file"
+    assert load(recipe, ["generate.prompt=typed"]).generate.prompt == "typed"
+    assert resolve(recipe, ["generate.prompt=typed"]).generate.prompt_file is None
+
+
+def test_a_command_line_prompt_file_wins_over_a_recipe_prompt(tmp_path):
+    (tmp_path / "p.txt").write_text("from the file")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {TINY}\ngenerate:\n  prompt: typed\n")
+    assert load(recipe, [f"generate.prompt_file={tmp_path / 'p.txt'}"]).generate.prompt == "from the file"
 
 
 def test_naming_both_in_one_place_or_a_missing_file_is_an_error(tmp_path):
     (tmp_path / "p.txt").write_text("x")
     with pytest.raises(ConfigError, match="generate.prompt_file: and generate.prompt are both set here"):
-        resolve(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}", "generate.prompt=y"])
+        load(TINY, [f"generate.prompt_file={tmp_path / 'p.txt'}", "generate.prompt=y"])
     with pytest.raises(ConfigError, match="generate.prompt_file: cannot read it"):
-        resolve(TINY, [f"generate.prompt_file={tmp_path / 'missing.txt'}"])
+        load(TINY, [f"generate.prompt_file={tmp_path / 'missing.txt'}"])
+
+
+def test_an_unreadable_prompt_file_is_blamed_on_the_file_that_names_it(tmp_path):
+    (tmp_path / "base.yaml").write_text(f"base: {TINY}\ngenerate:\n  prompt_file: missing.txt\n")
+    (tmp_path / "r.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "r.yaml")
+    [p] = info.value.problems
+    assert (p.source, p.key, p.value) == (str(tmp_path / "base.yaml"), "generate.prompt_file", str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "r.yaml", ["generate.prompt_file=nope.txt"])
+    assert info.value.problems[0].source == f"{tmp_path / 'r.yaml'} (command line)"
 
 
 def test_a_prompt_from_standard_input():

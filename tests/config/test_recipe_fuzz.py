@@ -240,7 +240,7 @@ def mutants(draw) -> Mutant:
 
 
 def _resolution_only(task, resolved, recipe, *args):
-    """`runner run` up to its last check before a model is built (see cli._on_ranks)."""
+    """`runner run` up to its last check before a model is built (see parallel.run)."""
     from runner import parallel
 
     parallel.check(resolved.parallel, resolved.device, recipe)
@@ -254,7 +254,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
     """
     out, err = io.StringIO(), io.StringIO()
     with (redirect_stdout(out), redirect_stderr(err), mock.patch("sys.stdin", io.StringIO("")),
-          mock.patch.object(cli_module, "_on_ranks", _resolution_only)):
+          mock.patch("runner.parallel.run", _resolution_only)):
         try:
             cli_module.main(list(args))
             code = 0

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from runner.config import resolve as resolve_module
+from runner.config import specs as specs_module
 from runner.config.errors import ConfigError, Problem
 from runner.config.resolve import known_specs, load_spec, resolve, to_yaml
 from runner.config.schema import DType, GenerateSection, ModelSpec, Recipe, RopeScaling, TokenizerKind, TokenizerSection
@@ -732,7 +732,7 @@ def own_specs(tmp_path, monkeypatch) -> Path:
     tiny = (REPO / "specs" / "tiny-llama.yaml").read_text()
     write(specs / "typo.yaml", tiny + "dimm: 3\n")
     write(specs / "odd.yaml", tiny.replace("n_kv_heads: 2", "n_kv_heads: 3"))
-    monkeypatch.setattr(resolve_module, "SPECS_DIR", specs)
+    monkeypatch.setattr(specs_module, "SPECS_DIR", specs)
     return specs
 
 
