@@ -40,7 +40,7 @@ def cases(dtype, cache_len: int):
     from runner.model import functional as fn
     from runner.model.llama import KVCache
     from runner.quant import int4, int8
-    from runner.quant.kernels import INT4_KERNELS, INT8_KERNELS
+    from runner.quant.matmuls import INT4_KERNELS, INT8_KERNELS
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, DIM, generator=g).to(dtype)

@@ -1,16 +1,18 @@
-"""runner's CPU kernels (cpu.cpp), built once per machine, instruction set and torch version, and
-the ops that use them.
+"""runner's CPU kernels (the C++ files beside this one), built once per machine, instruction set
+and torch version, and the ops that use them.
 
-cpu.cpp is compiled on first use with the host compiler for one *target*: the best instruction
-set the CPU reports (TARGETS, best first), never -march=native, so what a library needs is known
-and recorded beside it. The build is cached under RUNNER_HOME/kernels/<target>-<hash>; a library
-is loaded only after checking that this CPU has every feature its target needs, so a cache
-copied from another machine is refused with a note, never run into an illegal instruction.
+They are compiled on first use into one library, with the host compiler, for one *target*: the
+best instruction set the CPU reports (TARGETS, best first), never -march=native, so what a
+library needs is known and recorded beside it. The build is cached under
+RUNNER_HOME/kernels/<target>-<hash>; a library is loaded only after checking that this CPU has
+every feature its target needs, so a cache copied from another machine is refused with a note,
+never run into an illegal instruction.
 
 The kernels register as torch ops (torch.ops.runner.*), with fake implementations so
-torch.compile can trace them. KernelOps has the signatures of the reference math in
-runner.model.functional and uses a kernel where one applies (CPU, float32 or bfloat16: the GEMV
-kernels for a few rows at a time, RoPE and the cache write for prompts), the reference elsewhere.
+torch.compile can trace them. KernelOps, one per model, has the signatures of the reference
+math in runner.model.functional and uses a kernel where one applies (CPU, float32 or bfloat16:
+the GEMV kernels for a few rows at a time, RoPE and the cache write for prompts), the reference
+elsewhere.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import torch.nn.functional as F
 from runner.model import functional
 from runner.paths import runner_home
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES = tuple(sorted(_HERE.glob("*.cpp")))  # one library from them all (ops.cpp registers the ops)
+HEADERS = tuple(sorted(_HERE.glob("*.h")))  # what they share: in the cache key with them
 # -ffp-contract=fast: a * b + c may be one fused multiply-add (C++17 mode turns that off).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
 MAX_ROWS = 16  # the GEMV kernel serves up to this many rows (decode, speculative verify); GEMMs go to torch
@@ -101,7 +105,9 @@ def _check_cpu(target: Target, features: frozenset[str]) -> None:
 
 
 def build_dir(target: Target) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + list(target.flags)).encode()
+    # Every file the build reads, by name and content: a change to any of them is a new build.
+    files = b"".join(path.name.encode() + b"\0" + path.read_bytes() + b"\0" for path in SOURCES + HEADERS)
+    key = hashlib.sha256(files + " ".join(FLAGS + list(target.flags)).encode()
                          + " ".join(sorted(target.needs)).encode() + torch.__version__.encode()
                          + (sysconfig.get_config_var("SOABI") or "").encode()).hexdigest()[:12]
     return runner_home() / "kernels" / f"{target.name}-{key}"
@@ -134,7 +140,7 @@ def load(note=None) -> str:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load("runner_kernels", [str(SOURCE)], extra_cflags=FLAGS + list(target.flags),
+        cpp_extension.load("runner_kernels", [str(s) for s in SOURCES], extra_cflags=FLAGS + list(target.flags),
                            extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False,
                            verbose=False)
     except Exception as e:  # a missing compiler or ninja, a failed build: all say the same to the user
@@ -227,9 +233,9 @@ def _fits(x: torch.Tensor) -> bool:
 
 
 @dataclass
-class _LayersPlan:
-    """decode_layers' operands for a model's layers in one dtype, gathered once: walking the
-    modules for them each step cost about a millisecond (1200 module attribute lookups)."""
+class LayersPlan:
+    """decode_layers' operands for a model's layers in one dtype, gathered once and kept: walking
+    the modules for them on every step would cost more than a small model's step itself."""
     norms: list[torch.Tensor]
     weights: list[torch.Tensor]
     parts: list[int]
@@ -246,35 +252,7 @@ class _LayersPlan:
     window: int
 
 
-# Bumped whenever any module anywhere is given a parameter, buffer or submodule: a plan from an
-# older generation may hold tensors the model no longer has, and is gathered again. (A move or
-# cast replaces tensors without these hooks: runner.model.llama.Transformer._apply drops its plans.)
-_generation = [0]
-
-
-def operands_changed(*args) -> None:
-    """Drop every gathered plan: a module's kernel operands changed in a way torch's hooks do not
-    see (runner.quant.linear.Int4Linear.int8_x)."""
-    _generation[0] += 1
-
-
-for _register in (torch.nn.modules.module.register_module_buffer_registration_hook,
-                  torch.nn.modules.module.register_module_parameter_registration_hook,
-                  torch.nn.modules.module.register_module_module_registration_hook):
-    _register(operands_changed)
-
-
-def _layers_plan(model, dtype: torch.dtype) -> _LayersPlan | None:
-    if torch.compiler.is_compiling():  # traced once into the graph: nothing to cache
-        return _gather(model, dtype)
-    plans = model.__dict__.setdefault("_kernel_plans", {})
-    cached = plans.get(dtype)
-    if cached is None or cached[0] != _generation[0]:
-        cached = plans[dtype] = (_generation[0], _gather(model, dtype))
-    return cached[1]
-
-
-def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
+def _gather(model, dtype: torch.dtype) -> LayersPlan | None:
     norms, weights, parts, groupsizes, int8_x, kv_caches = [], [], [], [], [], []
     for block in model.layers:
         operands = block.kernel_operands(dtype)
@@ -293,14 +271,38 @@ def _gather(model, dtype: torch.dtype) -> _LayersPlan | None:
     if len({cache.quantized for cache in kv_caches}) > 1:  # int8 caches beside float ones: each layer on its own
         return None
     first, scales = model.layers[0], kv_caches[0].quantized
-    return _LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
-                       [c.k_scales for c in kv_caches] if scales else [], [c.v_scales for c in kv_caches] if scales else [],
-                       first.attention_norm.eps, first.attention.n_heads, first.attention.n_kv_heads,
-                       first.attention.window or 0)
+    return LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
+                      [c.k_scales for c in kv_caches] if scales else [], [c.v_scales for c in kv_caches] if scales else [],
+                      first.attention_norm.eps, first.attention.n_heads, first.attention.n_kv_heads,
+                      first.attention.window or 0)
 
 
 class KernelOps:
-    """functional's ops, with runner's kernels where they apply."""
+    """functional's ops, with runner's kernels where they apply, one instance per model (a
+    runner.model.llama.Transformer): `model.use_ops(KernelOps())`.
+
+    It keeps the operands of the model's fused decode step (decode_layers) from one step to the
+    next, until the model says its tensors changed (Transformer.operands_changed). It holds no
+    reference to the model itself, which holds it: a dropped model is freed at once. The other
+    ops keep nothing, so a lone layer may take them from the class itself.
+    """
+
+    def __init__(self):
+        self._plans: dict[tuple[int, torch.dtype], LayersPlan | None] = {}
+
+    def operands_changed(self) -> None:
+        """Forget the gathered operands; the next decode step gathers them again."""
+        self._plans.clear()
+
+    def plan(self, model, dtype: torch.dtype) -> LayersPlan | None:
+        """decode_layers' operands of `model` for activations in `dtype` (gathered now, or kept
+        from an earlier step), or None where the layers need calls of their own."""
+        if torch.compiler.is_compiling():  # traced once into the graph: nothing to keep
+            return _gather(model, dtype)
+        key = (id(model), dtype)
+        if key not in self._plans:
+            self._plans[key] = _gather(model, dtype)
+        return self._plans[key]
 
     @staticmethod
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -328,15 +330,15 @@ class KernelOps:
             return torch.ops.runner.expert_linear(x, w, ids)
         return functional.expert_linear(x, w, ids)
 
-    @staticmethod
-    def decode_layers(model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor, row) -> torch.Tensor | None:
-        """A few tokens through every layer in one kernel call (the calls attend, linear and the
-        rest would make one by one, in the same order, in one parallel region), or None where one
-        of them would not run: a mixture of experts, tensor parallelism's all-reduce, a layer on
-        another kernel or in another dtype."""
+    def decode_layers(self, model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor,
+                      row) -> torch.Tensor | None:
+        """A few tokens through every layer of `model` in one kernel call (the calls attend,
+        linear and the rest would make one by one, in the same order, in one parallel region), or
+        None where one of them would not run: a mixture of experts, tensor parallelism's
+        all-reduce, a layer on another kernel or in another dtype."""
         if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
             return None
-        plan = _layers_plan(model, x.dtype)
+        plan = self.plan(model, x.dtype)
         if plan is None:
             return None
         k_caches, v_caches, k_scales, v_scales = plan.k_caches, plan.v_caches, plan.k_scales, plan.v_scales
@@ -364,9 +366,8 @@ class KernelOps:
         if qkv.shape[0] > 1:  # prompts of several rows at once: torch's ops
             return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
         input_pos = input_pos.reshape(-1)  # one row's positions, [T] or [1, T]
-        # A prompt: RoPE and the cache write in one pass (torch's took a fifth of a bf16 prefill in
-        # casts, cats and copies), then causal attention over the cache by positions, block by
-        # block (torch's flash attention took 30% of a 512-token bf16 prefill, at a fifth of the
-        # GEMM rate).
+        # A prompt: RoPE and the cache write in one pass, where torch's ops cast, concatenate and
+        # copy; then causal attention over the cache by positions, block by block, where torch's
+        # flash attention runs well below its GEMM rate on these shapes.
         q = torch.ops.runner.rope_write(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, *scales)  # [1, H, T, D]
         return torch.ops.runner.causal_attention(q, cache.k, cache.v, input_pos, window or 0, *scales)

@@ -144,6 +144,10 @@ def decode_layers(model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torc
     return None
 
 
+def operands_changed() -> None:
+    """The model's tensors were replaced: the reference keeps none of them, so nothing to drop."""
+
+
 def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor,
            n_heads: int, n_kv_heads: int, window: int | None = None) -> torch.Tensor:
     """One attention layer past its wqkv: RoPE, the cache write, attention over the cache.

@@ -268,12 +268,13 @@ class Transformer(nn.Module):
         inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)
         self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
         self.cache_len = cache_len
+        self.operands_changed()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
                 row: int | slice | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T] at cache positions input_pos: [T] shared by every
         row, or [B, T], each row at its own (batched decoding); [B, 1, vocab] for the last token only
-        with last_only (a prompt: the output layer is a fifth of its work). With `row`, tokens [1, T]
+        with last_only (a prompt, whose other positions need no logits). With `row`, tokens [1, T]
         go into that row of the cache only (a slice: tokens [n, T] into those n rows), the other rows
         left as they are."""
         cos_sin = self.cos_sin[input_pos]  # [(B,) T, 2, D]
@@ -291,11 +292,18 @@ class Transformer(nn.Module):
         return self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
 
     def _apply(self, function, *args, **kwargs):
-        self.__dict__.pop("_kernel_plans", None)  # a move or cast replaces tensors that ops may have cached
+        self.operands_changed()  # a move or cast replaces every tensor
         return super()._apply(function, *args, **kwargs)
 
     def use_ops(self, ops) -> None:
-        """Run the math through `ops` (runner.model.functional, or runner.kernels.KernelOps)."""
+        """Run the math through `ops`: runner.model.functional, or a runner.kernels.KernelOps made
+        for this model."""
         for module in self.modules():
             if hasattr(type(module), "ops"):
                 module.ops = ops
+
+    def operands_changed(self) -> None:
+        """Tell the ops that layers, weights or caches were replaced, or a layer's kernel choice
+        changed: ops that keep tensors gathered from the model (KernelOps' fused decode step)
+        gather them again. Whatever replaces them after the ops are chosen calls this."""
+        self.ops.operands_changed()

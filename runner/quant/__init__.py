@@ -8,7 +8,7 @@
     metadata(section) -> dict / from_metadata(dict) -> section   (what a quantized checkpoint records)
     calibration_tokens(ids, section, source) -> LongTensor [samples, seq_len]   (int4-gptq)
 
-Pure math: int8.py, int4.py (quantize, dequantize, pack), gptq.py; kernels: kernels.py.
+Pure math: int8.py, int4.py (quantize, dequantize, pack), gptq.py; each layout's matmuls: matmuls.py.
 """
 from runner.quant.calibrate import calibration_tokens
 from runner.quant.linear import Int4Linear, Int8Embedding, Int8Linear

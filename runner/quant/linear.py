@@ -9,22 +9,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runner import kernels as runner_kernels
+from runner import kernels
 from runner.model import functional
 import runner.quant.int4 as int4
 import runner.quant.int8 as int8
-import runner.quant.kernels as kernels
+import runner.quant.matmuls as matmuls
 
 
 class QuantizedLinear(nn.Module):
     """The shared half of Int8Linear and Int4Linear: kernel choice, packing, forward."""
 
-    KERNELS: dict[str, kernels.Kernel] = {}
+    KERNELS: dict[str, matmuls.Kernel] = {}
 
     def pack_for(self, device: torch.device | str, kernel: str | None = None) -> str:
         """Lay out the fastest kernel for `device` (or the one named); returns its name."""
         device = torch.device(device)
-        self.kernel = kernels.choose(self.KERNELS, self, device, kernel)
+        self.kernel = matmuls.choose(self.KERNELS, self, device, kernel)
         for name in self.packed:  # the previous kernel's layout
             delattr(self, name)
         packed = self.KERNELS[self.kernel].pack(self)
@@ -37,7 +37,7 @@ class QuantizedLinear(nn.Module):
         direct = self.KERNELS[self.kernel].direct
         if direct is not None and x.dtype == self.scales.dtype and x.numel() <= kernels.MAX_ROWS * self.in_features:
             return direct(x, self)  # decoding on runner's kernels: no reshaping or casting around the call
-        return kernels.run(self.KERNELS, self, x)
+        return matmuls.run(self.KERNELS, self, x)
 
     def kernel_operands(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], int, bool] | None:
         """runner's decode_layers operands (see runner.model.llama.Linear.kernel_operands): only on
@@ -76,7 +76,7 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """weight int8 [out, in], scales [out]: w = weight * scales[:, None]."""
 
-    KERNELS = kernels.INT8_KERNELS
+    KERNELS = matmuls.INT8_KERNELS
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -108,17 +108,7 @@ class Int4Linear(QuantizedLinear):
     other kernel, takes them as they are (as do the experts of a mixture, Int4Experts).
     """
 
-    KERNELS = kernels.INT4_KERNELS
-    _int8_x = False
-
-    @property
-    def int8_x(self) -> bool:
-        return self._int8_x
-
-    @int8_x.setter
-    def int8_x(self, value: bool) -> None:
-        self._int8_x = bool(value)
-        runner_kernels.operands_changed()  # decode_layers' gathered flags are stale
+    KERNELS = matmuls.INT4_KERNELS
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -126,6 +116,7 @@ class Int4Linear(QuantizedLinear):
             raise ValueError(f"groupsize {groupsize} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.kernel, self.packed = "fallback", ()
+        self.int8_x = False  # set by runner.quant.use_activations
         groups = in_features // groupsize
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
@@ -212,9 +203,9 @@ class QuantizedExperts(nn.Module):
     def _refuses(self, device: torch.device) -> str | None:
         if device.type != "cpu":
             return "runs on cpu only"
-        if self.scales.dtype not in runner_kernels.DTYPES:
+        if self.scales.dtype not in kernels.DTYPES:
             return f"takes float32 and bfloat16 only, not {self.scales.dtype}"
-        return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
+        return None if kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         on_kernels = self.kernel == "runner" and x.dtype == self.scales.dtype

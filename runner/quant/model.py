@@ -39,12 +39,13 @@ def quantize(model: nn.Module, section: QuantSection, calibration: torch.Tensor 
         if calibration is None:
             raise ValueError("int4-gptq needs calibration tokens (see calibrate.calibration_tokens)")
         calibrate.run_gptq(model, plan, section, calibration, progress, source, key)
-        return model
-    with torch.no_grad():
-        for done, (name, scheme) in enumerate(plan.items(), 1):
-            replace(model, name, scheme.quantize(module(model, name)))
-            if progress is not None:
-                progress(done, len(plan))
+    else:
+        with torch.no_grad():
+            for done, (name, scheme) in enumerate(plan.items(), 1):
+                replace(model, name, scheme.quantize(module(model, name)))
+                if progress is not None:
+                    progress(done, len(plan))
+    model.operands_changed()
     return model
 
 
@@ -58,6 +59,7 @@ def quantized_skeleton(model: nn.Module, section: QuantSection, source: str = "r
     untie(model, plan)
     for name, scheme in plan.items():
         replace(model, name, scheme.empty(module(model, name)))
+    model.operands_changed()
     return model
 
 
@@ -66,8 +68,10 @@ def pack_for(model: nn.Module, device: torch.device | str, kernel: str | None = 
 
     Returns {layer name: kernel name}, for the reporter to show which layers fell back.
     """
-    return {name: layer.pack_for(device, kernel)
-            for name, layer in model.named_modules() if isinstance(layer, (QuantizedLinear, QuantizedExperts))}
+    chosen = {name: layer.pack_for(device, kernel)
+              for name, layer in model.named_modules() if isinstance(layer, (QuantizedLinear, QuantizedExperts))}
+    model.operands_changed()
+    return chosen
 
 
 def use_activations(model: nn.Module, section: QuantSection) -> None:
@@ -77,6 +81,7 @@ def use_activations(model: nn.Module, section: QuantSection) -> None:
     for layer in model.modules():
         if isinstance(layer, Int4Linear):
             layer.int8_x = int8_x
+    model.operands_changed()
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -112,7 +117,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 def transform(model: nn.Module, section: QuantSection, *, calibration: torch.Tensor | None = None,
               progress: Progress | None = None, source: str = "recipe", key: str = "quant") -> nn.Module:
-    """The QUANT_MODES entry for every mode but none: quantize, then pack for the model's device."""
+    """The weight transform of every mode but none (runner.transforms.quantize): quantize, then
+    pack for the model's device."""
     quantize(model, section, calibration, progress, source, key)
     pack_for(model, model.norm.weight.device)
     use_activations(model, section)

@@ -55,7 +55,7 @@ def weight_scheme(section: QuantSection) -> Scheme | None:
     """The scheme of the transformer blocks' linears."""
     if section.mode is QuantMode.int8:
         return Scheme("int8")
-    if section.mode in (QuantMode.int4, QuantMode.int4_gptq):
+    if section.mode.is_int4:
         return Scheme("int4", section.groupsize)
     return None
 

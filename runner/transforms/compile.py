@@ -63,9 +63,9 @@ RESIZED = ("kv_cache", "cos_sin")
 
 
 def _guards(entries) -> list[bool]:
-    """Which of dynamo's guards to keep: all but those on the model's modules (a guard on each
-    weight and attribute cost about 3 ms a decode step on a 2-core CPU, a quarter of an int4
-    SmolLM2 step), except the shapes of the buffers a new cache size replaces."""
+    """Which of dynamo's guards to keep: all but those on the model's modules (checking each
+    weight and attribute on every call would cost a fair share of a small model's decode step),
+    except the shapes of the buffers a new cache size replaces."""
     keep = []
     for entry in entries:
         on_module = entry.orig_guard.source.is_unspecialized_nn_module()
@@ -92,9 +92,9 @@ def _own_forward(model: torch.nn.Module):
     return types.MethodType(own, model)
 
 
-def apply(model: torch.nn.Module, section: CompileSection, source: str,
-          note: Callable[[str], None] | None = None) -> Forward:
-    """The forward the decoders call: the model itself, or its compiled steps."""
+def compiled_forward(model: torch.nn.Module, section: CompileSection, source: str,
+                     note: Callable[[str], None] | None = None) -> Forward:
+    """The forward the decoders call: the model itself, or its steps compiled as `section` says."""
     if not (section.decode or section.prefill):
         return model
     if section.cache_dir is not None:

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import kernels, pipeline
+from runner import generate as generating
 from runner.config.errors import ConfigError
-from runner.config.resolve import resolve
 from runner.config.schema import ModelSpec
 from runner.model import functional as fn
 from runner.model.llama import KVCache, Transformer
+from runner.recipes import load as resolve
 from tests.kernels.test_kernels import DTYPES, attention_cases, prompt_attention_cases, randn, seeds, ulp
 
 PROPERTY = settings(max_examples=50, deadline=None)
@@ -161,7 +162,7 @@ def test_a_model_on_an_int8_cache_agrees_with_its_reference_and_stays_near_a_flo
     model = model.to(dtype)
     tokens = torch.randint(0, SPEC.vocab_size, (1, 200), generator=torch.Generator().manual_seed(seed))
     logits = {}
-    for name, ops, int8 in (("kernels", kernels.KernelOps, True), ("torch", fn, True), ("float", fn, False)):
+    for name, ops, int8 in (("kernels", kernels.KernelOps(), True), ("torch", fn, True), ("float", fn, False)):
         model.use_ops(ops)
         model.int8_cache = int8
         model.setup_cache(1, 200)
@@ -193,7 +194,7 @@ def test_batch_rows_at_their_own_positions_over_an_int8_cache_agree_with_the_ref
     prompts = [torch.randint(0, SPEC.vocab_size, (1, n), generator=g) for n in lengths]
     steps = torch.randint(0, SPEC.vocab_size, (len(lengths), 6), generator=g)
     logits = {}
-    for name, ops in (("kernels", kernels.KernelOps), ("torch", fn)):
+    for name, ops in (("kernels", kernels.KernelOps()), ("torch", fn)):
         model.use_ops(ops)
         model.setup_cache(len(lengths), 100)
         for row, prompt in enumerate(prompts):
@@ -214,7 +215,7 @@ def test_the_recipe_key_sets_up_int8_caches_for_the_model_and_its_draft(tmp_path
                         ("int8 draft", ["draft.kind=model", "draft.model=${model}", "quant.kv_cache=float",
                                         "draft.quant.kv_cache=int8"])):
         built = pipeline.build(resolve(TINY, greedy + extra, check_files=True), TINY)
-        tokens, _ = pipeline.generate(built, pipeline.encode_prompt(built, TINY))
+        tokens, _ = generating.generate(built, generating.encode_prompt(built, TINY))
         runs[name] = built, tokens
     assert runs["plain"][1] == runs["speculative"][1] and len(runs["plain"][1]) == 12
     cache_dtype = lambda model: model.layers[0].attention.kv_cache.k.dtype  # noqa: E731

@@ -14,9 +14,8 @@ from runner.config.errors import ConfigError
 from runner.config.schema import Kernels, ModelSpec, QuantActivations, QuantMode, QuantSection
 from runner.model import functional as fn
 from runner.model.llama import KVCache, Transformer
-from runner.quant.linear import Int4Linear
 from runner.quant.model import quantize as quantize_model, transform as quant_transform, use_activations
-from runner.transforms import kernels as kernel_transform
+from runner.transforms.runner_ops import use_runner_ops
 from tests.properties.strategies import build_twins, logits_bound, model_cases
 from tests.properties.test_model_vs_hf import run_chunks
 
@@ -164,7 +163,7 @@ def test_attend_refuses_a_position_outside_the_cache():
 def test_model_on_kernels_matches_hf_token_by_token(case):
     spec, seed, tokens = case
     hf, ours = build_twins(spec, seed)
-    ours.use_ops(kernels.KernelOps)
+    ours.use_ops(kernels.KernelOps())
     length = tokens.shape[1]
     logits = run_chunks(ours, tokens, list(range(1, length)), length + 2)
     reference = hf(tokens).logits
@@ -179,7 +178,7 @@ def test_model_on_kernels_matches_hf_in_chunks(case, data):
     # longer ones torch's GEMM and attention.
     spec, seed, tokens = case
     hf, ours = build_twins(spec, seed)
-    ours.use_ops(kernels.KernelOps)
+    ours.use_ops(kernels.KernelOps())
     split = data.draw(st.integers(1, tokens.shape[1] - 1), label="first chunk")
     logits = run_chunks(ours, tokens, [split], tokens.shape[1] + 3)
     reference = hf(tokens).logits
@@ -195,7 +194,7 @@ def test_model_on_kernels_in_bf16_stays_with_the_reference_ops(case):
     ours = ours.to(torch.bfloat16)
     length = tokens.shape[1]
     reference = run_chunks(ours, tokens, list(range(1, length)), length).float()
-    ours.use_ops(kernels.KernelOps)
+    ours.use_ops(kernels.KernelOps())
     logits = run_chunks(ours, tokens, list(range(1, length)), length).float()
     # Each layer may round differently by one bf16 step; over <= 3 layers that stays small.
     assert (logits - reference).abs().max().item() <= 0.1 * max(1.0, reference.abs().max().item())
@@ -206,11 +205,13 @@ SMALL = ModelSpec(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, in
 
 def test_transform_switches_ops_and_torch_keeps_the_reference():
     _, model = build_twins(SMALL, 0)
-    assert kernel_transform.apply(model, Kernels.torch, torch.device("cpu"), "r.yaml") is None
+    assert use_runner_ops(model, Kernels.torch, torch.device("cpu"), "r.yaml") is None
     assert model.layers[0].attention.ops is fn
     # runner: whatever the target; auto: only a vectorised build (tested below)
-    assert kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml") == kernels.load()
-    assert all(m.ops is kernels.KernelOps for m in model.modules() if hasattr(type(m), "ops"))
+    assert use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml") == kernels.load()
+    ops = model.ops
+    assert isinstance(ops, kernels.KernelOps)
+    assert all(m.ops is ops for m in model.modules() if hasattr(type(m), "ops"))
 
 
 def test_a_failed_build_is_an_error_for_runner_and_a_note_for_auto(monkeypatch, tmp_path):
@@ -220,10 +221,10 @@ def test_a_failed_build_is_an_error_for_runner_and_a_note_for_auto(monkeypatch, 
     monkeypatch.setattr(kernels, "_loaded", None)
     _, model = build_twins(SMALL, 0)
     with pytest.raises(ConfigError) as error:
-        kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+        use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     assert "kernels" in str(error.value) and "cannot be built" in str(error.value) and "no-such-flag" in str(error.value)
     notes = []
-    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert use_runner_ops(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
     assert model.layers[0].attention.ops is fn
     assert any("cannot be built" in n and "torch's ops" in n for n in notes)
 
@@ -237,7 +238,7 @@ def test_a_verify_forward_on_kernels_equals_one_token_steps_bit_for_bit(case, dt
     spec, seed, tokens = case
     _, ours = build_twins(spec, seed)
     ours = ours.to(dtype)
-    ours.use_ops(kernels.KernelOps)
+    ours.use_ops(kernels.KernelOps())
     length = tokens.shape[1]
     start = data.draw(st.integers(1, length - 1), label="tokens before the verify")
     count = min(length - start, kernels.MAX_ROWS)
@@ -313,11 +314,11 @@ def test_a_target_the_cpu_lacks_is_a_note_for_auto_and_an_error_for_runner(fresh
     monkeypatch.setenv(kernels.TARGET_VARIABLE, "avx512-bf16")
     _, model = build_twins(SMALL, 0)
     notes = []
-    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert use_runner_ops(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
     assert model.layers[0].attention.ops is fn
     assert any("lacks: avx512_bf16" in n and "torch's ops" in n for n in notes), notes
     with pytest.raises(ConfigError, match="lacks: avx512_bf16"):
-        kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+        use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     assert fresh_load == []
 
 
@@ -326,11 +327,11 @@ def test_auto_keeps_torch_ops_where_the_kernels_have_no_vector_path(monkeypatch)
     monkeypatch.setattr(kernels, "_loaded", generic)
     _, model = build_twins(SMALL, 0)
     notes = []
-    assert kernel_transform.apply(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
+    assert use_runner_ops(model, Kernels.auto, torch.device("cpu"), "r.yaml", notes.append) is None
     assert model.layers[0].attention.ops is fn
     assert any("no vector path" in n for n in notes), notes
-    assert kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml") == "generic"
-    assert model.layers[0].attention.ops is kernels.KernelOps
+    assert use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml") == "generic"
+    assert isinstance(model.layers[0].attention.ops, kernels.KernelOps)
 
 
 @PROPERTY
@@ -418,7 +419,7 @@ def test_a_long_prompt_on_kernels_matches_hf(case, data):
     spec, seed, tokens = case
     spec = dataclasses.replace(spec, max_seq_len=256)
     hf, ours = build_twins(spec, seed)
-    ours.use_ops(kernels.KernelOps)
+    ours.use_ops(kernels.KernelOps())
     splits = data.draw(st.just([]) | st.integers(kernels.MAX_ROWS + 1, tokens.shape[1] - 1).map(lambda s: [s]))
     logits = run_chunks(ours, tokens, splits, tokens.shape[1] + 5)
     reference = hf(tokens).logits
@@ -453,9 +454,9 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
         quantize_model(one_call, section)
         use_activations(one_call, section)
         assert any(getattr(m, "int8_x", False) for m in one_call.modules()) == int8_x
-    kernel_transform.apply(one_call, Kernels.runner, torch.device("cpu"), "r.yaml")
+    use_runner_ops(one_call, Kernels.runner, torch.device("cpu"), "r.yaml")
     one_by_one = copy.deepcopy(one_call)
-    one_by_one.use_ops(OneByOne)
+    one_by_one.use_ops(OneByOne(one_by_one))
     tokens = torch.randint(0, spec.vocab_size, (batch, 30), generator=torch.Generator().manual_seed(seed))
     prompt = data.draw(st.integers(1, kernels.MAX_ROWS // batch), label="prompt")
     steps = [(0, prompt)]
@@ -481,12 +482,12 @@ def test_decode_layers_is_what_dense_layers_on_the_kernels_run():
     # It must actually be taken (a dense layer on runner's kernels), and not where a part needs its
     # own call: a layer on another kernel, or in another dtype.
     model = Transformer(SMALL)
-    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     assert model.layers[0].kernel_operands(torch.float32) is not None
     assert model.layers[0].kernel_operands(torch.bfloat16) is None
     quantize_model(model, QuantSection(mode=QuantMode.int8))
     assert model.layers[0].kernel_operands(torch.float32) is None  # the fallback kernel until packed
-    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     operands, groupsizes, int8_x = model.layers[0].kernel_operands(torch.float32)
     assert [len(o) for o in operands] == [2, 2, 2, 2] and groupsizes == [0, 0, 0, 0] and int8_x == [False] * 4
 
@@ -503,29 +504,29 @@ def test_quant_activations_int8_reaches_every_int4_linear_of_a_decode_step():
     as_float = copy.deepcopy(model)
     for m, activations in ((model, QuantActivations.int8), (as_float, QuantActivations.float)):
         quant_transform(m, QuantSection(mode=QuantMode.int4, groupsize=32, activations=activations))
-        kernel_transform.apply(m, Kernels.runner, torch.device("cpu"), "r.yaml")
+        use_runner_ops(m, Kernels.runner, torch.device("cpu"), "r.yaml")
         m.setup_cache(1, 8)
     assert model.layers[0].kernel_operands(torch.float32)[2] == [True] * 4
     assert as_float.layers[0].kernel_operands(torch.float32)[2] == [False] * 4
     tokens, pos = torch.tensor([[3]]), torch.tensor([0])
     one_by_one = copy.deepcopy(model)
-    one_by_one.use_ops(OneByOne)
+    one_by_one.use_ops(OneByOne(one_by_one))
     logits = model(tokens, pos)
-    assert model._kernel_plans[torch.float32][1].int8_x == [1] * 4 * spec.n_layers
+    assert model.ops.plan(model, torch.float32).int8_x == [1] * 4 * spec.n_layers
     assert torch.equal(logits, one_by_one(tokens, pos))
     assert not torch.equal(logits, as_float(tokens, pos))
-    for layer in model.modules():  # switched off after a step: the gathered flags go with it
-        if isinstance(layer, Int4Linear):
-            layer.int8_x = False
+    # Switched off after a step (quant.activations: float): the gathered flags go with it.
+    use_activations(model, QuantSection(mode=QuantMode.int4, groupsize=32))
+    assert model.ops.plan(model, torch.float32).int8_x == [0] * 4 * spec.n_layers
     assert torch.equal(model(tokens, pos), as_float(tokens, pos))
 
 
 @torch.no_grad()
 def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
     model = Transformer(SMALL)
-    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     model.setup_cache(1, 8)
-    plan = kernels._layers_plan(model, torch.float32)
+    plan = model.ops.plan(model, torch.float32)
     x, pos = torch.randn(1, 1, SMALL.dim), torch.tensor([0])
     with pytest.raises(RuntimeError, match="int8_x set, which applies to int4 linears"):
         torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
@@ -534,13 +535,14 @@ def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
 
 
 def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
-    # decode_layers' operands are gathered once per model and dtype, not per step; any change to
-    # the model's tensors (a parameter or submodule set, a quantization, a cast) gathers them again.
+    # decode_layers' operands are gathered once per model and dtype, not per step; whatever
+    # replaces the model's tensors tells the model (a new cache, a quantization, a cast, or by
+    # hand model.operands_changed()), and they are gathered again.
     torch.manual_seed(0)
     model = Transformer(SMALL)
     for p in model.parameters():
         p.data.normal_(0, 0.3)
-    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     tokens = torch.randint(0, SMALL.vocab_size, (1, 8))
 
     def steps(m):  # a prompt token by token
@@ -549,22 +551,28 @@ def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
 
     def one_by_one():
         twin = copy.deepcopy(model)
-        twin.use_ops(OneByOne)
+        twin.use_ops(OneByOne(twin))
         return steps(twin)
 
     first = steps(model)
-    plan = model._kernel_plans[torch.float32]
+    plan = model.ops.plan(model, torch.float32)
     model(tokens[:, :1], torch.arange(8, 9))
-    assert model._kernel_plans[torch.float32] is plan
+    assert model.ops.plan(model, torch.float32) is plan
     assert torch.equal(first, one_by_one())
+    model.setup_cache(1, 16)
+    assert model.ops.plan(model, torch.float32) is not plan
+    plan = model.ops.plan(model, torch.float32)
     model.layers[1].attention.wo.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].attention.wo.weight))
+    model.operands_changed()
+    assert model.ops.plan(model, torch.float32) is not plan
     assert torch.equal(steps(model), one_by_one())
     quantize_model(model, QuantSection(mode=QuantMode.int8))
-    kernel_transform.apply(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    assert model.ops.plan(model, torch.float32) is None  # the fallback kernel until packed: each layer on its own
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
     assert torch.equal(steps(model), one_by_one())
     model.to(torch.bfloat16)
     assert torch.equal(steps(model), one_by_one())
-    assert model._kernel_plans[torch.bfloat16] is not None  # int8 in bf16 still takes decode_layers
+    assert model.ops.plan(model, torch.bfloat16) is not None  # int8 in bf16 still takes decode_layers
 
 
 def test_an_unreadable_record_is_refused_before_loading(fresh_load):

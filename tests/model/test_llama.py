@@ -15,7 +15,7 @@ def test_last_only_is_the_last_row_of_the_full_logits(case, on_kernels, start):
     _, model = build_twins(spec, seed)
     if on_kernels and tokens.shape[0] == 1:
         kernels.load()
-        model.use_ops(kernels.KernelOps)
+        model.use_ops(kernels.KernelOps())
     positions = torch.arange(start, start + tokens.shape[1])
     outs = []
     for last_only in (False, True):

@@ -19,8 +19,8 @@ from torch import nn
 
 from runner.kernels import MAX_ROWS
 from runner.quant import int4, int8
-from runner.quant import kernels as quant_kernels
-from runner.quant.kernels import INT4_KERNELS, INT8_KERNELS
+from runner.quant import matmuls
+from runner.quant.matmuls import INT4_KERNELS, INT8_KERNELS
 from runner.quant.linear import Int4Linear, Int8Linear
 from tests.quant.strategies import DTYPES, weights
 
@@ -330,7 +330,7 @@ def test_a_prompt_through_dequantized_tiles_equals_the_whole_layer(monkeypatch, 
     assert layer.pack_for(CPU, "runner") == "runner"
     x = torch.randn(1, MAX_ROWS + 9, 64, generator=gen).to(dtype)
     whole = layer(x)
-    monkeypatch.setattr(quant_kernels, "TILE_BYTES", 1)
+    monkeypatch.setattr(matmuls, "TILE_BYTES", 1)
     tiled = layer(x)
     assert torch.equal(tiled, whole)
     w_hat = int8.dequantize(layer.weight, layer.scales) if mode == "int8" else int4_reference(layer)

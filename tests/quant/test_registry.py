@@ -1,4 +1,4 @@
-"""QUANT_MODES: every mode is registered, and each entry quantizes a tiny model as its mode says."""
+"""transforms.quantize: each mode quantizes a tiny model as it says (none leaves it as it is)."""
 import pytest
 import torch
 
@@ -14,16 +14,12 @@ EXPECTED = {QuantMode.none: Linear, QuantMode.int8: Int8Linear, QuantMode.int4: 
             QuantMode.int4_gptq: Int4Linear}
 
 
-def test_every_mode_has_an_entry():
-    assert set(transforms.QUANT_MODES) == set(QuantMode)
-
-
 @pytest.mark.parametrize("mode", list(QuantMode), ids=lambda m: m.value)
-def test_each_entry_quantizes_and_packs_for_the_models_device(mode):
+def test_each_mode_quantizes_and_packs_for_the_models_device(mode):
     section = QuantSection(mode=mode, groupsize=32, calibration=QuantCalibration(path="x", samples=4, seq_len=16))
     model = float_model(SPEC, 0, torch.bfloat16)
     calibration = prompts(SPEC, 0, batch=4, length=16) if quant.needs_calibration(section) else None
-    model = transforms.QUANT_MODES[mode](model, section, calibration=calibration, source="r.yaml", key="quant")
+    model = transforms.quantize(model, section, "r.yaml", calibration=calibration)
     wqkv = model.layers[0].attention.wqkv
     assert type(wqkv) is EXPECTED[mode]
     if mode is not QuantMode.none:
@@ -33,8 +29,8 @@ def test_each_entry_quantizes_and_packs_for_the_models_device(mode):
 
 def test_errors_name_the_sections_key():
     with pytest.raises(ConfigError) as caught:
-        transforms.QUANT_MODES[QuantMode.int4](float_model(SPEC, 0), QuantSection(mode=QuantMode.int4, groupsize=128),
-                                               source="r.yaml", key="draft.quant")
+        transforms.quantize(float_model(SPEC, 0), QuantSection(mode=QuantMode.int4, groupsize=128), "r.yaml",
+                            key="draft.quant")
     assert caught.value.problems[0].key == "draft.quant.groupsize"
 
 

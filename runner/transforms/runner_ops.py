@@ -1,4 +1,4 @@
-"""runner's CPU kernels as a transform: the model's math goes through runner.kernels.KernelOps.
+"""The transform that switches a model's math to runner's CPU kernels (runner.kernels.KernelOps).
 
 `kernels: auto` uses them wherever the model runs on the CPU, they build and load, and their
 build has a vector path for this CPU (AVX2 or better); otherwise it says why and keeps torch's
@@ -15,9 +15,10 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import Kernels
 
 
-def apply(model: torch.nn.Module, choice: Kernels, device: torch.device, source: str,
-          note: Callable[[str], None] | None = None) -> str | None:
-    """Switch `model` to runner's kernels as `choice` says; returns their instruction set, or None."""
+def use_runner_ops(model: torch.nn.Module, choice: Kernels, device: torch.device, source: str,
+                   note: Callable[[str], None] | None = None) -> str | None:
+    """Switch `model` to runner's kernels as `choice` says; returns their instruction set, or None
+    where the model keeps torch's ops."""
     say = note or (lambda text: None)
     if choice is Kernels.torch:
         return None
@@ -37,7 +38,7 @@ def apply(model: torch.nn.Module, choice: Kernels, device: torch.device, source:
     if choice is Kernels.auto and not kernels.vectorised():
         say(f"kernels: runner's CPU kernels have no vector path for this CPU ({isa}); running on torch's ops")
         return None
-    model.use_ops(kernels.KernelOps)
+    model.use_ops(kernels.KernelOps())
     _pack_quantized(model, device)
     return isa
 

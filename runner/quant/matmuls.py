@@ -1,14 +1,12 @@
-"""Matmul kernels for the quantized linears: a layout made once at load, and a matmul.
+"""The quantized linears' matmuls, by kernel: a layout made once at load, and a matmul.
 
 Each registry is ordered: pack_for(device) picks the first kernel that runs on the device and
 takes the layer (its shape, and its scales' dtype, which is the model's); "fallback"
 (dequantize, then a float matmul) takes all. At call time x and the scales are promoted to
 their common dtype (lossless); should a kernel not take that dtype, the fallback runs instead.
 
-The CPU kernels are listed for bf16 only: their fp32 and fp16 paths measured 4-40x slower
-than a float matmul (576 -> 1536, batch 1, one thread: int8 1.1 ms, int4 2.9 ms in fp32
-against 0.25 ms for F.linear; in bf16 0.07 ms each against 0.27 ms), so those dtypes
-take the fallback.
+torch's CPU kernels are listed for bf16 only: their fp32 and fp16 paths are several times
+slower than the fallback's float matmul, so those dtypes take the fallback.
 
 torch's kernels, as found in torch 2.13 (see tests/quant/test_kernels.py):
   int8 cpu   _weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]; x and scales
@@ -24,9 +22,9 @@ torch's kernels, as found in torch 2.13 (see tests/quant/test_kernels.py):
              N a multiple of 8, K of 16 * inner_k_tiles, compute capability >= 8.0.
 All three dequantize as (q - 8) * scale + zero, the neutral format's convention.
 
-runner's own CPU kernels (runner/kernels/cpu.cpp: int8_linear, int4_linear) read the neutral
+runner's own CPU kernels (runner.kernels: int8_linear, int4_linear) read the neutral
 layout as is, in fp32 and bf16, and stream it at close to the machine's bandwidth; they are listed
-last, so only the kernels transform (recipe key `kernels`) picks them, by name.
+last, so only the runner-ops transform (recipe key `kernels`) picks them, by name.
 """
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from runner import kernels as runner_kernels
+from runner import kernels
 from runner.kernels import MAX_ROWS  # runner's GEMV kernels take up to this many rows
 import runner.quant.int4 as int4
 
@@ -73,7 +71,7 @@ def _int8_fallback(x, layer):
 
 
 def _runner_refuses(layer, device):
-    return None if runner_kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
+    return None if kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
 
 TILE_BYTES = 8 << 20  # the dequantized weights a prompt's GEMM takes at a time: a few MB, not a 7B layer's 180
@@ -104,7 +102,7 @@ def _int8_runner_direct(x, layer):
 INT8_KERNELS = {
     "cpu": Kernel("cpu", (torch.bfloat16,), _never, _nothing, _int8_cpu),
     "fallback": Kernel(None, None, _never, _nothing, _int8_fallback),
-    # Chosen by name only, by the kernels transform (recipe key `kernels`).
+    # Chosen by name only, by the runner-ops transform (recipe key `kernels`).
     "runner": Kernel("cpu", (torch.float32, torch.bfloat16), _runner_refuses, _nothing, _int8_runner,
                      _int8_runner_direct),
 }
@@ -191,9 +189,9 @@ INT4_KERNELS = {
 # --- choosing and running -------------------------------------------------------------------
 
 
-def choose(kernels: dict[str, Kernel], layer, device: torch.device, name: str | None = None) -> str:
+def choose(registry: dict[str, Kernel], layer, device: torch.device, name: str | None = None) -> str:
     """The first kernel of the registry that runs on `device` and accepts the layer (or `name`, checked)."""
-    for candidate, kernel in kernels.items():
+    for candidate, kernel in registry.items():
         if name not in (None, candidate):
             continue
         if kernel.device not in (None, device.type):
@@ -206,18 +204,18 @@ def choose(kernels: dict[str, Kernel], layer, device: torch.device, name: str | 
             return candidate
         if name is not None:
             raise ValueError(f"kernel {name!r} refuses this layer on {device}: {why}")
-    raise ValueError(f"unknown kernel {name!r}; kernels: {', '.join(kernels)}")
+    raise ValueError(f"unknown kernel {name!r}; kernels: {', '.join(registry)}")
 
 
-def run(kernels: dict[str, Kernel], layer, x: torch.Tensor) -> torch.Tensor:
+def run(registry: dict[str, Kernel], layer, x: torch.Tensor) -> torch.Tensor:
     """layer(x) for x [..., in] of any float dtype -> [..., out] in x's dtype."""
-    kernel = kernels[layer.kernel]
+    kernel = registry[layer.kernel]
     if kernel.device is not None and x.device.type != kernel.device:
         raise RuntimeError(f"this layer is packed for {kernel.device} but got input on {x.device}; "
                            f"call runner.quant.pack_for(model, device) after moving the model")
     compute = torch.promote_types(x.dtype, layer.scales.dtype)
     if kernel.dtypes is not None and compute not in kernel.dtypes:
-        kernel = kernels["fallback"]
+        kernel = registry["fallback"]
     x2 = x.reshape(-1, x.shape[-1]).to(compute).contiguous()  # [M, in]
     y = kernel.matmul(x2, layer)  # [M, out]
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
