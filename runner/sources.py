@@ -42,9 +42,10 @@ def fetch(source: str, where: str, bar: Bar | None = None) -> Path:
     return path
 
 
-def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | None = None,
+def prepare(model: ModelSection, where: str, note: Callable[[str], None] | None = None,
             key: str = "model", explicit: bool = False, bar: Bar | None = None) -> Path:
-    """model.checkpoint, creating it from model.source first when it is missing.
+    """model.checkpoint, creating it from model.source first when it is missing; note(text) tells
+    each step, `bar` draws its progress.
 
     Hub downloads (hf:) are large, so they happen only when asked for (`runner prepare`, explicit).
     """
@@ -64,7 +65,7 @@ def prepare(model: ModelSection, where: str, progress: Callable[[str], None] | N
         return path
     from runner import loaders  # imports torch; keep `runner show` fast
 
-    say = progress or (lambda step: None)
+    say = note or (lambda step: None)
     say(f"fetching {model.source}")
     fetched = fetch(model.source, where, bar)
     say(f"converting {fetched.name} to {path}")

@@ -16,6 +16,7 @@ from gguf.quants import dequantize
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec, RopeScaling
+from runner.loaders.base import Progress
 from runner.loaders.meta import from_interleaved
 from runner.model.functional import rope_frequencies
 
@@ -85,7 +86,7 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def load(path: Path, spec: ModelSpec, progress=None) -> dict[str, torch.Tensor]:
+def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to fp32 (F16/BF16 kept as they are) in the native layout;
     progress(layers done, layers) after each layer."""
     tensors = {t.name: t for t in _open(path)[0].tensors}
@@ -130,6 +131,11 @@ def load(path: Path, spec: ModelSpec, progress=None) -> dict[str, torch.Tensor]:
         raise ConfigError([problem(str(path), KEY, f"has {len(unused)} tensor(s) the spec (model.arch) does not use, "
                                    f"first {unused[0]!r}; check n_layers and tie_embeddings")])
     return out
+
+
+def read_quant(path: Path) -> None:
+    """None: llama.cpp's quantized tensors are dequantized on load, into float weights."""
+    return None
 
 
 def _open(path: Path) -> tuple[GGUFReader, str]:

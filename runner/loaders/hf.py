@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from runner import checkpoint
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec, RopeScaling
+from runner.loaders.base import Progress
 from runner.loaders.hf_layout import from_hf, per_expert, to_hf
 from runner.model.llama import Transformer
 
@@ -71,8 +72,9 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The native state dict; safetensors are read tensor by tensor as the conversion asks, .bin memory-mapped."""
+def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """The native state dict; safetensors are read tensor by tensor as the conversion asks, .bin
+    memory-mapped; progress is not called."""
     files = _weight_files(path)
     state = ChainMap(*(_SafetensorsFile(f) if f.suffix == ".safetensors" else _read_bin(f) for f in files))
     names = {k for k in state if not k.endswith(IGNORED_SUFFIX)}
@@ -99,6 +101,11 @@ def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
     if problems:
         raise ConfigError(problems)
     return from_hf(state, spec)
+
+
+def read_quant(path: Path) -> None:
+    """None: transformers' files hold float weights (runner writes its quantized ones natively)."""
+    return None
 
 
 def _config(path: Path) -> dict:

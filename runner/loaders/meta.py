@@ -14,6 +14,7 @@ import torch
 from runner import checkpoint
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec, RopeScaling
+from runner.loaders.base import Progress
 
 KEY = "model.checkpoint"
 PARAMS = "params.json"
@@ -77,8 +78,8 @@ def read_spec(path: Path) -> dict:
     return spec
 
 
-def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Merge the model-parallel shards and convert to the native layout."""
+def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Merge the model-parallel shards and convert to the native layout; progress is not called."""
     shards = [_read_shard(f) for f in _shards(path)]
     used = set(IGNORED)
 
@@ -137,6 +138,11 @@ def _shards(path: Path) -> list[Path]:
         raise ConfigError([problem(str(path), KEY, f"model-parallel shards must be numbered 00 to {len(numbered) - 1:02d} "
                                    f"without gaps; found {', '.join(f.name for _, f in numbered)}")])
     return [f for _, f in numbered]
+
+
+def read_quant(path: Path) -> None:
+    """None: Meta's checkpoints hold float weights."""
+    return None
 
 
 def _read_shard(file: Path) -> dict[str, torch.Tensor]:

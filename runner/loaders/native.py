@@ -7,14 +7,15 @@ import torch
 
 from runner import checkpoint
 from runner.config.schema import ModelSpec, RopeScaling
+from runner.loaders.base import Progress
 
 
 def matches(path: Path) -> bool:
     return path.is_file() and path.suffix in (".pth", ".pt", ".bin")
 
 
-def load(path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The state dict, memory-mapped."""
+def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """The state dict, memory-mapped; nothing to convert, so progress is not called."""
     return checkpoint.read(path)["state_dict"]
 
 

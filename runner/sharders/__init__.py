@@ -12,19 +12,24 @@ share of the feed-forward, and the two matmuls that sum over those shares all-re
   norms, embedding, output layer: replicated
   KV cache: by kv heads (each rank holds 1/N of it)
 
-A layer shards itself through one method, `shard_(dim, keep)` ("out" rows or "in" columns, the
-indices kept), so a quantized layer's layout stays its own business: int8 scales follow their
-rows, int4 input splits must keep whole groups (runner.config.schema.tp_problems checks that
-before any rank starts). The collectives are torch.distributed's functional ones, which
-torch.compile traces into the compiled step.
+Two steps: `plan(spec, world_size)` decides which rows or columns each rank keeps of each
+layer's linears (refusing a spec whose heads do not split), and `shard(model, plan, rank)` keeps
+one rank's share. A layer shards itself through one method, `shard_(dim, keep)` ("out" rows or
+"in" columns, the indices kept), so a quantized layer's layout stays its own business: int8
+scales follow their rows, int4 input splits must keep whole groups (runner.config.schema.tp_problems
+checks that before any rank starts). The collectives are torch.distributed's functional ones,
+which torch.compile traces into the compiled step.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from runner.config.schema import tp_problems
+from runner.config.schema import ModelSpec, tp_problems
+from runner.parallel import Rank
 
 
 class AllReduce(nn.Module):
@@ -42,43 +47,68 @@ class AllReduce(nn.Module):
         return None
 
 
+@dataclass(frozen=True)
+class Split:
+    """How one linear splits: by its output rows ("out") or input columns ("in"); rank r keeps
+    the indices blocks[r]."""
+    dim: str
+    blocks: tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How every layer splits over `world_size` ranks: the heads each rank keeps, each linear's
+    split (by its name within the layer), and the modules whose partial outputs the ranks sum."""
+    world_size: int
+    heads: int
+    kv_heads: int
+    linears: dict[str, Split]
+    reduced: tuple[str, ...]
+
+
 def _block(start: int, count: int) -> torch.Tensor:
     return torch.arange(start, start + count)
 
 
-def shard(model: nn.Module, rank: int, world_size: int, group) -> nn.Module:
-    """Keep rank `rank`'s share of `model` (a runner.model.llama.Transformer), in place."""
-    spec = model.spec
-    if world_size == 1:
-        return model
+def plan(spec: ModelSpec, world_size: int) -> ShardPlan:
+    """The plan for `spec` over `world_size` ranks; ValueError when its heads or feed-forward do not split."""
     problems = tp_problems(spec, world_size)
     if problems:
         raise ValueError(problems[0][2])
     hd, heads, kv, inner = spec.head_size, spec.n_heads, spec.kv_heads, spec.intermediate_size
     q_per, kv_per, inner_per = heads // world_size, kv // world_size, inner // world_size
-    qkv = torch.cat([_block(rank * q_per * hd, q_per * hd),  # q, then k, then v: each by heads
-                     _block((heads + rank * kv_per) * hd, kv_per * hd),
-                     _block((heads + kv + rank * kv_per) * hd, kv_per * hd)])
-    by_heads = _block(rank * q_per * hd, q_per * hd)
-    w13 = torch.cat([_block(rank * inner_per, inner_per), _block(inner + rank * inner_per, inner_per)])
-    by_inner = _block(rank * inner_per, inner_per)
+    ranks = range(world_size)
+    qkv = tuple(torch.cat([_block(r * q_per * hd, q_per * hd),  # q, then k, then v: each by heads
+                           _block((heads + r * kv_per) * hd, kv_per * hd),
+                           _block((heads + kv + r * kv_per) * hd, kv_per * hd)]) for r in ranks)
+    by_heads = tuple(_block(r * q_per * hd, q_per * hd) for r in ranks)
+    w13 = tuple(torch.cat([_block(r * inner_per, inner_per), _block(inner + r * inner_per, inner_per)]) for r in ranks)
+    by_inner = tuple(_block(r * inner_per, inner_per) for r in ranks)
+    # A mixture of experts splits every expert's stacked linears alike, and sums once after the
+    # weighting: one all-reduce per token, not one per chosen expert.
+    ffn = "feed_forward.experts" if spec.moe else "feed_forward"
+    return ShardPlan(world_size, q_per, kv_per,
+                     linears={"attention.wqkv": Split("out", qkv), "attention.wo": Split("in", by_heads),
+                              f"{ffn}.w13": Split("out", w13), f"{ffn}.w2": Split("in", by_inner)},
+                     reduced=("attention.wo", "feed_forward.experts" if spec.moe else "feed_forward.w2"))
+
+
+def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
+    """Keep `rank`'s share of `model` (a runner.model.llama.Transformer) as `plan` splits it, in place."""
+    if rank.world_size != plan.world_size:
+        raise ValueError(f"the shard plan is for {plan.world_size} ranks, but rank {rank.rank} is one of {rank.world_size}")
+    if plan.world_size == 1:
+        return model
+    group = torch.distributed.group.WORLD if rank.group is None else rank.group
     for i, layer in enumerate(model.layers):
-        attention, ffn = layer.attention, layer.feed_forward
-        experts = getattr(ffn, "experts", None)  # a mixture of experts: their stacked linears split alike
-        dense, prefix = (ffn, "feed_forward") if experts is None else (experts, "feed_forward.experts")
-        for name, linear, dim, keep in (("attention.wqkv", attention.wqkv, "out", qkv),
-                                        ("attention.wo", attention.wo, "in", by_heads),
-                                        (f"{prefix}.w13", dense.w13, "out", w13),
-                                        (f"{prefix}.w2", dense.w2, "in", by_inner)):
+        for name, split in plan.linears.items():
             try:
-                linear.shard_(dim, keep)
+                layer.get_submodule(name).shard_(split.dim, split.blocks[rank.rank])
             except ValueError as e:
-                raise ValueError(f"layers.{i}.{name} cannot be split over {world_size} ranks: {e}") from None
-        attention.n_heads, attention.n_kv_heads = q_per, kv_per
-        attention.wo = AllReduce(attention.wo, group)
-        if experts is None:
-            ffn.w2 = AllReduce(ffn.w2, group)
-        else:
-            ffn.experts = AllReduce(experts, group)  # after the weighting: one sum per token, not k
-    model.tensor_parallel = (rank, world_size)
+                raise ValueError(f"layers.{i}.{name} cannot be split over {plan.world_size} ranks: {e}") from None
+        layer.attention.n_heads, layer.attention.n_kv_heads = plan.heads, plan.kv_heads
+        for name in plan.reduced:
+            parent, _, child = name.rpartition(".")
+            layer.get_submodule(parent).register_module(child, AllReduce(layer.get_submodule(name), group))
+    model.operands_changed()  # runner's ops gather their operands again: the layers and head counts changed
     return model
