@@ -1,4 +1,11 @@
-"""Turning logits into the next token: temperature, top-k, top-p, seeded sampling."""
+"""Turning logits into the next token: temperature, top-k, top-p, seeded sampling.
+
+Every draw is an exponential race: an Exp(1) time per token (on the CPU, where few tokens can
+win, only per token of nonzero probability), drawn in vocabulary order, and the token with the
+largest probability / time wins. On the CPU, top-k's
+probabilities are computed over its candidates only, by one function whichever path asks, so
+next_token and sample(logits_to_probs(...)) draw the same token for the same generator.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,18 +33,31 @@ def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     if sampling.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+    vocab = logits.shape[-1]
+    if sampling.top_k is not None and sampling.top_k < vocab:
+        if logits.device.type == "cpu":
+            flat = logits.reshape(-1, vocab)
+            index, probs = _top_k_candidates(flat, sampling)
+            return torch.zeros_like(flat).scatter_(-1, index, probs).reshape(logits.shape)
+        # On an accelerator, counting the candidates would wait for the device: mask instead.
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p < 1.0:
+    return _top_p(torch.softmax(logits, dim=-1), sampling.top_p)
+
+
+def _top_p(probs: torch.Tensor, top_p: float, largest_first: bool = False) -> torch.Tensor:
+    """probs [..., C] with the smallest prefix of the largest whose mass reaches top_p kept
+    (a token stays if the mass before it is < top_p); largest_first: probs are sorted so."""
+    if top_p >= 1.0:
+        return probs
+    if largest_first:
+        drop = (probs.cumsum(-1) - probs) >= top_p
+    else:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= sampling.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -47,55 +67,65 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     torch.multinomial it never waits for the device.
     """
     if probs.device.type == "cpu":
-        # Only the tokens that can win race: top-k leaves tens of a vocabulary's 50k, and torch's
-        # CPU exponential_ costs about 20 ns a draw (1 ms a token for SmolLM2's vocabulary).
-        flat = probs.reshape(-1, probs.shape[-1])
-        rows, cols = (flat > 0).nonzero(as_tuple=True)
-        if len(rows) * 8 <= flat.numel():
-            race = torch.empty(len(rows), dtype=probs.dtype).exponential_(1, generator=generator)
-            scores = torch.zeros_like(flat).index_put_((rows, cols), flat[rows, cols] / race)
-            return scores.argmax(-1).reshape(probs.shape[:-1])
+        return _race(probs.reshape(-1, probs.shape[-1]), generator).reshape(probs.shape[:-1])
+    # One time per entry, zeros included: counting the nonzero ones would wait for the device.
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     # A race time of exactly 0 would make 0/0 = nan for a zero-probability token, which argmax picks.
     return torch.where(probs > 0, probs / race, 0.0).argmax(-1)
 
 
-TIES_SEEN = 16  # logits past the k-th that top-k sampling looks at for ties with it
+def _race(probs: torch.Tensor, generator: torch.Generator | None, index: torch.Tensor | None = None,
+          vocab: int | None = None) -> torch.Tensor:
+    """The race on the CPU over probs [R, C] -> [R] winning columns. `index` [R, C]: the token
+    each column is (top-k's candidates, in vocabulary order) out of `vocab`; None: the columns
+    are the vocabulary. Where few tokens can win, only they get times, row by row in vocabulary
+    order (torch's CPU exponential_ is slow, and top-k leaves tens of tens of thousands); else
+    every token of the vocabulary gets one. Both depend only on the distribution, so a
+    candidate race and a whole-vocabulary race draw alike."""
+    rows, cols = (probs > 0).nonzero(as_tuple=True)
+    vocab = probs.shape[-1] if index is None else vocab
+    if len(rows) * 8 <= probs.shape[0] * vocab:
+        race = torch.empty(len(rows), dtype=probs.dtype).exponential_(1, generator=generator)
+        return torch.zeros_like(probs).index_put_((rows, cols), probs[rows, cols] / race).argmax(-1)
+    race = torch.empty(probs.shape[0], vocab, dtype=probs.dtype).exponential_(1, generator=generator)
+    if index is not None:
+        race = race.gather(-1, index)
+    # A race time of exactly 0 would make 0/0 = nan for a zero-probability token, which argmax picks.
+    return torch.where(probs > 0, probs / race, 0.0).argmax(-1)
+
+
+TIES_SEEN = 16  # logits past the k-th that top-k looks at first for ties with it
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token for logits [..., V]."""
+    """The next token for logits [..., V]: the draw sample(logits_to_probs(logits)) makes."""
     if sampling.greedy:
-        # The first maximum, as argmax; torch's bf16 argmax on the CPU is a scalar loop (176 us for
-        # SmolLM2's 49152 logits, max 44).
+        # The first maximum, as argmax; torch's bf16 argmax on the CPU is a scalar loop.
         return logits.max(-1).indices
-    if logits.device.type == "cpu" and sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        token = _top_k_race(logits, sampling, generator)
-        if token is not None:
-            return token
+    vocab = logits.shape[-1]
+    if logits.device.type == "cpu" and sampling.top_k is not None and sampling.top_k < vocab:
+        # The candidates and race of logits_to_probs + sample, without scattering them into
+        # the whole vocabulary and finding them there again: a large part of a small model's step.
+        index, probs = _top_k_candidates(logits.reshape(-1, vocab).float() / sampling.temperature, sampling)
+        return index.gather(-1, _race(probs, generator, index, vocab)[:, None]).reshape(logits.shape[:-1])
     return sample(logits_to_probs(logits, sampling), generator)
 
 
-def _top_k_race(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor | None:
-    """sample(logits_to_probs(logits)) for top-k, over the candidates only: the same
-    distribution, and the same race (one exponential per candidate left, in vocabulary order), so
-    the same token for the same generator. Masking, softmax and top-p over the whole vocabulary
-    took 0.3 ms of a SmolLM2 step. The candidates are every logit >= the k-th largest, as the mask
-    keeps them: bf16 logits often tie there. None where more ties than TIES_SEEN do."""
+def _top_k_candidates(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (then top-p) over tempered logits [R, V]: the candidates' token ids [R, C] in
+    vocabulary order and their probabilities [R, C]. The candidates are every logit >= the k-th
+    largest (bf16 logits often tie there); a row with fewer than C of them is padded with other
+    tokens at probability 0."""
     k, vocab = sampling.top_k, logits.shape[-1]
-    flat = logits.reshape(-1, vocab).float() / sampling.temperature  # [R, V]
     seen = min(vocab, k + TIES_SEEN)
-    values, index = torch.topk(flat, seen, dim=-1)  # [R, seen], largest first
+    values, index = torch.topk(logits, seen, dim=-1)  # [R, seen], largest first
     kth = values[:, k - 1:k]
-    if seen < vocab and (values[:, -1:] >= kth).any():
-        return None
+    count = int((values >= kth).sum(-1).max())  # the most candidates a row has
+    if count == seen < vocab:  # ties may run past what was seen: take them all
+        count = int((logits >= kth).sum(-1).max())
+        values, index = torch.topk(logits, count, dim=-1)
+    values, index = values[:, :count], index[:, :count]
     probs = torch.softmax(values.masked_fill(values < kth, float("-inf")), dim=-1)
-    if sampling.top_p < 1.0:  # as logits_to_probs: a token stays if the mass before it is < top_p
-        probs = probs.masked_fill((probs.cumsum(-1) - probs) >= sampling.top_p, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    order = index.argsort(-1)
-    index, probs = index.gather(-1, order), probs.gather(-1, order)
-    rows, cols = (probs > 0).nonzero(as_tuple=True)
-    race = torch.empty(len(rows), dtype=probs.dtype).exponential_(1, generator=generator)
-    scores = torch.zeros_like(probs).index_put_((rows, cols), probs[rows, cols] / race)
-    return index.gather(-1, scores.argmax(-1, keepdim=True)).reshape(logits.shape[:-1])
+    probs = _top_p(probs, sampling.top_p, largest_first=True)
+    index, order = index.sort(-1)  # vocabulary order: the order of the race's times
+    return index, probs.gather(-1, order)
