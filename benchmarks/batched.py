@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from runner import pipeline  # noqa: E402
-from runner.config.resolve import resolve  # noqa: E402
 from runner.decoders.batched import BatchDecoder  # noqa: E402
 from runner.decoders.sampling import Sampling  # noqa: E402
+from runner.recipes import load as resolve  # noqa: E402
 
 
 def measure(built, prompt: list[int], batch: int, steps: int, runs: int) -> float:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from runner.bench import cpu_name
-from runner.config.resolve import resolve
+from runner.bench.machine import cpu_name
+from runner.recipes import load as resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runner.config.resolve import resolve  # noqa: E402
 from runner.eval import command  # noqa: E402
+from runner.recipes import load as resolve  # noqa: E402
 
 COLUMNS = [("pydoc_perplexity", "word_perplexity"), ("pydoc_perplexity", "bits_per_byte"),
            ("basic_knowledge_mc", "acc"), ("basic_knowledge_mc", "acc_norm"), ("basic_facts_qa", "exact_match")]
@@ -76,7 +76,7 @@ def main() -> None:
             recipe = resolve(args.recipe, ["generate.temperature=0", *more, *args.overrides], check_files=True)
             print(f"{label}: evaluating", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            results = command.evaluate(recipe, args.recipe, names, (), args.limit, args.batch_size)
+            results = command.evaluate(None, recipe, args.recipe, names, (), args.limit, args.batch_size)
             seconds = time.perf_counter() - start
             kernels = results.pop("kernels_used", None)
             cells = [value(results, t, m) for t, m in COLUMNS]

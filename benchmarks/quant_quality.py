@@ -44,7 +44,7 @@ from runner import decoders, pipeline, quant  # noqa: E402
 from runner.quant import int4, int8  # noqa: E402
 from runner.quant.linear import Int4Linear, Int8Linear  # noqa: E402
 from runner.tokenizers.chat import render_chat  # noqa: E402
-from runner.transforms import kernels as kernel_ops  # noqa: E402
+from runner.transforms.runner_ops import use_runner_ops  # noqa: E402
 
 DEFAULT_MODES = "none,int8,int4:32,int4:64,int4-gptq:32,int4-gptq:64"
 
@@ -191,7 +191,7 @@ def to_bfloat16(model: torch.nn.Module, recipe) -> torch.nn.Module:
     model = copy.deepcopy(model).to(torch.bfloat16)
     if quant.is_quantized(model):
         quant.pack_for(model, "cpu")
-    kernel_ops.apply(model, recipe.kernels, torch.device("cpu"), "benchmarks/quant_quality.py")
+    use_runner_ops(model, recipe.kernels, torch.device("cpu"), "benchmarks/quant_quality.py")
     return model
 
 

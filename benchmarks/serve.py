@@ -147,7 +147,7 @@ def llamacpp_available() -> bool:
 def gguf_of(recipe: str, overrides: list[str]) -> tuple[Path | None, frozenset[int]]:
     """The recipe's GGUF model.source (None if it names none), and its tokenizer's EOS ids."""
     from runner import sources
-    from runner.config.resolve import resolve
+    from runner.recipes import load as resolve
     from runner.pipeline import build_tokenizer
 
     resolved = resolve(recipe, overrides)

@@ -29,7 +29,7 @@ import common  # noqa: E402
 
 from runner import decoders, pipeline, sources  # noqa: E402
 from runner.tokenizers.chat import render_chat  # noqa: E402
-from runner.transforms import kernels as kernel_ops  # noqa: E402
+from runner.transforms.runner_ops import use_runner_ops  # noqa: E402
 
 FUNCTION = '''def summarize(records, key):
     """Return count, mean, min and max of one numeric field."""
@@ -101,7 +101,7 @@ def build_configs(args, recipe_path: Path, dtype: str) -> tuple[list[Config], ob
         common.note(f"{dtype}: loading draft {label}")
         path = sources.prepare(r.draft.model, str(recipe_path))
         model = pipeline.load(path, r.draft.model.arch, r.draft.quant, r, str(recipe_path), target.tokenizer, key="draft")
-        kernel_ops.apply(model, r.kernels, torch.device(r.device), str(recipe_path))  # as pipeline.build does
+        use_runner_ops(model, r.kernels, torch.device(r.device), str(recipe_path))  # as pipeline.build does
         for k in args.k_model:
             rk = common.recipe(base + draft + [f"draft.speculate_k={k}"], recipe_path)
             configs.append(Config(f"draft {label}", k, decoders.build(rk, target.model, model)))

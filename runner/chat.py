@@ -14,8 +14,8 @@ from typing import TextIO
 import torch
 
 from runner import pipeline as pipelines
-from runner.config.schema import DraftKind
-from runner.tokenizers.base import StopText, TextStream
+from runner.config.schema import Recipe
+from runner.text import TextStream
 from runner.tokenizers.chat import render_messages
 
 HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) ends, Ctrl-C stops an answer."
@@ -24,15 +24,13 @@ HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) ends, Ctrl-C stops
 class Conversation:
     """One conversation's history and what the KV cache holds of it."""
 
-    def __init__(self, built: pipelines.Pipeline, recipe_file: str, note: Callable[[str], None]):
-        self.built, self.recipe_file, self.note = built, recipe_file, note
+    def __init__(self, built: pipelines.Pipeline, recipe_path: str, note: Callable[[str], None]):
+        self.built, self.recipe_path, self.note = built, recipe_path, note
         recipe = built.recipe
         self.limit = recipe.generate.cache_len or recipe.model.arch.max_seq_len
-        # A speculative round writes speculate_k positions past its last token.
-        self.lookahead = recipe.draft.speculate_k if recipe.draft.kind is not DraftKind.none else 0
-        built.decoder.cache_len = self.limit  # one cache for the whole conversation
+        self.lookahead = built.decoder.lookahead
+        built.decoder.reserve(self.limit)  # one cache for the whole conversation
         self.templated = built.tokenizer.chat_template is not None
-        self.reuses_cache = "cached" in built.decoder.generate.__code__.co_varnames
         self.turn_index = 0
         self.reset()
 
@@ -44,7 +42,7 @@ class Conversation:
     def _ids(self, messages: list[dict] | None = None) -> list[int]:
         tokenizer, messages = self.built.tokenizer, self.messages if messages is None else messages
         if self.templated:
-            text = render_messages(tokenizer, messages, self.recipe_file)
+            text = render_messages(tokenizer, messages, self.recipe_path)
             return tokenizer.encode(text, bos=False, allow_special=True)
         # Plain continuation: the turns one after another, as one growing text.
         return tokenizer.encode("".join(m["content"] for m in messages), bos=True)
@@ -81,26 +79,25 @@ class Conversation:
         reuse = 0
         while reuse < min(len(self.cached), len(ids)) and self.cached[reuse] == ids[reuse]:
             reuse += 1
-        stream, stop = TextStream(self.built.tokenizer), StopText(recipe.generate.stop)
+        text = TextStream(self.built.tokenizer, recipe.generate.stop)
         out: list[int] = []
         answer: list[str] = []
 
         def show(token: int) -> bool:
             out.append(token)
-            if token not in self.built.tokenizer.eos_ids:
-                piece = stop.push(stream.push(token))
-                answer.append(piece)
-                write(piece)
-            return stop.stopped
+            piece = text.push(token)
+            answer.append(piece)
+            write(piece)
+            return text.done
 
-        generator = torch.Generator(self.built.decoder.device).manual_seed(recipe.generate.seed + self.turn_index)
+        decoder = self.built.decoder
+        generator = torch.Generator(decoder.device).manual_seed(recipe.generate.seed + self.turn_index)
         self.turn_index += 1
-        kwargs = {"cached": reuse} if self.reuses_cache else {}
         self.cached = ids[:reuse]  # all that is sure to stay valid should this turn be interrupted
         try:
-            self.built.decoder.generate(ids, budget, self.built.tokenizer.eos_ids, generator, show, **kwargs)
+            decoder.generate(ids, budget, self.built.tokenizer.eos_ids, generator, show, cached=reuse)
         finally:  # an answer stopped by Ctrl-C is kept as far as it went
-            tail = stop.push(stream.flush()) + stop.flush()
+            tail = text.flush()
             answer.append(tail)
             write(tail)
             if out:  # the prompt ran whole; the last token's keys and values are not written yet
@@ -109,13 +106,25 @@ class Conversation:
             self.messages.append({"role": "assistant", "content": content})
 
 
-def run(built: pipelines.Pipeline, recipe_file: str, note: Callable[[str], None],
+def main(recipe: Recipe, recipe_path: str) -> None:
+    """`runner chat`: build the recipe's pipeline, then talk on the terminal."""
+    try:
+        import readline  # noqa: F401 (line editing and history for input())
+    except ImportError:
+        pass
+    from runner.report import Reporter
+
+    report = Reporter()
+    run(pipelines.build(recipe, recipe_path, report.note, report.progress), recipe_path, report.note)
+
+
+def run(built: pipelines.Pipeline, recipe_path: str, note: Callable[[str], None],
         read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """The interactive loop: read a line, answer it; until /exit or end of input."""
-    conversation = Conversation(built, recipe_file, note)
+    conversation = Conversation(built, recipe_path, note)
     if not conversation.templated:
         note("chat: this model's tokenizer has no chat template; the conversation continues as plain text")
-    if not conversation.reuses_cache:
+    if not built.decoder.reuses_cache:
         note("chat: speculative decoding re-reads the whole history each turn")
     note(HELP)
 

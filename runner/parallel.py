@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from runner.config.errors import ConfigError, RankFailed, problem
-from runner.config.schema import ParallelSection
+from runner.config.schema import ParallelSection, Recipe
 
 # How long a rank waits on a collective before it gives up (a peer that hangs, not one that dies:
 # a dead peer's sockets close at once).
@@ -34,21 +34,15 @@ ERRORS_ENV = "RUNNER_RANK_ERRORS"  # where spawned ranks leave their one-line er
 
 @dataclass(frozen=True)
 class Rank:
+    """This process's place among the tensor-parallel ranks, handed to each stage that needs it."""
     rank: int
     world_size: int
     local_world_size: int
+    group: object = None  # the ranks' torch.distributed process group; None: the default one (WORLD)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-_current: Rank | None = None
-
-
-def current() -> Rank | None:
-    """This process's rank once joined; None outside tensor parallelism."""
-    return _current
 
 
 def under_torchrun() -> bool:
@@ -79,27 +73,48 @@ def backend(section: ParallelSection, device: str) -> str:
 
 
 def join(section: ParallelSection, device: str, threads: int | None) -> Rank:
-    """Join the process group the environment describes (torchrun's, or the launcher's)."""
-    global _current
-    if _current is not None:
-        return _current
+    """Join the process group the environment describes (torchrun's, or the launcher's); joining
+    again returns the same rank."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    if torch.distributed.is_initialized():
+        return Rank(rank, size, local_size)
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     # The machine's cores shared among its ranks (torchrun would leave each rank one thread).
     torch.set_num_threads(max(1, (threads or os.cpu_count() or 1) // local_size))
     torch.distributed.init_process_group(backend(section, device), timeout=TIMEOUT)
-    _current = Rank(rank, size, local_size)
-    return _current
+    return Rank(rank, size, local_size)
 
 
 def leave() -> None:
-    global _current
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _current = None
+
+
+# A command's work on one rank: task(rank, recipe, recipe_path, *args), rank None outside tensor parallelism.
+Task = Callable[..., object]
+
+
+def run(task: Task, recipe: Recipe, recipe_path: str, *args) -> dict[int, object]:
+    """task(rank, recipe, recipe_path, *args) here (rank None), or on the recipe's world size of
+    ranks: spawned here, or this one under torchrun. Returns each rank's result by rank."""
+    check(recipe.parallel, recipe.device, recipe_path)
+    if world_size(recipe.parallel) == 1:
+        return {0: task(None, recipe, recipe_path, *args)}
+    if under_torchrun():
+        return {0: as_rank(task, recipe, recipe_path, *args)}
+    return launch(as_rank, (task, recipe, recipe_path, *args), recipe.parallel.world_size)
+
+
+def as_rank(task: Task, recipe: Recipe, recipe_path: str, *args):
+    """Join the group, run the task as this rank, leave."""
+    rank = join(recipe.parallel, recipe.device, recipe.threads)
+    # No teardown on failure: the group stays up until this rank has said why it failed (its
+    # peers, seeing it gone, would otherwise report the lost connection first) and exits.
+    result = task(rank, recipe, recipe_path, *args)
+    leave()
+    return result
 
 
 def _free_port() -> int:

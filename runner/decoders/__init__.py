@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from runner.config.schema import DraftKind, Recipe
+from runner.decoders.base import Decoder, Forward, SlotDecoder
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.proposers import DraftModelProposer, NGramProposer
 from runner.decoders.sampling import Sampling
@@ -18,8 +19,11 @@ def sampling_of(recipe: Recipe) -> Sampling:
     return Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
 
-def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None, forward=None,
-          draft_forward=None):
+__all__ = ["DECODERS", "Decoder", "Forward", "SlotDecoder", "build", "sampling_of"]
+
+
+def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
+          forward: Forward | None = None, draft_forward: Forward | None = None) -> Decoder:
     """The decoder the recipe's draft section selects; draft_model is required for draft.kind: model.
 
     forward: what the decoder calls instead of model(tokens, input_pos), e.g. its compiled steps;

@@ -12,14 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runner.decoders.base import Token
 from runner.decoders.sampling import Sampling, next_token
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    logprob: float | None  # of `id` under the model's distribution (before sampling's reshaping); None: not asked
-    top: tuple[tuple[int, float], ...] = ()  # the `logprobs` most likely ids and their log-probabilities
 
 
 @dataclass
@@ -32,7 +26,7 @@ class _Row:
 
 
 class BatchDecoder:
-    """`slots` rows of `cache_len` positions each over one model.
+    """A SlotDecoder (runner.decoders.base): `slots` rows of `cache_len` positions each over one model.
 
     start() prefills a prompt into a free slot and returns its first token; step() decodes one
     token for every busy slot; finish() frees a slot at once. The caller (a scheduler) owns
@@ -111,16 +105,6 @@ class BatchDecoder:
     def finish(self, slot: int) -> None:
         """Free `slot` for the next request (its cache rows are overwritten by the next prefill)."""
         self.rows.pop(slot, None)
-
-    # A scheduler's side of the protocol, for decoders that must hear from it while it waits for work
-    # (runner.serve.ranks.Leader: the other ranks of a tensor-parallel group).
-    heartbeat_seconds: float | None = None  # how often an idle scheduler calls idle(); None: never
-
-    def idle(self) -> None:
-        """Nothing to run for heartbeat_seconds."""
-
-    def close(self) -> None:
-        """The scheduler is done with this decoder."""
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> Token:
         token = int(next_token(logits, row.sampling, row.generator))

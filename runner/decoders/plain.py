@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 
+from runner.decoders.base import Decoder, Forward, OnToken
 from runner.decoders.sampling import Sampling, next_token
 from runner.decoders.stats import Stats, peak_memory
 
 
-class PlainDecoder:
+class PlainDecoder(Decoder):
     """Greedy or sampled decoding of one sequence over the model's static KV cache."""
 
-    def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None, forward=None):
+    reuses_cache = True
+
+    def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None,
+                 forward: Forward | None = None):
         self.model = model
-        self.forward = forward or model  # the model, or its compiled steps (runner.transforms.compile)
+        self.forward = forward or model
         self.sampling = sampling
         self.cache_len = cache_len
         self.device = next(model.parameters()).device
@@ -26,7 +29,7 @@ class PlainDecoder:
         max_new_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
-        on_token: Callable[[int], bool | None] | None = None,
+        on_token: OnToken | None = None,
         cached: int = 0,
     ) -> tuple[list[int], Stats]:
         """New tokens (ending with the EOS token if one was drawn) and timing statistics.
@@ -34,9 +37,7 @@ class PlainDecoder:
         cached: how many leading prompt tokens the KV cache already holds (at their positions,
         from an earlier call with the same cache size): only the rest is prefilled.
         """
-        cache_len = self.cache_len or min(len(prompt) + max_new_tokens, self.model.spec.max_seq_len)
-        if len(prompt) + max_new_tokens > cache_len:
-            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the cache ({cache_len})")
+        cache_len = self._cache_for(len(prompt), max_new_tokens)
         if self.model.cache_len != cache_len:
             self.model.setup_cache(1, cache_len)
             cached = 0

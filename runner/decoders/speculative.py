@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
+from runner.decoders.base import Decoder, Forward, OnToken
 from runner.decoders.sampling import Sampling, logits_to_probs, sample
 from runner.decoders.stats import Stats, peak_memory
 
@@ -82,16 +83,21 @@ class SpeculativeStats:
         return counts
 
 
-class SpeculativeDecoder:
-    """Draft with a Proposer, verify with the target model over its static KV cache."""
+class SpeculativeDecoder(Decoder):
+    """Draft with a Proposer, verify with the target model over its static KV cache.
+
+    Each call prefills its whole prompt (reuses_cache is False): the proposer's own cache would
+    have to follow the target's.
+    """
 
     def __init__(self, model: torch.nn.Module, proposer: Proposer, sampling: Sampling, speculate_k: int,
-                 cache_len: int | None = None, forward=None):
+                 cache_len: int | None = None, forward: Forward | None = None):
         self.model = model
-        self.forward = forward or model  # the model, or its compiled steps
+        self.forward = forward or model
         self.proposer = proposer
         self.sampling = sampling
         self.speculate_k = speculate_k
+        self.lookahead = speculate_k  # the verify forward writes k + 1 positions past the accepted ones
         self.cache_len = cache_len
         self.device = next(model.parameters()).device
 
@@ -101,13 +107,12 @@ class SpeculativeDecoder:
         max_new_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
         generator: torch.Generator | None = None,
-        on_token: Callable[[int], bool | None] | None = None,
+        on_token: OnToken | None = None,
+        cached: int = 0,
     ) -> tuple[list[int], Stats]:
-        """New tokens (ending with EOS if drawn) and statistics, exactly distributed as plain decoding's."""
-        # The verify forward writes k + 1 positions past the accepted ones.
-        cache_len = self.cache_len or min(len(prompt) + max_new_tokens + self.speculate_k, self.model.spec.max_seq_len)
-        if len(prompt) + max_new_tokens > cache_len:
-            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the cache ({cache_len})")
+        """New tokens (ending with EOS if drawn) and statistics, exactly distributed as plain
+        decoding's. `cached` is ignored: the whole prompt is prefilled."""
+        cache_len = self._cache_for(len(prompt), max_new_tokens)
         if self.model.cache_len != cache_len:
             self.model.setup_cache(1, cache_len)
         self.proposer.reset(cache_len)

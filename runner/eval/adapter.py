@@ -15,9 +15,8 @@ import torch
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
-from runner.decoders.plain import PlainDecoder
 from runner.eval.scoring import score
-from runner.tokenizers.base import StopText, TextStream
+from runner.text import TextStream
 
 Bar = Callable[[str], Callable[[int, int], None]]
 MAX_GEN_TOKS = 256  # lm-eval's default, when a task names none
@@ -83,15 +82,13 @@ class RunnerLM(TemplateLM):
         """Greedy (or the recipe's sampling) continuations through the pipeline's decoder, cut at
         the first stop string (never included) or after max_gen_toks tokens."""
         decoder = self.pipeline.decoder
-        draft = self.pipeline.recipe.draft
-        lookahead = 0 if isinstance(decoder, PlainDecoder) else draft.speculate_k
         jobs = []
         for req in requests:
             context, kwargs = req.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.get("max_gen_toks", MAX_GEN_TOKS))
-            room = self.max_length - new - lookahead
+            room = self.max_length - decoder.positions(0, new)
             if room < 1:
                 raise ValueError(f"max_gen_toks={new} leaves no room for a prompt in max_seq_len={self.max_length}")
             jobs.append((self.tok_encode(context)[-room:], until, new))
@@ -99,9 +96,7 @@ class RunnerLM(TemplateLM):
             return []
         # One cache size for every request: compiled steps see one shape, and the batched
         # scoring's cache (batch B) is replaced by a batch-1 one.
-        cache_len = min(self.max_length, max(len(ids) + new + lookahead for ids, _, new in jobs))
-        decoder.cache_len = cache_len
-        self.model.setup_cache(1, cache_len)
+        decoder.reserve(min(self.max_length, max(decoder.positions(len(ids), new) for ids, _, new in jobs)))
         seed = self.pipeline.recipe.generate.seed
         bar = self.bar("generating")
         out = []
@@ -111,14 +106,12 @@ class RunnerLM(TemplateLM):
         return out
 
     def _generate(self, ids: list[int], until: list[str], new: int, generator: torch.Generator) -> str:
-        stream, stop = TextStream(self.runner_tokenizer), StopText(until)
+        stream = TextStream(self.runner_tokenizer, until)
         text = []
 
         def on_token(token: int) -> bool:
-            text.append(stop.push(stream.push(token)))
-            return stop.stopped
+            text.append(stream.push(token))
+            return stream.done
 
         self.pipeline.decoder.generate(ids, new, self.runner_tokenizer.eos_ids, generator, on_token)
-        if not stop.stopped:
-            text.append(stop.push(stream.flush()) + stop.flush())
-        return "".join(text)
+        return "".join(text) + stream.flush()

@@ -46,21 +46,20 @@ def check(tasks: str, limit: int | None, include: tuple[str, ...]) -> list[str]:
     return names
 
 
-def evaluate(resolved, recipe: str, names: list[str], include: tuple[str, ...], limit: int | None,
+def evaluate(rank, recipe, recipe_path: str, names: list[str], include: tuple[str, ...], limit: int | None,
              batch_size: int) -> dict | None:
     """lm-eval's results for the tasks on this rank (every rank runs the same forwards); JSON-safe."""
     require_lm_eval()
     from lm_eval import evaluator
     from lm_eval.utils import handle_non_serializable
 
-    from runner import parallel, pipeline
+    from runner import pipeline
     from runner.eval import catalog
     from runner.eval.adapter import RunnerLM
     from runner.report import Reporter
 
-    rank = parallel.current()
     report = Reporter(rank=rank.rank if rank else 0)
-    built = pipeline.build(resolved, recipe, report.note, report.progress)
+    built = pipeline.build(recipe, recipe_path, report.note, report.progress, rank=rank)
     lm = RunnerLM(built, batch_size, report.progress)
     results = evaluator.simple_evaluate(model=lm, tasks=catalog.specs(names, list(include)), limit=limit,
                                         task_manager=catalog.manager(list(include)), log_samples=False,
@@ -75,6 +74,13 @@ def evaluate(resolved, recipe: str, names: list[str], include: tuple[str, ...], 
     keep |= {k: results[k] for k in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
                                     "higher_is_better", "n-samples") if k in results}
     return json.loads(json.dumps(keep, default=handle_non_serializable))
+
+
+def report(results: dict, recipe, recipe_path: str, limit: int | None, json_path: str | None) -> str:
+    """The caption and the table; the JSON written where asked."""
+    if json_path:
+        write_json(json_path, results, recipe)
+    return "\n".join([caption(recipe, recipe_path, limit) + f" ({results['kernels_used']})", *table(results)])
 
 
 def table(results: dict) -> list[str]:
@@ -95,17 +101,17 @@ def _fmt(err) -> str:
     return f"{err:.4f}" if isinstance(err, (int, float)) else ""
 
 
-def caption(resolved, recipe: str, limit: int | None) -> str:
-    q = resolved.quant
-    mode = q.mode.value + (f" g{q.groupsize}" if q.mode.value.startswith("int4") else "")
-    return (f"{Path(recipe).stem}: dtype {resolved.dtype.value}, quant {mode}, kernels {resolved.kernels.value}, "
-            f"draft {resolved.draft.kind.value}" + (f", --limit {limit}" if limit else ""))
+def caption(recipe, recipe_path: str, limit: int | None) -> str:
+    q = recipe.quant
+    mode = q.mode.value + (f" g{q.groupsize}" if q.mode.is_int4 else "")
+    return (f"{Path(recipe_path).stem}: dtype {recipe.dtype.value}, quant {mode}, kernels {recipe.kernels.value}, "
+            f"draft {recipe.draft.kind.value}" + (f", --limit {limit}" if limit else ""))
 
 
-def write_json(path: str, results: dict, resolved) -> None:
+def write_json(path: str, results: dict, recipe) -> None:
     """lm-eval's results dict, with the resolved recipe beside it."""
     import yaml
 
     from runner.config.resolve import to_yaml
 
-    Path(path).write_text(json.dumps({**results, "recipe": yaml.safe_load(to_yaml(resolved))}, indent=2))
+    Path(path).write_text(json.dumps({**results, "recipe": yaml.safe_load(to_yaml(recipe))}, indent=2))

@@ -2,8 +2,8 @@
 between steps (continuous batching). It knows nothing of HTTP.
 
 A request waits in a queue for a free slot, is prefilled into it, then joins the next batched
-step. Each new token goes through the request's TextStream and StopText and is handed to the
-request's `emit` callback as a Piece; the last event is Finished (or Failed). A finished or
+step. Each new token goes through the request's TextStream and is handed to the request's `emit`
+callback as a Piece; the last event is Finished (or Failed). A finished or
 cancelled request frees its slot at once. Stopping (EOS, stop strings, max_tokens, a full cache,
 cancellation) is decided here: the decoder only decodes.
 """
@@ -14,13 +14,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from runner.config.errors import ConfigError
-from runner.decoders.batched import BatchDecoder, Token
+from runner.decoders.base import SlotDecoder, Token
 from runner.decoders.sampling import Sampling
 from runner.serve.metrics import Metrics
-from runner.tokenizers.base import StopText, TextStream, Tokenizer
+from runner.text import TextStream
+from runner.tokenizers.base import Tokenizer
 from runner.tokenizers.chat import render_messages
 
 
@@ -84,21 +85,37 @@ class Handle:
         self.cancelled = True
 
 
+class KeepAlive(Protocol):
+    """A decoder that must hear from the scheduler while no request runs (runner.serve.ranks.Leader:
+    the other ranks of a tensor-parallel group wait in a collective with a timeout)."""
+
+    heartbeat_seconds: float  # how often an idle scheduler calls idle()
+
+    def idle(self) -> None:
+        """Nothing ran for heartbeat_seconds."""
+        ...
+
+    def close(self) -> None:
+        """The scheduler is done with the decoder."""
+        ...
+
+
 @dataclass
 class _Running:
     handle: Handle
-    stream: TextStream
-    stop: StopText
+    text: TextStream
     generated: int = 0
     last: float = 0.0  # when its latest token came
     ended: bool = field(default=False)
 
 
 class Scheduler:
-    """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one."""
+    """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one; `keepalive` hears
+    from the loop while it waits for work, and when it ends."""
 
-    def __init__(self, decoder: BatchDecoder, tokenizer: Tokenizer, queue: int, metrics: Metrics | None = None):
-        self.decoder, self.tokenizer = decoder, tokenizer
+    def __init__(self, decoder: SlotDecoder, tokenizer: Tokenizer, queue: int, metrics: Metrics | None = None,
+                 keepalive: KeepAlive | None = None):
+        self.decoder, self.tokenizer, self.keepalive = decoder, tokenizer, keepalive
         self.slots, self.cache_len, self.queue = decoder.slots, decoder.cache_len, queue
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
@@ -157,9 +174,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                heartbeat = self.keepalive.heartbeat_seconds if self.keepalive else None
                 while not (self._stopping or self._waiting or self._running):
-                    if not self._cond.wait(self.decoder.heartbeat_seconds):
-                        self.decoder.idle()  # a tensor-parallel leader's followers hear it is alive
+                    if not self._cond.wait(heartbeat):
+                        self.keepalive.idle()
                 if self._stopping:
                     break
             for r in list(self._running.values()):
@@ -181,7 +199,8 @@ class Scheduler:
         while self._waiting:
             handle = self._waiting.popleft()
             self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
-        self.decoder.close()
+        if self.keepalive is not None:
+            self.keepalive.close()
 
     def _prefill(self, handle: Handle) -> None:
         job = handle.job
@@ -191,7 +210,7 @@ class Scheduler:
         except Exception as e:  # a prompt the HTTP layer should have refused, or a model fault
             self._finish_unstarted(handle, Failed(f"prefill failed: {e}"))
             return
-        r = _Running(handle, TextStream(self.tokenizer), StopText(job.stop))
+        r = _Running(handle, TextStream(self.tokenizer, job.stop))
         self._running[slot] = r
         self._advance(slot, r, token)
 
@@ -216,25 +235,23 @@ class Scheduler:
         else:
             self.metrics.next_token(now - r.last)
         r.last = now
-        if token.id in self.tokenizer.eos_ids:
-            tail = r.stop.push(r.stream.flush()) + r.stop.flush()
-            if tail:
-                self._emit(r, Piece(tail))
+        text = r.text.push(token.id)
+        if r.text.ended:  # EOS: no token of its own to report, only what was held back
+            if text:
+                self._emit(r, Piece(text))
             self._end(r, "stop")
             return
-        text = r.stop.push(r.stream.push(token.id))
         info = self._info(token) if job.logprobs >= 0 else None
-        if r.stop.stopped:
+        if r.text.stopped:
             self._emit(r, Piece(text, info))
             self._end(r, "stop")
             return
         # The next token would go at position len(prompt) + generated - 1: past the cache, none can.
         full = len(job.prompt) + r.generated - 1 >= self.cache_len
         if r.generated >= job.max_tokens or full:
-            text += r.stop.push(r.stream.flush())
-            reason = "stop" if r.stop.stopped else "length"
-            self._emit(r, Piece(text + r.stop.flush(), info))
-            self._end(r, reason)
+            text += r.text.flush()
+            self._emit(r, Piece(text, info))
+            self._end(r, "stop" if r.text.stopped else "length")
             return
         if text or info is not None:
             self._emit(r, Piece(text, info))

@@ -2,10 +2,31 @@
 then the scheduler starts and /health says 200."""
 from __future__ import annotations
 
+import importlib.util
 import threading
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from runner.config.schema import Recipe
+from runner.config.errors import ConfigError, problem
+from runner.config.schema import DraftKind, Recipe
+
+if TYPE_CHECKING:
+    from runner import parallel
+
+EXTRA = ("fastapi", "uvicorn", "sse_starlette")  # what the serve extra installs
+
+
+@dataclass(frozen=True)
+class Options:
+    """`runner serve`'s command-line options, checked."""
+
+    host: str
+    port: int
+    slots: int
+    cache_len: int
+    queue: int
+    api_key: str | None
+    model_name: str
 
 
 def default_cache_len(recipe: Recipe) -> int:
@@ -13,16 +34,49 @@ def default_cache_len(recipe: Recipe) -> int:
     return recipe.generate.cache_len or min(recipe.model.arch.max_seq_len, 2048)
 
 
-def serve(recipe: Recipe, recipe_file: str, host: str, port: int, slots: int, cache_len: int, queue: int,
-          api_key: str | None, model_name: str, note: Callable[[str], None], bar=None) -> None:
+def check(recipe: Recipe, recipe_path: str, cache_len: int | None) -> int:
+    """The cache length per slot (--cache-len, or the recipe's default), once the recipe is one
+    the server runs; a ConfigError names every problem."""
+    problems = []
+    if recipe.draft.kind is not DraftKind.none:
+        problems.append(problem(recipe_path, "draft.kind", "runner serve decodes without a draft (speculative serving "
+                                "is not built); use none", recipe.draft.kind.value))
+    cache_len = cache_len or default_cache_len(recipe)
+    if cache_len > recipe.model.arch.max_seq_len:
+        problems.append(problem("command line", "--cache-len", f"must be at most model.arch.max_seq_len "
+                                f"({recipe.model.arch.max_seq_len})", cache_len))
+    if problems:
+        raise ConfigError(problems)
+    return cache_len
+
+
+def missing_extra() -> list[str]:
+    """The serve extra's packages that are not installed."""
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
+
+
+def on_rank(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options: Options) -> None:
+    """Rank 0 (or the only process) serves; every other rank follows rank 0's decoder calls."""
+    from runner.report import Reporter
+
+    if rank is not None and rank.rank > 0:
+        return follow(rank, recipe, recipe_path, options.slots, options.cache_len)
+    report = Reporter()
+    serve(rank, recipe, recipe_path, options, report.note, report.progress)
+
+
+def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options: Options,
+          note: Callable[[str], None], bar=None) -> None:
     """Serve until interrupted; a failure while loading stops the server and is raised here."""
     import uvicorn
 
     from runner.serve.app import Settings, State, create_app
     from runner.serve.metrics import Metrics
 
+    host, port, slots, cache_len = options.host, options.port, options.slots, options.cache_len
+    model_name = options.model_name
     g = recipe.generate
-    settings = Settings(model_name=model_name, api_key=api_key, slots=slots, cache_len=cache_len,
+    settings = Settings(model_name=model_name, api_key=options.api_key, slots=slots, cache_len=cache_len,
                         temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_new_tokens)
     state = State(settings, Metrics())
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
@@ -31,13 +85,14 @@ def serve(recipe: Recipe, recipe_file: str, host: str, port: int, slots: int, ca
 
     def load() -> None:
         try:
-            state.scheduler = _scheduler(recipe, recipe_file, slots, cache_len, queue, state.metrics, note, bar)
+            state.scheduler = _scheduler(rank, recipe, recipe_path, slots, cache_len, options.queue, state.metrics,
+                                         note, bar)
             note(f"ready: {model_name} on http://{host}:{port}/v1 ({slots} slots of {cache_len} positions)")
         except BaseException as e:  # shown by the CLI once the server has stopped
             failed.append(e)
             server.should_exit = True
 
-    note(f"loading {recipe_file}; http://{host}:{port}/health says 503 until it is ready")
+    note(f"loading {recipe_path}; http://{host}:{port}/health says 503 until it is ready")
     loader = threading.Thread(target=load, name="runner-load", daemon=True)
     loader.start()
     try:
@@ -51,32 +106,33 @@ def serve(recipe: Recipe, recipe_file: str, host: str, port: int, slots: int, ca
         raise OSError(f"could not listen on {host}:{port}")
 
 
-def _scheduler(recipe: Recipe, recipe_file: str, slots: int, cache_len: int, queue: int, metrics, note, bar):
+def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, slots: int, cache_len: int, queue: int,
+               metrics, note, bar):
     from runner import pipeline
     from runner.decoders.batched import BatchDecoder
     from runner.decoders.sampling import Sampling
     from runner.serve.scheduler import Scheduler
 
-    built = pipeline.build(recipe, recipe_file, note, bar)
-    decoder = BatchDecoder(built.model, slots, cache_len, built.forward)
-    if recipe.parallel.world_size > 1:  # every other rank repeats this decoder's calls (follow)
+    built = pipeline.build(recipe, recipe_path, note, bar, rank=rank)
+    decoder, keepalive = BatchDecoder(built.model, slots, cache_len, built.forward), None
+    if rank is not None:  # every other rank repeats this decoder's calls (follow)
         from runner.serve.ranks import Leader
 
-        decoder = Leader(decoder)
+        decoder = keepalive = Leader(decoder)
     # One prefill and one step before the first request: compiled steps compile here, not in its latency.
     slot, _ = decoder.start(built.tokenizer.encode("Hello", bos=True), Sampling())
     decoder.step()
     decoder.finish(slot)
-    scheduler = Scheduler(decoder, built.tokenizer, queue, metrics)
+    scheduler = Scheduler(decoder, built.tokenizer, queue, metrics, keepalive)
     scheduler.start()
     return scheduler
 
 
-def follow(recipe: Recipe, recipe_file: str, slots: int, cache_len: int) -> None:
+def follow(rank: parallel.Rank, recipe: Recipe, recipe_path: str, slots: int, cache_len: int) -> None:
     """A tensor-parallel rank other than 0: build the same decoder, then run rank 0's calls on it."""
     from runner import pipeline
     from runner.decoders.batched import BatchDecoder
     from runner.serve.ranks import follow as follow_leader
 
-    built = pipeline.build(recipe, recipe_file)
+    built = pipeline.build(recipe, recipe_path, rank=rank)
     follow_leader(BatchDecoder(built.model, slots, cache_len, built.forward))

@@ -7,7 +7,7 @@ from typing import Callable
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import gguf, hf, sentencepiece, tiktoken
-from runner.tokenizers.base import TextStream, Tokenizer
+from runner.tokenizers.base import Tokenizer
 
 # kind -> load(section, source): reads section.path, raises ConfigError naming the bad key.
 TOKENIZERS: dict[TokenizerKind, Callable[[TokenizerSection, str], Tokenizer]] = {
@@ -17,7 +17,7 @@ TOKENIZERS: dict[TokenizerKind, Callable[[TokenizerSection, str], Tokenizer]] = 
     TokenizerKind.hf: hf.load,
 }
 
-__all__ = ["TOKENIZERS", "TextStream", "Tokenizer", "build"]
+__all__ = ["TOKENIZERS", "Tokenizer", "build"]
 
 
 def build(section: TokenizerSection, source: str = "recipe") -> Tokenizer:

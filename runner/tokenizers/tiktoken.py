@@ -74,7 +74,7 @@ class TiktokenTokenizer:
         return self.encoding.decode_single_token_bytes(id).decode("utf-8", errors="replace")
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of `ids`; special tokens add nothing, as in a TextStream."""
+        """The text of `ids`; special tokens add nothing, as in a runner.text.TextStream."""
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, id: int) -> bytes:

@@ -86,17 +86,17 @@ def test_bench_prompt_is_text_as_typed(tmp_path, monkeypatch, prompt):
 
 
 def test_bench_times_several_prompt_lengths_in_turn_and_reports_each_against_the_shortest(tmp_path, monkeypatch):
-    from runner import pipeline
+    from runner import generate as generating
 
     monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
     lengths = []
-    generate = pipeline.generate
+    generate = generating.generate
 
     def spy(built, prompt, *args, **kwargs):
         lengths.append(len(prompt))
         return generate(built, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate", spy)
+    monkeypatch.setattr(generating, "generate", spy)
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "recipes/tiny-random.yaml", "threads=1", "--runs", "3", "--tokens", "4",
                                       "--prompt-tokens", "5,40", "--json", str(out)])

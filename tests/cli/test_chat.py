@@ -8,7 +8,7 @@ import pexpect
 import pytest
 
 from runner import chat, pipeline
-from runner.config.resolve import resolve
+from runner.recipes import load as resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = str(ROOT / "recipes" / "smollm2-135m.yaml")

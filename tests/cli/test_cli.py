@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from runner.cli import cli
-from runner.config.resolve import known_specs, load_spec
+from runner.config.specs import known_specs, load_spec
 from runner.config.schema import DType, TokenizerKind
 
 REPO = Path(__file__).resolve().parents[2]

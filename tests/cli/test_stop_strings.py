@@ -1,39 +1,13 @@
-"""Stop strings: generation ends where the streamed text first contains one, the stop string is
-not printed, one cut across tokens is caught, and nothing printed is ever taken back."""
+"""Stop strings end generation where the streamed text first contains one, and are not printed
+(the text stream's own properties: tests/tokenizers/test_text_stream.py)."""
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from runner.tokenizers.base import StopText
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [str(ROOT / "recipes" / "tiny-random.yaml"), "generate.temperature=0", "generate.max_new_tokens=40"]
-ALPHABET = st.sampled_from("ab c\n")  # few letters: stops occur, and overlap their own prefixes
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(ALPHABET, max_size=4), max_size=12), st.lists(st.text(ALPHABET, min_size=1, max_size=4),
-                                                                      max_size=3))
-def test_the_printed_text_is_the_stream_cut_before_the_first_stop(pieces, stops):
-    text = "".join(pieces)
-    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
-    cut = StopText(stops)
-    printed, seen = "", ""
-    for piece in pieces:
-        printed += cut.push(piece)
-        seen += piece
-        assert seen.startswith(printed) or cut.stopped  # only what stays printed is printed
-        if not cut.stopped:
-            # held back: at most the longest proper prefix of a stop string
-            assert len(seen) - len(printed) < max((len(s) for s in stops), default=1)
-    printed += cut.flush()
-    assert printed == (text if first is None else text[:first])
-    assert cut.stopped == (first is not None)
 
 
 def run(*overrides: str) -> subprocess.CompletedProcess:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from runner import pipeline
+from runner import generate as generating
 from runner.config.errors import ConfigError
-from runner.config.resolve import resolve
+from runner.recipes import load as resolve
 
 pytestmark = pytest.mark.compile
 
@@ -29,9 +30,9 @@ def home(tmp_path_factory, monkeypatch):
 def run(overrides, recipe_file=RECIPE):
     recipe = resolve(recipe_file, GREEDY + overrides, check_files=True)
     built = pipeline.build(recipe, recipe_file)
-    prompt = pipeline.encode_prompt(built, recipe_file)
-    compile_seconds = pipeline.warm_up(built, prompt)
-    tokens, _ = pipeline.generate(built, prompt)
+    prompt = generating.encode_prompt(built, recipe_file)
+    compile_seconds = generating.warm_up(built, prompt)
+    tokens, _ = generating.generate(built, prompt)
     return built, prompt, tokens, compile_seconds
 
 
@@ -50,8 +51,8 @@ def test_compiled_greedy_tokens_equal_eager_and_no_step_recompiles(steps):
     assert compile_seconds > 0
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        tokens, _ = pipeline.generate(built, prompt)
-        tokens_again, _ = pipeline.generate(built, prompt)
+        tokens, _ = generating.generate(built, prompt)
+        tokens_again, _ = generating.generate(built, prompt)
     assert counters["stats"]["unique_graphs"] == graphs
     assert tokens == eager == tokens_again
 
@@ -72,7 +73,7 @@ def test_compiled_mixture_of_experts_equals_eager_with_no_recompiles(quant):
     built, prompt, _, _ = run(quant + longer + steps, MOE)
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        tokens, _ = pipeline.generate(built, prompt)
+        tokens, _ = generating.generate(built, prompt)
     assert counters["stats"]["unique_graphs"] == graphs
     assert len(prompt) + len(tokens) > 32  # decoding crossed the window
     assert tokens == eager
@@ -134,7 +135,7 @@ def test_a_new_cache_size_compiles_the_step_anew():
     built, prompt, tokens, _ = run(["compile.decode=true"])
     graphs = counters["stats"]["unique_graphs"]
     built.decoder.cache_len += 7
-    resized, _ = pipeline.generate(built, prompt)
+    resized, _ = generating.generate(built, prompt)
     assert built.model.cache_len == built.decoder.cache_len
     assert counters["stats"]["unique_graphs"] > graphs
     assert tokens == resized == eager
@@ -168,7 +169,7 @@ def test_the_draft_model_is_compiled_too_and_speculative_tokens_equal_plain():
     assert compile_seconds > 0 and tokens == plain
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert pipeline.generate(built, prompt)[0] == plain
+        assert generating.generate(built, prompt)[0] == plain
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner import pipeline
+from runner import generate as generating
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.proposers import DraftModelProposer, NGramProposer
 from runner.decoders.sampling import Sampling
@@ -118,7 +118,7 @@ def test_compiled_greedy_tokens_on_cuda_equal_eager_and_no_step_recompiles(home,
     assert compile_seconds > 0
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        tokens, _ = pipeline.generate(built, prompt)
+        tokens, _ = generating.generate(built, prompt)
     assert counters["stats"]["unique_graphs"] == graphs
     assert tokens == eager
 

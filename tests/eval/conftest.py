@@ -20,7 +20,7 @@ def runner_home(tmp_path_factory) -> Path:
 def build(home: Path, *overrides: str, batch_size: int = 4):
     """RunnerLM over the tiny random recipe, eager torch ops in float32 (the reference's math)."""
     from runner import pipeline
-    from runner.config.resolve import resolve
+    from runner.recipes import load as resolve
     from runner.eval.adapter import RunnerLM
 
     os.environ["RUNNER_HOME"] = str(home)

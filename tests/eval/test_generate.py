@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from runner.tokenizers.base import TextStream
+from runner.text import TextStream
 from tests.eval.conftest import request
 
 pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is part of the test extra")
@@ -16,7 +16,7 @@ PROMPT = "Once upon a time"
 
 def streamed(lm, tokens: list[int]) -> str:
     """The text a stream has completed after `tokens` (a character still partial is held back)."""
-    stream = TextStream(lm.runner_tokenizer)
+    stream = TextStream(lm.runner_tokenizer, eos_ids=())
     return "".join(stream.push(t) for t in tokens)
 
 

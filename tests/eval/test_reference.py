@@ -34,7 +34,7 @@ def both(smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from runner import pipeline
-    from runner.config.resolve import resolve
+    from runner.recipes import load as resolve
     from runner.eval.adapter import RunnerLM
     from runner.eval.command import require_lm_eval
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from runner import pipeline
+from runner import generate as generating
 from runner.config.errors import ConfigError
-from runner.config.resolve import resolve
 from runner.config.schema import DraftKind, QuantMode
+from runner.recipes import load as resolve
 
 RECIPES = {"dense": "tiny-random.yaml", "moe": "tiny-moe.yaml"}  # tiny-moe: 4 experts, top 2, a 32-token window
 CALIBRATION = " ".join(["Once upon a time there was a little model that learned to count: one, two, three."] * 40)
@@ -75,7 +76,7 @@ def greedy(recipe_file: str, overrides: list[str]) -> tuple[list[int], object]:
     recipe = resolve(recipe_file, overrides + ["generate.temperature=0", "generate.max_new_tokens=24",
                                                "generate.prompt=one two three one two three one two"], check_files=True)
     built = pipeline.build(recipe, recipe_file)
-    return pipeline.generate(built, pipeline.encode_prompt(built, recipe_file))
+    return generating.generate(built, generating.encode_prompt(built, recipe_file))
 
 
 @pytest.mark.parametrize("draft", DRAFTS)

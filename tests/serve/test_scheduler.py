@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from runner.decoders.batched import BatchDecoder, Token
+from runner.decoders.base import Token
 from runner.decoders.sampling import Sampling
 from runner.serve.scheduler import Busy, Finished, Job, Piece, Scheduler
 
@@ -26,7 +26,7 @@ class Tokenizer:
 
 
 class Scripted:
-    """A BatchDecoder whose slot s produces the token ids of the script its prompt names."""
+    """A SlotDecoder whose slot s produces the token ids of the script its prompt names."""
 
     def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0):
         self.slots, self.cache_len, self.scripts, self.delay = slots, cache_len, scripts, delay
@@ -49,8 +49,6 @@ class Scripted:
 
     def finish(self, slot):
         self.rows.pop(slot, None)
-
-    heartbeat_seconds, idle, close = None, BatchDecoder.idle, BatchDecoder.close
 
 
 def run(decoder, jobs, queue_places=4):

@@ -1,16 +1,17 @@
-"""TextStream: text appears as soon as its characters are complete, and nothing is lost."""
+"""runner.text.TextStream: text appears as soon as its characters are complete, nothing is lost,
+and the text is cut before the first stop string or at an EOS id, never taking back what it printed."""
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.tokenizers import TextStream
+from runner.text import TextStream
 from tests.helpers.tokenizers import texts
 
 
 def streamed(tokenizer, ids) -> list[str]:
-    """What each push returned, then what flush returned."""
-    stream = TextStream(tokenizer)
+    """What each push returned, then what flush returned (EOS ids are text here: none ends it)."""
+    stream = TextStream(tokenizer, eos_ids=())
     return [stream.push(i) for i in ids] + [stream.flush()]
 
 
@@ -52,7 +53,7 @@ def test_a_character_split_across_tokens_appears_once_complete(tt):
 
 
 def test_flush_replaces_an_incomplete_character_and_restarts(tt):
-    stream = TextStream(tt)
+    stream = TextStream(tt, eos_ids=())
     assert [stream.push(0xE2), stream.push(0x82)] == ["", ""]
     assert stream.flush() == "\ufffd"
     assert stream.push(ord("a")) == "a"  # the held bytes are gone
@@ -67,3 +68,59 @@ def test_special_tokens_stream_nothing(tt):
 def test_sentencepiece_word_pieces_carry_their_space(sp):
     # The first piece carries the dummy-prefix space: a continuation of a prompt needs it.
     assert "".join(streamed(sp, sp.encode("name is Bob", bos=False))) == " name is Bob"
+
+
+class PieceTokenizer:
+    """A vocabulary of text pieces: id i prints pieces[i]; the last id is EOS."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+        self.vocab_size = len(pieces) + 1
+        self.eos_ids = frozenset({len(pieces)})
+
+    def token_bytes(self, id: int) -> bytes:
+        return self.pieces[id].encode() if id < len(self.pieces) else b""
+
+
+ALPHABET = st.sampled_from("ab c\n")  # few letters: stops occur, and overlap their own prefixes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(ALPHABET, max_size=4), max_size=12),
+       st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3), st.booleans())
+def test_the_printed_text_is_the_stream_cut_before_the_first_stop(pieces, stops, eos):
+    tokenizer = PieceTokenizer(pieces)
+    text = "".join(pieces)
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    stream = TextStream(tokenizer, stops)
+    printed, seen = "", ""
+    for i, piece in enumerate(pieces):
+        printed += stream.push(i)
+        seen += piece
+        assert seen.startswith(printed) or stream.stopped  # only what stays printed is printed
+        if not stream.stopped:
+            # held back: at most the longest proper prefix of a stop string
+            assert len(seen) - len(printed) < max((len(s) for s in stops), default=1)
+    printed += stream.push(len(pieces)) if eos else stream.flush()
+    assert printed == (text if first is None else text[:first])
+    assert stream.stopped == (first is not None)
+    assert stream.ended == (eos and first is None)
+    assert stream.done == (stream.stopped or stream.ended)
+    if stream.done:  # nothing after the end
+        assert stream.flush() == "" and all(stream.push(i) == "" for i in range(tokenizer.vocab_size))
+
+
+def test_eos_ends_the_text_with_what_was_held_back(tt):
+    eos = min(tt.eos_ids)
+    stream = TextStream(tt, stops=["ab"])
+    assert stream.push(ord("x")) == "x"
+    assert stream.push(ord("a")) == ""  # may begin "ab"
+    assert stream.push(0xE2) == ""  # a partial character
+    assert stream.push(eos) == "a\ufffd" and stream.ended and not stream.stopped
+    assert stream.push(ord("b")) == "" and stream.flush() == ""
+
+
+def test_a_stop_string_completed_by_the_flushed_replacement_character_stops(tt):
+    stream = TextStream(tt, stops=["a\ufffd"])
+    assert stream.push(ord("a")) == "" and stream.push(0xE2) == ""
+    assert stream.flush() == "" and stream.stopped

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from runner import sharders
+from runner.parallel import Rank
 from runner.config.schema import ModelSpec, QuantMode, QuantSection
 from runner.model.llama import Transformer
 
@@ -42,12 +43,12 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
         mode, groupsize = job["quant"]
         quant.quantize(model, QuantSection(mode=QuantMode(mode), groupsize=groupsize))
     if world_size > 1:
-        sharders.shard(model, rank, world_size, torch.distributed.group.WORLD)
+        sharders.shard(model, sharders.plan(spec, world_size), Rank(rank, world_size, world_size))
     if job.get("kernels"):  # runner's CPU kernels (each layer's own calls: the all-reduce sits between them)
         from runner import kernels
 
         kernels.load()
-        model.use_ops(kernels.KernelOps)
+        model.use_ops(kernels.KernelOps(model))
     model.int8_cache = bool(job.get("int8_cache"))  # quant.kv_cache: int8, each rank its own kv heads
     model.setup_cache(1, spec.max_seq_len)
     return model
@@ -62,9 +63,9 @@ def run_job(job: dict, rank: int = 0, world_size: int = 1) -> dict[str, torch.Te
     forward = model
     if job.get("compile"):
         from runner.config.schema import CompileSection
-        from runner.transforms import compile as compile_step
+        from runner.transforms.compile import compiled_forward
 
-        forward = compile_step.apply(model, CompileSection(decode=True, prefill=True), "test")
+        forward = compiled_forward(model, CompileSection(decode=True, prefill=True), "test")
     n = len(tokens)
     out = {"prefill": forward(tokens[None], torch.arange(n))[0]}
     steps = [forward(tokens[None, i:i + 1], torch.tensor([i]))[0, 0] for i in range(n)]

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from runner import cli, parallel, pipeline
+from runner import generate, parallel, pipeline
 
 RECIPE = "recipes/tiny-random.yaml"
 FAILING_RANK = 1
@@ -35,36 +35,35 @@ class _Failing:
         return self.forward(*args, **kwargs)
 
 
-def generate_failing(resolved, recipe: str, how: str) -> None:
-    """runner's own rank task (cli._generate), with rank FAILING_RANK's decoder failing `how` ("raise",
-    "kill") mid-generation; or ("raise-at-once") that rank raising at once while rank 0 is busy
-    outside any collective, so that only the launcher can end it."""
-    rank = parallel.current().rank
+def generate_failing(rank: parallel.Rank, resolved, recipe: str, how: str) -> None:
+    """runner's own rank task (runner.generate.run), with rank FAILING_RANK's decoder failing `how`
+    ("raise", "kill") mid-generation; or ("raise-at-once") that rank raising at once while rank 0
+    is busy outside any collective, so that only the launcher can end it."""
     if how == "raise-at-once":
-        if rank == FAILING_RANK:
+        if rank.rank == FAILING_RANK:
             raise RuntimeError("boom")
         time.sleep(BUSY_SECONDS)
     build = pipeline.build
 
     def build_failing(*args, **kwargs):
         built = build(*args, **kwargs)
-        if rank == FAILING_RANK:
+        if rank.rank == FAILING_RANK:
             built.decoder.forward = _Failing(built.decoder.forward, how)
         return built
 
     pipeline.build = build_failing  # this rank's process only: it ends with the task
-    cli._generate(resolved, recipe)
+    generate.run(rank, resolved, recipe)
 
 
 def main() -> None:
     from runner.config.errors import RankFailed
-    from runner.config.resolve import resolve
+    from runner.recipes import load as resolve
 
     how = sys.argv[1]
     resolved = resolve(RECIPE, ["parallel.world_size=2", "generate.temperature=0", "generate.max_new_tokens=16"],
                        check_files=True)
     try:
-        parallel.launch(cli._as_rank, (generate_failing, resolved, RECIPE, how), 2)
+        parallel.launch(parallel.as_rank, (generate_failing, resolved, RECIPE, how), 2)
     except RankFailed as e:
         print(e.message, file=sys.stderr)
         sys.exit(e.exit_code)
