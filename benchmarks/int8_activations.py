@@ -12,7 +12,7 @@ Variants, each a recipe plus overrides, built in this process by runner.pipeline
   int4 act=float       recipes/smollm2-135m-fast.yaml quant.activations=float quant.kv_cache=float
   int4 act=int8        recipes/smollm2-135m-fast.yaml quant.kv_cache=float  (activations: int8)
 (the fast recipe's int8 KV cache is set back to float: these isolate the activations; --variant
-measures the cache, as the README's int8 KV cache section does)
+measures the cache, as docs/quantization.md's int8 KV cache section does)
 --variant replaces them (repeat it); the first two are the references every variant is compared with.
 
 Per variant, over all predicted positions of all windows:
