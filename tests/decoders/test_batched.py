@@ -36,7 +36,7 @@ def model_for(moe: bool, ops: str, dtype=torch.float32) -> Transformer:
     model = model.to(dtype).eval()
     if ops == "kernels":
         kernels.load()
-        model.use_ops(kernels.KernelOps(model))
+        model.use_ops(kernels.KernelOps())
     return model
 
 

@@ -48,7 +48,7 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
         from runner import kernels
 
         kernels.load()
-        model.use_ops(kernels.KernelOps(model))
+        model.use_ops(kernels.KernelOps())
     model.int8_cache = bool(job.get("int8_cache"))  # quant.kv_cache: int8, each rank its own kv heads
     model.setup_cache(1, spec.max_seq_len)
     return model
