@@ -456,7 +456,7 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
         assert any(getattr(m, "int8_x", False) for m in one_call.modules()) == int8_x
     use_runner_ops(one_call, Kernels.runner, torch.device("cpu"), "r.yaml")
     one_by_one = copy.deepcopy(one_call)
-    one_by_one.use_ops(OneByOne(one_by_one))
+    one_by_one.use_ops(OneByOne())
     tokens = torch.randint(0, spec.vocab_size, (batch, 30), generator=torch.Generator().manual_seed(seed))
     prompt = data.draw(st.integers(1, kernels.MAX_ROWS // batch), label="prompt")
     steps = [(0, prompt)]
@@ -510,7 +510,7 @@ def test_quant_activations_int8_reaches_every_int4_linear_of_a_decode_step():
     assert as_float.layers[0].kernel_operands(torch.float32)[2] == [False] * 4
     tokens, pos = torch.tensor([[3]]), torch.tensor([0])
     one_by_one = copy.deepcopy(model)
-    one_by_one.use_ops(OneByOne(one_by_one))
+    one_by_one.use_ops(OneByOne())
     logits = model(tokens, pos)
     assert model.ops.plan(model, torch.float32).int8_x == [1] * 4 * spec.n_layers
     assert torch.equal(logits, one_by_one(tokens, pos))
@@ -551,7 +551,7 @@ def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
 
     def one_by_one():
         twin = copy.deepcopy(model)
-        twin.use_ops(OneByOne(twin))
+        twin.use_ops(OneByOne())
         return steps(twin)
 
     first = steps(model)

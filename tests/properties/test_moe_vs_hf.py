@@ -66,7 +66,7 @@ def test_kernels_match_hf(case, data, kernel_ops):
     and a split prefill, all through runner's kernels."""
     spec, seed, tokens = case
     hf, ours = twins(spec, seed)
-    ours.use_ops(kernel_ops(ours))
+    ours.use_ops(kernel_ops())
     reference, length = hf(tokens).logits, tokens.shape[1]
     split = data.draw(st.integers(0, length - 1), label="first chunk")  # 0: one chunk
     for splits in ([], list(range(1, length)), [split] if split else []):
@@ -173,7 +173,7 @@ def test_exact_router_ties_match_hf(spec, data, seed, kernel_ops):
 
     assert_logits_match(run_chunks(ours, tokens, [], length), reference)
     assert_logits_match(run_chunks(ours, tokens, list(range(1, length)), length), reference)
-    ours.use_ops(kernel_ops(ours))
+    ours.use_ops(kernel_ops())
     assert_logits_match(run_chunks(ours, tokens, list(range(1, length)), length), reference)
 
 

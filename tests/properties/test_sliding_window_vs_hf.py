@@ -79,7 +79,7 @@ def test_kernels_match_hf(case, data, kernel_ops):
     torch's attention with the mask."""
     spec, seed, tokens, cache_len = case
     hf, ours = twins(spec, seed)
-    ours.use_ops(kernel_ops(ours))
+    ours.use_ops(kernel_ops())
     reference, length = hf(tokens).logits, tokens.shape[1]
     splits = data.draw(chunkings(length), label="chunk ends")
     for chunk_ends in ([], list(range(1, length)), splits):
