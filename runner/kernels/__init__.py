@@ -1,7 +1,8 @@
 """runner's CPU kernels (the C++ files beside this one), built once per machine, instruction set
 and torch version, and the ops that use them.
 
-They are compiled on first use into one library, with the host compiler, for one *target*: the
+They are compiled on first use into one library (unity.cpp includes the others: one translation
+unit, so calls between op families inline as before the split), with the host compiler, for one *target*: the
 best instruction set the CPU reports (TARGETS, best first), never -march=native, so what a
 library needs is known and recorded beside it. The build is cached under
 RUNNER_HOME/kernels/<target>-<hash>; a library is loaded only after checking that this CPU has
@@ -31,8 +32,9 @@ from runner.model import functional
 from runner.paths import runner_home
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(sorted(_HERE.glob("*.cpp")))  # one library from them all (ops.cpp registers the ops)
+SOURCES = tuple(sorted(_HERE.glob("*.cpp")))  # every file the library is built from (ops.cpp registers the ops)
 HEADERS = tuple(sorted(_HERE.glob("*.h")))  # what they share: in the cache key with them
+UNITY = _HERE / "unity.cpp"  # includes the others: one translation unit, so calls across files inline
 # -ffp-contract=fast: a * b + c may be one fused multiply-add (C++17 mode turns that off).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
 MAX_ROWS = 16  # the GEMV kernel serves up to this many rows (decode, speculative verify); GEMMs go to torch
@@ -140,7 +142,7 @@ def load(note=None) -> str:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load("runner_kernels", [str(s) for s in SOURCES], extra_cflags=FLAGS + list(target.flags),
+        cpp_extension.load("runner_kernels", [str(UNITY)], extra_cflags=FLAGS + list(target.flags),
                            extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False,
                            verbose=False)
     except Exception as e:  # a missing compiler or ninja, a failed build: all say the same to the user
