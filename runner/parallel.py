@@ -38,7 +38,6 @@ class Rank:
     rank: int
     world_size: int
     local_world_size: int
-    group: object = None  # the ranks' torch.distributed process group; None: the default one (WORLD)
 
     @property
     def main(self) -> bool:

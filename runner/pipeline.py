@@ -178,7 +178,7 @@ def _layout_of(section: QuantSection) -> QuantSection:
 
 
 def _describe(meta: dict) -> str:
-    group = f" groupsize {meta['groupsize']}" if meta["mode"].startswith("int4") else ""
+    group = f" groupsize {meta['groupsize']}" if QuantMode(meta["mode"]).is_int4 else ""
     return f"quant.mode {meta['mode']}{group} (output {meta['output']}, embedding {meta['embedding']})"
 
 

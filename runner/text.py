@@ -33,8 +33,9 @@ class TextStream:
         if self.stopped or self.ended:
             return ""
         if id in self.eos_ids:
+            tail = self.flush()
             self.ended = True
-            return self._cut(self._utf8.decode(b"", final=True), final=True)
+            return tail
         if not 0 <= id < self.tokenizer.vocab_size:
             return ""
         return self._cut(self._utf8.decode(self.tokenizer.token_bytes(id)))

@@ -2,9 +2,9 @@
 
 Every draw is an exponential race: an Exp(1) time per token (on the CPU, where few tokens can
 win, only per token of nonzero probability), drawn in vocabulary order, and the token with the
-largest probability / time wins. On the CPU, top-k's
-probabilities are computed over its candidates only, by one function whichever path asks, so
-next_token and sample(logits_to_probs(...)) draw the same token for the same generator.
+largest probability / time wins. On the CPU, top-k's probabilities are computed over its
+candidates only, by one function whichever path asks, so next_token and
+sample(logits_to_probs(...)) draw the same token for the same generator.
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
         raise ValueError(f"the shard plan is for {plan.world_size} ranks, but rank {rank.rank} is one of {rank.world_size}")
     if plan.world_size == 1:
         return model
-    group = torch.distributed.group.WORLD if rank.group is None else rank.group
+    group = torch.distributed.group.WORLD  # the ranks runner launches or joins: one group
     for i, layer in enumerate(model.layers):
         for name, split in plan.linears.items():
             try:
