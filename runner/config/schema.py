@@ -178,7 +178,7 @@ class QuantSection:
     groupsize: int = 128  # int4 modes: consecutive inputs sharing one scale and zero
     output: QuantOutput = QuantOutput.keep
     embedding: QuantEmbedding = QuantEmbedding.keep
-    activations: QuantActivations = QuantActivations.float  # int4 modes, decoding on runner's CPU kernels
+    activations: QuantActivations = QuantActivations.float  # int4 modes (and their int8 output layer), decoding on runner's CPU kernels
     kv_cache: QuantKVCache = QuantKVCache.float  # any mode (none too), every device
     calibration: QuantCalibration = field(default_factory=QuantCalibration)  # int4-gptq only
     damping: float = 0.01  # int4-gptq: added to the Hessian's diagonal, times its mean

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from runner.kernels import gemm
 from runner.model import functional
 from runner.paths import runner_home
 
@@ -154,6 +155,19 @@ def load(note=None) -> str:
     return target.name
 
 
+def native_bf16() -> bool:
+    """Whether the loaded kernels' CPU has bf16 dot-product instructions (AVX512-BF16), which
+    torch's bf16 GEMM needs to run at its fp32 GEMM's rate or better."""
+    return _loaded is not None and "avx512_bf16" in _loaded.needs
+
+
+def prompt_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a prompt's GEMM runs in for activations in `dtype`: fp32 for bf16 on a CPU
+    without bf16 dot products (torch's bf16 GEMM runs several times slower than its fp32 GEMM
+    there), else `dtype` itself."""
+    return torch.float32 if dtype == torch.bfloat16 and not native_bf16() else dtype
+
+
 def vectorised() -> bool:
     """Whether the loaded kernels have a vector path for every op on this CPU."""
     return _loaded is not None and _loaded.vectorised
@@ -173,7 +187,7 @@ def _register_fakes() -> None:
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("runner::int8_linear")
-    def _(x, w, scales):
+    def _(x, w, scales, int8_x=False):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("runner::int4_linear")
@@ -308,9 +322,11 @@ class KernelOps:
 
     @staticmethod
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if _fits(x) and w.dtype == x.dtype and x.numel() <= MAX_ROWS * x.shape[-1]:
+        if not (_fits(x) and w.dtype == x.dtype):
+            return F.linear(x, w)
+        if x.numel() <= MAX_ROWS * x.shape[-1]:
             return torch.ops.runner.linear(x, w)
-        return F.linear(x, w)
+        return gemm.linear(x, w, prompt_dtype(x.dtype))
 
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

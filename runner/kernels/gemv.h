@@ -22,7 +22,7 @@ struct Weights {
   const T* scales = nullptr;  // int8 and int4
   const T* zeros = nullptr;   // int4
   int64_t N = 0, K = 0, gs = 0;
-  bool int8_x = false;  // int4: x quantized to int8 per group (see gemv_int4.cpp)
+  bool int8_x = false;  // x quantized to int8: per group (int4, see gemv_int4.cpp), per block of 32 (int8)
 };
 
 // x's M rows made ready once for a layer's weights (widened, rearranged, their group sums), then
@@ -43,6 +43,8 @@ class Gemv {
   // gemv.cpp
   void float_rows(int64_t n0, int64_t n1, T* y) const;
   void int8_rows(int64_t n0, int64_t n1, T* y) const;
+  void quantize_blocks();
+  void int8_q8_rows(int64_t n0, int64_t n1, T* y) const;
   // gemv_int4.cpp
   void prepare_int4();
   void int4_rows(int64_t n, int64_t n1, T* y) const;

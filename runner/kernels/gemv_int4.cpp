@@ -179,35 +179,65 @@ void dot_rows_i4_q8(const Int8X& x, const uint8_t* w, const T* scales, const T* 
 }
 
 #if defined(__AVX2__)
-// AVX2 (and AVX-512 without VNNI): 64 columns (32 bytes of levels) a step on vpmaddubsw, whose
-// pair sums stay within int16 (2 x 15 x 127), and vpmaddwd into eight lanes of eight columns.
-template <typename T>
+// A step's scales for AVX2's eight lanes: lanes 0-3 take group g's scale, lanes 4-7 group g + 1's
+// where a step of 64 columns holds two groups (`two`), else g's too.
+inline __m256 step_scales(const float* s, bool two, __m256i pick) {
+  const __m128 v = two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)s)) : _mm_set1_ps(s[0]);
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), pick);
+}
+inline __m256 step_scales(const BFloat16* s, bool two, __m256i pick) {
+  uint32_t bits;  // the two bf16 side by side, the first low; each becomes an fp32's top half
+  if (two)
+    std::memcpy(&bits, s, 4);
+  else
+    bits = (uint32_t)s[0].x * 0x10001u;
+  const __m128i v = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128((int)bits));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(v)), pick);
+}
+
+// AVX2 (and AVX-512 without VNNI): R rows side by side, 64 columns (32 bytes of levels) a step on
+// vpmaddubsw, whose pair sums stay within int16 (2 x 15 x 127), and vpmaddwd into eight lanes of
+// eight columns, summed onto `starts`; the step's x, d and starts are loaded once for the R rows.
+// The z d Q terms are summed eight groups at a time after the steps.
+template <int R, typename T>
 void dot_rows_i4_q8_avx2(const Int8X& x, const uint8_t* w, const T* scales, const T* zeros, int64_t K, int64_t gs,
-                         int64_t rows, float* out) {
+                         float* out) {
   const int64_t bytes = K / 2, G = K / gs;
   const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
-  for (int64_t r = 0; r < rows; ++r, w += bytes, scales += G, zeros += G) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t b = 0; b < bytes; b += 32) {  // a row is a whole number of 16-byte groups; x is padded
-      if (b % 64 == 0) ahead(w + b);
-      const __m256i q = bytes - b >= 32 ? _mm256_loadu_si256((const __m256i*)(w + b))
-                                        : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + b)));
+  const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < bytes; b += 32) {  // a row is a whole number of 16-byte groups; x is padded
+    const bool full = bytes - b >= 32;
+    const __m256i e = _mm256_loadu_si256((const __m256i*)(x.even + b)), o = _mm256_loadu_si256((const __m256i*)(x.odd + b));
+    const __m256i start = _mm256_loadu_si256((const __m256i*)(x.starts + b / 4));
+    const __m256 d = _mm256_loadu_ps(x.dl + b / 4);
+    const int64_t g = 2 * b / gs;
+    const bool two = gs == 32 && g + 1 < G;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = w + r * bytes + b;
+      if (b % 64 == 0) ahead(row);
+      const __m256i q = full ? _mm256_loadu_si256((const __m256i*)row)
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)row));
       const __m256i low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
-      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256((const __m256i*)(x.even + b))),
-                                             _mm256_maddubs_epi16(high, _mm256_loadu_si256((const __m256i*)(x.odd + b))));
-      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones),
-                                         _mm256_loadu_si256((const __m256i*)(x.starts + b / 4)));
-      const int64_t g = 2 * b / gs;  // lanes 0-3 are group g; 4-7 too, or g + 1 for groups of 32
-      const float s0 = widen(scales[g]), s1 = gs == 32 && g + 1 < G ? widen(scales[g + 1]) : s0;
-      const __m256 s = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
-      a = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(x.dl + b / 4)), s, a);
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, e), _mm256_maddubs_epi16(high, o));
+      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), start);
+      a[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), d), step_scales(scales + r * G + g, two, pick), a[r]);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, a);
-    float acc = 0.f;
-    for (int i = 0; i < 8; ++i) acc += lanes[i];
-    for (int64_t g = 0; g < G; ++g) acc += widen(zeros[g]) * x.dq[g];
-    out[r] = acc;
+  }
+  for (int r = 0; r < R; ++r) {
+    vf z{};
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) z += vload(zeros + r * G + g) * vload(x.dq + g);
+    a[r] = _mm256_add_ps(a[r], (__m256)z);
+    float tail = 0.f;
+    for (; g < G; ++g) tail += widen(zeros[r * G + g]) * x.dq[g];
+    out[r] = tail;
+  }
+  if constexpr (R == 4) {
+    hsum4(a, out);
+  } else {
+    for (int r = 0; r < R; ++r) out[r] += hsum((vf)a[r]);
   }
 }
 #endif
@@ -441,7 +471,12 @@ void Gemv<T>::int4_q8_rows(int64_t n, int64_t n1, T* y) const {
       else
         dot_rows_i4_q8_vnni<1>(x, at, scales, zeros, K, gs, acc);
 #elif defined(__AVX2__)
-      dot_rows_i4_q8_avx2(x, at, scales, zeros, K, gs, R, acc);
+      if (R == 8) {
+        dot_rows_i4_q8_avx2<4>(x, at, scales, zeros, K, gs, acc);
+        dot_rows_i4_q8_avx2<4>(x, at + 4 * K / 2, scales + 4 * G, zeros + 4 * G, K, gs, acc + 4);
+      } else {
+        dot_rows_i4_q8_avx2<1>(x, at, scales, zeros, K, gs, acc);
+      }
 #else
       dot_rows_i4_q8(x, at, scales, zeros, K, gs, R, acc);
 #endif

@@ -2,7 +2,10 @@
 // row through its own expert of stacked weights, on Gemv.
 //
 //   linear(x [M, K], w [N, K]) -> [M, N]               fp32 accumulation; M is small (decode, verify)
-//   int8_linear(x [M, K], w int8 [N, K], scales [N])   weight-only int8 (runner.quant.int8's layout)
+//   int8_linear(x [M, K], w int8 [N, K], scales [N], int8_x)
+//                                                        weight-only int8 (runner.quant.int8's layout);
+//                                                        int8_x: x quantized to int8 per block of 32
+//                                                        columns, integer dot products
 //   int4_linear(x [M, K], w uint8 [N, K/2], scales, zeros [N, K/gs], gs, int8_x)
 //                                                        weight-only int4 (runner.quant.int4's layout);
 //                                                        int8_x: x quantized to int8 per group, integer
@@ -68,8 +71,8 @@ at::Tensor linear_of(const std::string& name, const at::Tensor& x, at::TensorLis
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w) { return linear_of("linear", x, {w}, 0); }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  return linear_of("int8_linear", x, {w, scales}, 0);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool int8_x) {
+  return linear_of("int8_linear", x, {w, scales}, 0, int8_x);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,

@@ -50,7 +50,7 @@ std::string isa() {
 
 TORCH_LIBRARY(runner, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales, bool int8_x=False) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, bool int8_x=False) -> Tensor");
   m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");

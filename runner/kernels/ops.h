@@ -14,7 +14,7 @@ namespace runner {
 
 // linear.cpp
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w);
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, bool int8_x = false);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros,
                        int64_t groupsize, bool int8_x);
 at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ids);

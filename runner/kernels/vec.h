@@ -116,6 +116,15 @@ static inline float hsum(vf v) {
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
+#if defined(__AVX2__)
+// The sums of four vectors' lanes, out[r] += sum of a[r]: one tree of horizontal adds for all four.
+static inline void hsum4(const __m256* a, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  for (int r = 0; r < 4; ++r) out[r] += sums[r];
+}
+#endif
 // e^x (Cephes' expf: a degree-5 polynomial on [-ln2/2, ln2/2] and a power of two), within 2 ulp.
 static inline vf vexp(vf x) {
   const vf top = splat(88.3762626647949f);

@@ -74,18 +74,27 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """weight int8 [out, in], scales [out]: w = weight * scales[:, None]."""
+    """weight int8 [out, in], scales [out]: w = weight * scales[:, None].
+
+    int8_x (quant.activations: int8, for an int4 mode's int8 output layer): decoding on runner's
+    CPU kernels quantizes the activations to int8 per block of 32 inputs and multiplies integers;
+    a prompt's GEMM takes them as they are.
+    """
 
     KERNELS = matmuls.INT8_KERNELS
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.kernel, self.packed = in_features, out_features, "fallback", ()
+        self.int8_x = False
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
 
     def _operands(self):
-        return (self.weight, self.scales), 0, False
+        return (self.weight, self.scales), 0, self.int8_x
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", int8_x=True" if self.int8_x else "")
 
     def _slices(self, dim, keep):
         if dim == "out":  # per-output-channel scales follow their rows

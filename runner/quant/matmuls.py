@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from runner import kernels
-from runner.kernels import MAX_ROWS  # runner's GEMV kernels take up to this many rows
+from runner.kernels import MAX_ROWS, gemm  # runner's GEMV kernels take up to this many rows
 import runner.quant.int4 as int4
 
 
@@ -74,29 +74,15 @@ def _runner_refuses(layer, device):
     return None if kernels.loaded() else "runner's CPU kernels are not loaded (runner.kernels.load)"
 
 
-TILE_BYTES = 8 << 20  # the dequantized weights a prompt's GEMM takes at a time: a few MB, not a 7B layer's 180
-
-
-def _tiled_gemm(x, layer, dequantize) -> torch.Tensor:
-    """x [M, K] @ W.T for a prompt: W's rows dequantized tile by tile in x's dtype by runner's
-    kernels (each value rounded once), each tile multiplied by torch's GEMM (oneDNN in bf16). A
-    layer that fits one tile is one GEMM, with no concatenation."""
-    rows, tile = layer.out_features, max(256, TILE_BYTES // (layer.in_features * x.element_size()))
-    if rows <= tile:
-        return F.linear(x, dequantize(slice(0, rows)))
-    return torch.cat([F.linear(x, dequantize(slice(start, start + tile))) for start in range(0, rows, tile)], dim=-1)
-
-
 def _int8_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
-        scales = layer.scales.to(x.dtype)
-        return _tiled_gemm(x, layer,
-                           lambda rows: torch.ops.runner.dequantize_int8(layer.weight[rows], scales[rows]))
-    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales.to(x.dtype))
+        return gemm.tiled(x, layer.out_features, lambda rows, dtype: torch.ops.runner.dequantize_int8(
+            layer.weight[rows], layer.scales[rows].to(dtype)), kernels.prompt_dtype(x.dtype))
+    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales.to(x.dtype), layer.int8_x)
 
 
 def _int8_runner_direct(x, layer):
-    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales)
+    return torch.ops.runner.int8_linear(x, layer.weight, layer.scales, layer.int8_x)
 
 
 INT8_KERNELS = {
@@ -166,9 +152,9 @@ def _int4_runner_refuses(layer, device):
 
 def _int4_runner(x, layer):
     if x.shape[0] > MAX_ROWS:  # a prompt: a GEMM's work, not a GEMV's
-        scales, zeros = layer.scales.to(x.dtype), layer.zeros.to(x.dtype)
-        return _tiled_gemm(x, layer, lambda rows: torch.ops.runner.dequantize_int4(
-            layer.weight[rows], scales[rows], zeros[rows], layer.groupsize))
+        return gemm.tiled(x, layer.out_features, lambda rows, dtype: torch.ops.runner.dequantize_int4(
+            layer.weight[rows], layer.scales[rows].to(dtype), layer.zeros[rows].to(dtype), layer.groupsize),
+            kernels.prompt_dtype(x.dtype))
     return torch.ops.runner.int4_linear(x, layer.weight, layer.scales.to(x.dtype), layer.zeros.to(x.dtype),
                                         layer.groupsize, layer.int8_x)
 

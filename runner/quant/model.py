@@ -10,7 +10,7 @@ from torch import nn
 
 from runner.config.schema import QuantActivations, QuantEmbedding, QuantMode, QuantOutput, QuantSection
 import runner.quant.calibrate as calibrate
-from runner.quant.linear import Int4Linear, Int8Embedding, QuantizedExperts, QuantizedLinear
+from runner.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedExperts, QuantizedLinear
 from runner.quant.plan import check_groupsize, make_plan, module, replace, untie
 
 Progress = Callable[[int, int], None]
@@ -75,11 +75,12 @@ def pack_for(model: nn.Module, device: torch.device | str, kernel: str | None = 
 
 
 def use_activations(model: nn.Module, section: QuantSection) -> None:
-    """Make the int4 layers quantize their activations as section.activations says (a choice of
-    kernel, not of stored layout: a quantized checkpoint serves either)."""
+    """Make the int4 layers, and an int8 output layer beside them, quantize their activations as
+    section.activations says (a choice of kernel, not of stored layout: a quantized checkpoint
+    serves either)."""
     int8_x = section.activations is QuantActivations.int8
     for layer in model.modules():
-        if isinstance(layer, Int4Linear):
+        if isinstance(layer, (Int4Linear, Int8Linear)):
             layer.int8_x = int8_x
     model.operands_changed()
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from runner.kernels import MAX_ROWS
 from runner.quant import int4, int8
-from runner.quant import matmuls
+from runner.kernels import gemm
 from runner.quant.matmuls import INT4_KERNELS, INT8_KERNELS
 from runner.quant.linear import Int4Linear, Int8Linear
 from tests.quant.strategies import DTYPES, weights
@@ -330,9 +330,38 @@ def test_a_prompt_through_dequantized_tiles_equals_the_whole_layer(monkeypatch, 
     assert layer.pack_for(CPU, "runner") == "runner"
     x = torch.randn(1, MAX_ROWS + 9, 64, generator=gen).to(dtype)
     whole = layer(x)
-    monkeypatch.setattr(matmuls, "TILE_BYTES", 1)
+    monkeypatch.setattr(gemm, "TILE_BYTES", 1)
     tiled = layer(x)
     assert torch.equal(tiled, whole)
     w_hat = int8.dequantize(layer.weight, layer.scales) if mode == "int8" else int4_reference(layer)
     err = (tiled[0].double() - reference(x[0], w_hat)).abs()
     assert (err <= tolerance(x[0], w_hat)).all(), f"max error {err.max():.3g}"
+
+
+def quantized_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as an int8 layer's int8 activations stand for it (Int8Linear's int8_x): the int4 rule
+    per block of 32 columns."""
+    return quantized_activations(x, 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 6), ROWS, st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**32 - 1), st.booleans())
+def test_int8_with_int8_activations_decodes_the_quantized_x_times_dequantized_weight(n, blocks, rows, dtype, seed,
+                                                                                       zero_block):
+    # An int4 mode's int8 output layer with quant.activations int8: x quantized per block of 32
+    # columns, integer products; a prompt's GEMM takes x as it is.
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, 32 * blocks, generator=gen) * torch.rand(n, 1, generator=gen)).to(dtype)
+    layer = Int8Linear.from_float(linear(w))
+    assert layer.pack_for(CPU, "runner") == "runner"
+    layer.int8_x = True
+    w_hat = int8.dequantize(layer.weight, layer.scales)
+    x = activations(seed, rows, w_hat, dtype)
+    if zero_block:  # an all-zero block of x: d = 0
+        x[:, :32] = 0
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (rows, n)
+    x_seen = quantized_blocks(x) if rows <= MAX_ROWS else x.double()
+    err = (y.double() - reference(x_seen, w_hat)).abs()
+    assert (err <= tolerance(x, w_hat)).all(), f"max error {err.max():.3g}"
