@@ -108,42 +108,37 @@ void dot_rows<float>(const float* x, const float* w, int64_t K, int64_t rows, fl
 // sum_b d[b] sum_{k in b} w[k] q[k], each block's sum exact in int32, as llama.cpp's Q8_0 x Q8_0.
 constexpr int64_t kBlock = 32;
 
-template <int R>
-void dot_rows_i8_q8(const int8_t* q, const float* d, const int8_t* w, int64_t K, float* out) {
+inline void dot_row_i8_q8(const int8_t* q, const float* d, const int8_t* w, int64_t K, float* out) {
 #if defined(__AVX2__)
   // vpmaddubsw takes unsigned by signed bytes: |w| by q with w's sign, pair sums within int16
-  // (2 x 128 x 127); the step's q and d are loaded once for the R rows.
+  // (2 x 128 x 127). One row at a time: a single stream through the weights, which rows side
+  // by side (sharing q's loads) would break into several.
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += kBlock) {
+  __m256 a = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+  int64_t k = 0;
+  const auto block = [&](int64_t k) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
     const __m256i x = _mm256_loadu_si256((const __m256i*)(q + k));
-    const __m256 db = _mm256_set1_ps(d[k / kBlock]);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* row = w + r * K + k;
-      if (k % 64 == 0) ahead(row);
-      const __m256i v = _mm256_loadu_si256((const __m256i*)row);
-      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v)), ones);
-      a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), db, a[r]);
-    }
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(x, v)), ones);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[k / kBlock]));
+  };
+  for (; k + 2 * kBlock <= K; k += 2 * kBlock) {  // a cache line a turn, two sums
+    ahead(w + k);
+    a = _mm256_add_ps(a, block(k));
+    c = _mm256_add_ps(c, block(k + kBlock));
   }
-  for (int r = 0; r < R; ++r) out[r] = 0.f;
-  if constexpr (R == 4)
-    hsum4(a, out);
-  else
-    for (int r = 0; r < R; ++r) out[r] = hsum((vf)a[r]);
+  if (k < K) a = _mm256_add_ps(a, block(k));
+  *out = hsum((vf)_mm256_add_ps(a, c));
 #else
-  for (int r = 0; r < R; ++r, w += K) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; k += kBlock) {
-      vi p{};
-      for (int64_t i = k; i < k + kBlock; i += kLanes) p += widen_i8(w + i) * widen_i8(q + i);
-      int32_t sum = 0;
-      for (int l = 0; l < kLanes; ++l) sum += p[l];
-      acc += (float)sum * d[k / kBlock];
-    }
-    out[r] = acc;
+  float acc = 0.f;
+  for (int64_t k = 0; k < K; k += kBlock) {
+    vi p{};
+    for (int64_t i = k; i < k + kBlock; i += kLanes) p += widen_i8(w + i) * widen_i8(q + i);
+    int32_t sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += p[l];
+    acc += (float)sum * d[k / kBlock];
   }
+  *out = acc;
 #endif
 }
 
@@ -212,17 +207,11 @@ template <typename T>
 void Gemv<T>::int8_q8_rows(int64_t n0, int64_t n1, T* y) const {
   const int8_t* w = static_cast<const int8_t*>(wt_.w);
   const int64_t N = wt_.N, K = wt_.K;
-  float acc[kRows];
   for (int64_t m = 0; m < M_; ++m)
-    for (int64_t n = n0; n < n1; n += kRows) {
-      const int64_t rows = std::min(kRows, n1 - n);
-      const int8_t* q = xq8_.data() + m * K;
-      const float* d = dl_.data() + m * K / kBlock;
-      if (rows == kRows)
-        dot_rows_i8_q8<kRows>(q, d, w + n * K, K, acc);
-      else
-        for (int64_t r = 0; r < rows; ++r) dot_rows_i8_q8<1>(q, d, w + (n + r) * K, K, acc + r);
-      for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r] * widen(wt_.scales[n + r]));
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc;
+      dot_row_i8_q8(xq8_.data() + m * K, dl_.data() + m * K / kBlock, w + n * K, K, &acc);
+      y[m * N + n] = static_cast<T>(acc * widen(wt_.scales[n]));
     }
 }
 

@@ -216,7 +216,9 @@ void dot_rows_i4_q8_avx2(const Int8X& x, const uint8_t* w, const T* scales, cons
     const bool two = gs == 32 && g + 1 < G;
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * bytes + b;
-      if (b % 64 == 0) ahead(row);
+      if (b % 64 == 0) {
+        if constexpr (R == 1) ahead(row); else __builtin_prefetch(row + 2 * R * bytes, 0, 3);  // this line of the block after next
+      }
       const __m256i q = full ? _mm256_loadu_si256((const __m256i*)row)
                              : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)row));
       const __m256i low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
