@@ -7,6 +7,11 @@ machines, and joins it. Each rank runs the same task; only rank 0 speaks.
 
 If any rank fails, the launcher ends the others; the parent prints the failing rank's error once,
 in the usual one-line form, and exits non-zero (2 for a recipe error, 1 otherwise).
+
+The group's backend is gloo on CPU, NCCL on CUDA. Where every rank of a gloo group runs on this
+machine, the all-reduces go through shared memory instead (runner.sharders.shm): a file in /dev/shm
+that the ranks map and rank 0 removes at once, named after the launcher's run id so that the
+launcher can remove one left by a rank that died before that.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from runner.config.schema import ParallelSection, Recipe
 # a dead peer's sockets close at once).
 TIMEOUT = datetime.timedelta(seconds=60)
 ERRORS_ENV = "RUNNER_RANK_ERRORS"  # where spawned ranks leave their one-line errors for the parent
+RUN_ENV = "RUNNER_RUN_ID"  # the launcher's run id, which names the shared memory its ranks make
+SHM = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,16 @@ class Rank:
     rank: int
     world_size: int
     local_world_size: int
+    run_id: str = ""  # the launcher's, when runner launched the ranks
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def shm_prefix(run_id: str) -> str:
+    """The start of the name of every shared-memory file that run `run_id`'s ranks make."""
+    return f"runner-{run_id}-" if run_id else "runner-"
 
 
 def under_torchrun() -> bool:
@@ -76,14 +89,15 @@ def join(section: ParallelSection, device: str, threads: int | None) -> Rank:
     again returns the same rank."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    run_id = os.environ.get(RUN_ENV, "")
     if torch.distributed.is_initialized():
-        return Rank(rank, size, local_size)
+        return Rank(rank, size, local_size, run_id)
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     # The machine's cores shared among its ranks (torchrun would leave each rank one thread).
     torch.set_num_threads(max(1, (threads or os.cpu_count() or 1) // local_size))
     torch.distributed.init_process_group(backend(section, device), timeout=TIMEOUT)
-    return Rank(rank, size, local_size)
+    return Rank(rank, size, local_size, run_id)
 
 
 def leave() -> None:
@@ -123,7 +137,8 @@ def _free_port() -> int:
 
 
 def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
-    """Run task(*args) on `size` local ranks; returns each rank's result. The task joins the group."""
+    """Run task(*args) on `size` local ranks; returns each rank's result. The task joins the group.
+    Whatever happens, no shared memory of theirs is left behind."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -134,12 +149,14 @@ def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
     for name in ("torch.distributed.elastic", "torch.multiprocessing.spawn"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="runner-ranks-") as errors:
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=size, run_id=uuid.uuid4().hex,
+        run_id = uuid.uuid4().hex
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=size, run_id=run_id,
                               rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
                               max_restarts=0, monitor_interval=0.1, start_method="spawn")
-        saved = {key: os.environ.get(key) for key in (ERRORS_ENV, "TORCH_CPP_LOG_LEVEL")}
-        # The ranks inherit these: where to leave their errors, and C++ logs (gloo's) held to fatal ones.
-        os.environ.update({ERRORS_ENV: errors, "TORCH_CPP_LOG_LEVEL": "FATAL"})
+        saved = {key: os.environ.get(key) for key in (ERRORS_ENV, RUN_ENV, "TORCH_CPP_LOG_LEVEL")}
+        # The ranks inherit these: where to leave their errors, the run id that names their shared
+        # memory, and C++ logs (gloo's) held to fatal ones.
+        os.environ.update({ERRORS_ENV: errors, RUN_ENV: run_id, "TORCH_CPP_LOG_LEVEL": "FATAL"})
         try:
             return elastic_launch(config, _rank_main)(task, args)
         except ChildFailedError as e:
@@ -147,6 +164,10 @@ def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
         except SignalException:  # Ctrl-C or a kill while the ranks ran (the launcher has stopped them)
             raise KeyboardInterrupt from None
         finally:
+            # Rank 0 removes the shared memory once every rank has mapped it; one that died before
+            # then leaves the file.
+            for leftover in SHM.glob(shm_prefix(run_id) + "*"):
+                leftover.unlink(missing_ok=True)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -155,7 +176,8 @@ def launch(task: Callable, args: tuple, size: int) -> dict[int, object]:
 
 
 # A rank's error that only says a peer went away: the consequence of the failure, not its cause.
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "ended while this rank waited for it")  # the last: runner.kernels' shared-memory all-reduce
 
 
 def _failure(error, errors: Path, size: int) -> tuple[str, int]:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.kernels import gemm
+from runner.kernels.shm_reduce import ShmGroup
 from runner.model import functional
 from runner.paths import runner_home
 
@@ -235,6 +236,19 @@ def _register_fakes() -> None:
           n_heads, n_kv_heads, window=0, int8_x=()):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("runner::decode_layers.all_reduce")
+    def _(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, k_scales, v_scales, input_pos,
+          n_heads, n_kv_heads, window, int8_x, segment, rank, world_size):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("runner::shm_all_reduce")
+    def _(x, segment, rank, world_size):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("runner::shm_all_gather")
+    def _(x, segment, rank, world_size):
+        return x.new_empty(world_size, *x.shape)
+
     @torch.library.register_fake("runner::causal_attention")
     def _(q, k_cache, v_cache, input_pos, window=0, k_scales=None, v_scales=None):
         return q.new_empty(1, q.shape[2], q.shape[1] * q.shape[3])
@@ -266,15 +280,26 @@ class LayersPlan:
     n_heads: int
     n_kv_heads: int
     window: int
+    shared: ShmGroup | None  # under tensor parallelism: sums wo's and w2's outputs over the ranks
+
+
+def _shared(module) -> ShmGroup | None:
+    """The shared-memory all-reduce that follows a layer (runner.sharders.AllReduce holds it), if any."""
+    found = [m for m in module.modules() if isinstance(m, ShmGroup)]
+    return found[0] if len(found) == 1 else None
 
 
 def _gather(model, dtype: torch.dtype) -> LayersPlan | None:
     norms, weights, parts, groupsizes, int8_x, kv_caches = [], [], [], [], [], []
+    # Under tensor parallelism each layer's wo and w2 are followed by the one all-reduce.
+    shared = _shared(model.layers[0].attention.wo)
     for block in model.layers:
         operands = block.kernel_operands(dtype)
         attention = block.attention
         cache = attention.kv_cache
         if operands is None or cache is None or cache.dtype != dtype:
+            return None
+        if _shared(attention.wo) is not shared or _shared(block.feed_forward.w2) is not shared:
             return None
         linears, sizes, flags = operands
         norms += [block.attention_norm.weight, block.ffn_norm.weight]
@@ -290,7 +315,7 @@ def _gather(model, dtype: torch.dtype) -> LayersPlan | None:
     return LayersPlan(norms, weights, parts, groupsizes, int8_x, kv_caches, [c.k for c in kv_caches], [c.v for c in kv_caches],
                       [c.k_scales for c in kv_caches] if scales else [], [c.v_scales for c in kv_caches] if scales else [],
                       first.attention_norm.eps, first.attention.n_heads, first.attention.n_kv_heads,
-                      first.attention.window or 0)
+                      first.attention.window or 0, shared)
 
 
 class KernelOps:
@@ -351,9 +376,10 @@ class KernelOps:
     def decode_layers(self, model, x: torch.Tensor, cos_sin: torch.Tensor, input_pos: torch.Tensor,
                       row) -> torch.Tensor | None:
         """A few tokens through every layer of `model` in one kernel call (the calls attend,
-        linear and the rest would make one by one, in the same order, in one parallel region), or
-        None where one of them would not run: a mixture of experts, tensor parallelism's
-        all-reduce, a layer on another kernel or in another dtype."""
+        linear and the rest would make one by one, in the same order, in one parallel region,
+        with a tensor-parallel rank's shared-memory all-reduces), or None where one of them would
+        not run: a mixture of experts, an all-reduce through gloo, a layer on another kernel or in
+        another dtype."""
         if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
             return None
         plan = self.plan(model, x.dtype)
@@ -367,9 +393,12 @@ class KernelOps:
                 k_scales, v_scales = [r.k_scales for r in rows], [r.v_scales for r in rows]
         if not (k_caches[0].shape[0] == x.shape[0] and k_caches[0].is_contiguous()):
             return None
-        return torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
-                                              cos_sin, k_caches, v_caches, k_scales, v_scales, input_pos, plan.n_heads,
-                                              plan.n_kv_heads, plan.window, plan.int8_x)
+        operands = (x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes, cos_sin, k_caches, v_caches,
+                    k_scales, v_scales, input_pos, plan.n_heads, plan.n_kv_heads, plan.window, plan.int8_x)
+        if plan.shared is None:
+            return torch.ops.runner.decode_layers(*operands)
+        shared = plan.shared
+        return torch.ops.runner.decode_layers.all_reduce(*operands, shared.segment, shared.rank, shared.world_size)
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,

@@ -3,6 +3,10 @@
 //   decode_layers(x, norms, eps, weights (each linear {w}, {w, scales} or {w, scales, zeros}), ...)
 //                                                        a few tokens (decode, verify)
 //                                                        through every dense layer in one call
+//   decode_layers.all_reduce(..., segment, rank, world_size)
+//                                                        the same on one tensor-parallel rank: wo's
+//                                                        and w2's outputs summed over the ranks
+//                                                        through shared memory (shm_reduce.cpp)
 //
 // The step is a list of stages (a layer's norm, its linears, its attention, ...), each a number of
 // independent work items. Every thread of one parallel region takes the next item from one counter,
@@ -10,6 +14,9 @@
 // to arrive: a team of one (a nested region) runs every item itself, and a thread that starts late
 // joins wherever the step is. The ops one by one open a parallel region per linear, 120 a step for
 // SmolLM2, and leave the other thread idle through each norm, residual and short attention.
+//
+// Waits spin briefly, then yield the core (wait.h): on a busy machine the thread being waited for
+// may be the one that lost its core.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 
@@ -23,15 +30,11 @@
 #include "elementwise.h"
 #include "gemv.h"
 #include "ops.h"
+#include "shm_reduce.h"
+#include "wait.h"
 
 namespace runner {
 namespace {
-
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
 
 // A thread's state in a stage: the input its linear has made ready, attention's buffers.
 template <typename T>
@@ -54,6 +57,9 @@ void run_stages(const std::vector<Stage<T>>& stages) {
   // On cache lines of their own: a thread spinning on `done` must not take `next` from the others.
   alignas(64) std::atomic<int64_t> next{0};
   alignas(64) std::atomic<int64_t> done{0};
+  // An item that throws (an all-reduce whose peer died) ends the step: the others stop waiting.
+  alignas(64) std::atomic<bool> failed{false};
+  std::exception_ptr error;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     Scratch<T> scratch;
@@ -62,12 +68,20 @@ void run_stages(const std::vector<Stage<T>>& stages) {
          i = next.fetch_add(1, std::memory_order_relaxed)) {
       while (base[s + 1] <= i) ++s;
       // Items are taken in order, so done reaching base[s] means every item before stage s is done.
-      while (done.load(std::memory_order_acquire) < base[s]) spin_pause();
-      stages[s].run(scratch, i - base[s], entered != s);
+      Backoff backoff;
+      while (done.load(std::memory_order_acquire) < base[s] && !failed.load(std::memory_order_relaxed)) backoff();
+      if (failed.load(std::memory_order_acquire)) return;
+      try {
+        stages[s].run(scratch, i - base[s], entered != s);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+        return;
+      }
       entered = s;
       done.fetch_add(1, std::memory_order_release);
     }
   });
+  if (error) std::rethrow_exception(error);
 }
 
 // A dense layer's operands.
@@ -85,11 +99,11 @@ struct Layer {
 };
 
 // x [M, D] through every layer into y [M, D]; `tokens` (its qkv, y, caches unset) says where the
-// M = B * count tokens sit. The same kernels in the same order as the ops one by one: bit for bit
-// the same result.
+// M = B * count tokens sit; `shared`, if not null, sums wo's and w2's outputs over the ranks. The
+// same kernels in the same order as the ops one by one: bit for bit the same result.
 template <typename T>
 void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, float eps, FewTokens<T> tokens,
-                        int64_t D, int64_t I) {
+                        int64_t D, int64_t I, const Segment* shared) {
   const int64_t M = tokens.B * tokens.count;
   std::vector<T> buffers(M * (5 * D + tokens.width() + tokens.H * tokens.hd + 3 * I));
   std::vector<float> partials(tokens.partials());  // attention's, for each layer in turn
@@ -141,6 +155,7 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
                       }});
     linear(layer.wo, att, o);
     single([=] {
+      if (shared != nullptr) shared->all_reduce(o, o, M * D);
       for (int64_t i = 0; i < M * D; ++i) h[i] = static_cast<T>(widen(stream[i]) + widen(o[i]));
       norm(h, layer.ffn_norm);
     });
@@ -154,6 +169,7 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
     linear(layer.w2, act, d);
     const T* next_norm = l + 1 < layers.size() ? layers[l + 1].attention_norm : nullptr;
     single([=] {
+      if (shared != nullptr) shared->all_reduce(d, d, M * D);
       for (int64_t i = 0; i < M * D; ++i) y[i] = static_cast<T>(widen(h[i]) + widen(d[i]));
       if (next_norm != nullptr) norm(y, next_norm);
     });
@@ -166,12 +182,16 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
 // Dense layers for a few tokens (decode, verify) in one call: one parallel region for them all.
 // norms: each layer's attention and ffn norm; weights: each layer's wqkv, wo, w13 and w2 operands
 // one after another, parts[i] tensors for linear i ({w}, {w, scales}, {w, scales, zeros}).
-at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
-                         at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
-                         at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
-                         at::TensorList v_scales, const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads,
-                         int64_t window, at::IntArrayRef int8_x) {
+// segment: a tensor-parallel rank's shared memory (shm_reduce.cpp), or none.
+at::Tensor decode_layers_all_reduce(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
+                                    at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
+                                    at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
+                                    at::TensorList v_scales, const at::Tensor& input_pos, int64_t n_heads,
+                                    int64_t n_kv_heads, int64_t window, at::IntArrayRef int8_x,
+                                    const std::optional<at::Tensor>& segment, int64_t rank, int64_t world_size) {
   const char* name = "decode_layers";
+  std::optional<Segment> shared;
+  if (segment.has_value()) shared.emplace(*segment, rank, world_size, name);
   check_cpu_float(x, name);
   TORCH_CHECK(window >= 0, "runner::decode_layers: window must be >= 0 (0: none), got ", window);
   TORCH_CHECK(x.dim() == 3, "runner::decode_layers: x must be [B, T, dim], got ", x.sizes());
@@ -241,7 +261,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
     }
     FewTokens<T> tokens{nullptr, cs.const_data_ptr<float>(), nullptr, nullptr, nullptr,
                         positions.const_data_ptr<int64_t>(), B, count, H, KVH, hd, L, window};
-    decode_layers_impl(xc.const_data_ptr<T>(), y.mutable_data_ptr<T>(), layers, (float)eps, tokens, D, I);
+    decode_layers_impl(xc.const_data_ptr<T>(), y.mutable_data_ptr<T>(), layers, (float)eps, tokens, D, I,
+                       shared ? &*shared : nullptr);
   };
   if (x.scalar_type() == at::kBFloat16)
     run(BFloat16());
@@ -250,4 +271,25 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
   return y;
 }
 
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
+                         at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
+                         at::TensorList k_caches, at::TensorList v_caches, at::TensorList k_scales,
+                         at::TensorList v_scales, const at::Tensor& input_pos, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t window, at::IntArrayRef int8_x) {
+  return decode_layers_all_reduce(x, norms, eps, weights, parts, groupsizes, cos_sin, k_caches, v_caches, k_scales,
+                                  v_scales, input_pos, n_heads, n_kv_heads, window, int8_x, std::nullopt, 0, 1);
+}
+
 }  // namespace runner
+
+// ops.cpp defines decode_layers; the overload with a segment is this file's own.
+TORCH_LIBRARY_FRAGMENT(runner, m) {
+  m.def("decode_layers.all_reduce(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] parts, "
+        "int[] groupsizes, Tensor cos_sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, "
+        "Tensor(d!)[] v_scales, Tensor input_pos, int n_heads, int n_kv_heads, int window, int[] int8_x, "
+        "Tensor? segment, int rank, int world_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(runner, CPU, m) {
+  m.impl("decode_layers.all_reduce", &runner::decode_layers_all_reduce);
+}

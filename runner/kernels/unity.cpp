@@ -9,5 +9,6 @@
 #include "kv_cache.cpp"
 #include "attend.cpp"
 #include "causal_attention.cpp"
+#include "shm_reduce.cpp"
 #include "decode_layers.cpp"
 #include "ops.cpp"

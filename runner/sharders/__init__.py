@@ -9,7 +9,9 @@ share of the feed-forward, and the two matmuls that sum over those shares all-re
   feed_forward.w2   input columns; then all-reduce
   mixture of experts: each expert's w13 and w2 split as above (every rank holds a share of every
   expert, as gpt-fast does); the router replicated; one all-reduce of the weighted expert sum
-  norms, embedding, output layer: replicated
+  norms, embedding: replicated
+  output layer: replicated; where the ranks share memory, output rows by vocabulary (a tied
+  model's: its embedding's rows), then an all-gather of the logits
   KV cache: by kv heads (each rank holds 1/N of it)
 
 Two steps: `plan(spec, world_size)` decides which rows or columns each rank keeps of each
@@ -18,7 +20,10 @@ one rank's share. A layer shards itself through one method, `shard_(dim, keep)` 
 "in" columns, the indices kept), so a quantized layer's layout stays its own business: int8
 scales follow their rows, int4 input splits must keep whole groups (runner.config.schema.tp_problems
 checks that before any rank starts). The collectives are torch.distributed's functional ones,
-which torch.compile traces into the compiled step.
+which torch.compile traces into the compiled step. Where every rank is on this machine (a gloo
+group), the collectives go through shared memory instead (runner.sharders.shm), cheap enough that
+splitting the output layer pays too, and runner's fused decode step (KernelOps.decode_layers) sums
+in its own call.
 """
 from __future__ import annotations
 
@@ -29,22 +34,46 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
 from runner.config.schema import ModelSpec, tp_problems
+from runner.kernels.shm_reduce import ShmGroup
+from runner.model.llama import Linear
 from runner.parallel import Rank
+from runner.sharders import shm
 
 
 class AllReduce(nn.Module):
-    """A row-parallel layer (its input split by columns) and the sum of its ranks' partial outputs."""
+    """A row-parallel layer (its input split by columns) and the sum of its ranks' partial outputs:
+    through shared memory where `shared` is given and takes the tensor, else the group's backend."""
 
-    def __init__(self, inner: nn.Module, group):
+    def __init__(self, inner: nn.Module, group, shared: ShmGroup | None = None):
         super().__init__()
-        self.inner, self.group = inner, group
+        self.inner, self.group, self.shared = inner, group, shared
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(self.inner(*args), "sum", self.group)
+        y = self.inner(*args)
+        if self.shared is not None and self.shared.sums(y):
+            return self.shared.all_reduce(y)
+        return funcol.all_reduce(y, "sum", self.group)
 
-    def kernel_operands(self, dtype: torch.dtype) -> None:
-        """None: the all-reduce must run between this layer and the next (see Linear.kernel_operands)."""
-        return None
+    def kernel_operands(self, dtype: torch.dtype):
+        """The inner layer's operands (see Linear.kernel_operands) where the sum goes through shared
+        memory, which runner's fused decode step does in its own call (it finds `shared` among this
+        module's children); else None: the all-reduce runs between this layer and the next."""
+        return self.inner.kernel_operands(dtype) if self.shared is not None else None
+
+
+class GatherLogits(nn.Module):
+    """The output layer split by vocabulary rows, and every rank's logits side by side, in rank
+    order: through shared memory where the logits are on the CPU, else the group's backend."""
+
+    def __init__(self, inner: nn.Module, group, shared: ShmGroup):
+        super().__init__()
+        self.inner, self.group, self.shared = inner, group, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)  # [..., vocab / world_size]
+        if y.device.type == "cpu":
+            return self.shared.all_gather(y)
+        return funcol.all_gather_tensor(y.contiguous(), y.dim() - 1, self.group)
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,7 @@ def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
     if plan.world_size == 1:
         return model
     group = torch.distributed.group.WORLD  # the ranks runner launches or joins: one group
+    shared = shm.open_segment(rank)  # every layer's all-reduces share one segment, in call order
     for i, layer in enumerate(model.layers):
         for name, split in plan.linears.items():
             try:
@@ -109,6 +139,26 @@ def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
         layer.attention.n_heads, layer.attention.n_kv_heads = plan.heads, plan.kv_heads
         for name in plan.reduced:
             parent, _, child = name.rpartition(".")
-            layer.get_submodule(parent).register_module(child, AllReduce(layer.get_submodule(name), group))
+            layer.get_submodule(parent).register_module(child, AllReduce(layer.get_submodule(name), group, shared))
+    if shared is not None:
+        _split_output(model, rank, group, shared)
     model.operands_changed()  # runner's ops gather their operands again: the layers and head counts changed
     return model
+
+
+def _split_output(model: nn.Module, rank: Rank, group, shared: ShmGroup) -> None:
+    """Keep `rank`'s share of the output layer's rows (of the vocabulary), its logits gathered:
+    each rank reads 1/N of the layer, not all of it. A vocabulary that does not split evenly, and
+    torch's own Linear (quant's untie beside a quantized embedding), stay whole."""
+    vocab, n = model.spec.vocab_size, rank.world_size
+    if vocab % n or type(model.output) is nn.Linear:
+        return
+    share = vocab // n
+    if model.output is None:  # tied: a layer over this rank's rows of the embedding, not a copy
+        head = Linear(model.spec.dim, share, bias=False, device="meta")
+        rows = model.tok_embeddings.weight.detach().narrow(0, rank.rank * share, share)
+        head.weight = nn.Parameter(rows, requires_grad=False)
+    else:
+        head = model.output
+        head.shard_("out", _block(rank.rank * share, share))
+    model.output = GatherLogits(head, group, shared)
