@@ -155,6 +155,21 @@ def _numbers(option: str, text: str | None, what: str) -> list[int]:
     return numbers
 
 
+def _thread_counts(text: str | None, busy: int) -> tuple[int | None, ...]:
+    """bench's --threads: each count, None for auto (the recipe's own); without it auto, or with
+    --busy auto and 1."""
+    if text is None:
+        return (None, 1) if busy else (None,)
+    try:
+        counts = [None if n == "auto" else int(n) for n in text.split(",")]
+    except ValueError:
+        counts = [0]
+    if any(n is not None and n < 1 for n in counts) or len(set(counts)) != len(counts):
+        raise click.UsageError(f"--threads takes different whole numbers >= 1 or auto separated by commas "
+                               f"(e.g. auto,1), got {text!r}")
+    return tuple(counts)
+
+
 @cli.command()
 @click.argument("args", nargs=-1, required=True)
 @click.option("--runs", default=5, show_default=True, help="Timed generations per recipe (after a warm-up).")
@@ -168,12 +183,19 @@ def _numbers(option: str, text: str | None, what: str) -> list[int]:
                    "HF with a static cache and torch.compile, llama.cpp on the recipe's GGUF (llama-cpp-python).")
 @click.option("--world-sizes", default=None, metavar="N,M,...",
               help="Time each recipe at each of these parallel.world_size values, with each rank's peak memory.")
+@click.option("--threads", "thread_counts", default=None, metavar="N|auto,...",
+              help="Time each recipe at each of these thread counts (auto: the recipe's own threads) "
+                   "[default: auto; with --busy, auto,1].")
+@click.option("--busy", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run N competing CPU-bound processes while timing (they end with the bench); without --threads, "
+                   "each recipe is timed at its own threads and at threads=1, with the ratio of the two.")
 @click.option("--roofline", is_flag=True, help="Measure the machine's read bandwidth and GEMM rate; show each "
               "decode figure's share of the first, each prefill figure's of the second.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw decode tokens/s as a bar chart (PNG; needs matplotlib: pip install 'runner[plot]').")
-def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, roofline, json_path, plot_path):
+def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, thread_counts, busy, roofline, json_path,
+          plot_path):
     """Time recipes: RECIPE... [key=value ...] (overrides apply to every recipe).
 
     Greedy decoding of --tokens tokens from --prompt, after a warm-up; prints decode tokens/s
@@ -184,6 +206,7 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
     Example:
       runner bench recipes/smollm2-135m.yaml dtype=bfloat16 --vs hf --json out.json
       runner bench recipes/smollm2-135m.yaml recipes/smollm2-135m.yaml quant.mode=int8 dtype=bfloat16
+      runner bench recipes/smollm2-135m.yaml --busy 1
     """
     recipe_paths = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
@@ -191,11 +214,12 @@ def bench(args, runs, new_tokens, prompt, prompt_tokens, versus, world_sizes, ro
         raise click.UsageError("name at least one recipe")
     sizes = tuple(_numbers("--world-sizes", world_sizes, "e.g. 1,2")) or (None,)
     lengths = _numbers("--prompt-tokens", prompt_tokens, "e.g. 5,512")
+    threads = _thread_counts(thread_counts, busy)
     from runner import bench as benchmark
 
     try:
         benchmark.run(recipe_paths, overrides, benchmark.Options(runs, new_tokens, prompt, lengths, tuple(versus),
-                                                                 sizes, roofline, json_path, plot_path))
+                                                                 sizes, roofline, json_path, plot_path, threads, busy))
     except benchmark.Refused as e:
         raise click.UsageError(str(e)) from None
 

@@ -17,7 +17,7 @@ from runner.transforms.compile import compiled_forward
 from runner.transforms.runner_ops import use_runner_ops
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSpec, QuantKVCache, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
-from runner.decoders import Decoder, Forward
+from runner.decoders import Decoder, Forward, threads
 from runner.tokenizers.base import Tokenizer
 
 
@@ -27,7 +27,7 @@ class Pipeline:
     tokenizer: Tokenizer
     model: torch.nn.Module
     decoder: Decoder
-    forward: Forward | None = None  # what the decoder calls: the model, or its compiled steps
+    forward: Forward | None = None  # the model, or its compiled steps (the decoder may call them at adaptive threads)
     draft_forward: Forward | None = None  # what the draft model's proposer calls, likewise
 
 
@@ -57,8 +57,11 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
     """Everything needed to generate, from a resolved recipe; `bar` draws progress (fetching,
     converting, quantizing). Under tensor parallelism `rank` is this process's joined rank, and
     the models are sharded over its group."""
-    if recipe.threads is not None and rank is None:
-        torch.set_num_threads(recipe.threads)
+    # threads: null starts at torch's own count, whatever an earlier pipeline in this process set
+    # (its decode steps adapt it below). A tensor-parallel rank has its share already (runner.parallel).
+    cores = threads.default_count()  # asked before any count is set
+    if rank is None:
+        torch.set_num_threads(recipe.threads or cores)
     path = sources.prepare(recipe.model, recipe_path, note, bar=bar)
     tokenizer = build_tokenizer(recipe, recipe_path)
     model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_path, tokenizer, note, rank=rank, bar=bar)
@@ -80,7 +83,12 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
     forward = compiled_forward(model, recipe.compile, recipe_path, note)
     # The draft model's steps are compiled as the target's are: its one-token steps are most of a round.
     draft_forward = compiled_forward(draft_model, recipe.compile, recipe_path, note) if draft_model else None
-    decoder = decoders.build(recipe, model, draft_model, forward, draft_forward)
+    steps, draft_steps = forward, draft_forward
+    if recipe.threads is None and torch.device(recipe.device).type == "cpu" and rank is None:
+        # threads: null on the CPU: the decode steps run at the thread count the load allows.
+        steps = threads.adaptive(forward)
+        draft_steps = None if draft_forward is None else threads.adaptive(draft_forward)
+    decoder = decoders.build(recipe, model, draft_model, steps, draft_steps)
     return Pipeline(recipe, tokenizer, model, decoder, forward, draft_forward)
 
 

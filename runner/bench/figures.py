@@ -25,6 +25,8 @@ class Figures:
     matmul_params: int = 0  # weights a token multiplies (every linear layer): 2 flops each
     gemm_gflop_s: float = 0.0  # torch's GEMM rate in this recipe's dtype (--roofline); 0: not measured
     rank_peak_memory_bytes: list[int] = field(default_factory=list)  # tensor parallelism: each rank's peak RSS
+    threads: int | None = None  # the recipe's threads; None: torch's count, adapted to the load on the CPU
+    threads_at_end: int | None = None  # torch's count when the timed runs ended (one process only)
 
     @property
     def median(self) -> float:
@@ -66,6 +68,12 @@ def context_ratios(label: str, rows: list[Figures]) -> dict:
     return {"recipe": label, "ratios": {
         r.prompt_tokens: {"median": r.median / shortest.median,
                           "best": max(r.decode_tokens_per_s) / max(shortest.decode_tokens_per_s)} for r in rows}}
+
+
+def threads_ratio(own: Figures, one: Figures) -> dict:
+    """A recipe's decode at its own threads over its decode at threads=1 (medians): {"recipe":
+    own's label, "own": tok/s, "threads_1": tok/s, "ratio": own over threads_1}."""
+    return {"recipe": own.label, "own": own.median, "threads_1": one.median, "ratio": own.median / one.median}
 
 
 def table(rows: list[Figures], roofline: float | None) -> str:
