@@ -80,7 +80,8 @@ class AdaptiveThreads:
         self.period = 0  # steps at the current count between probes
         self.next_probe = 1  # the step from which the next probe may run
         self.due = dict.fromkeys(counts, 0)  # the step from which each count may be probed again
-        self.after_prompt = True  # the next decode step follows a prompt (or is the first)
+        self.after_prompt = True  # the next decode step follows a prefill (or is the first)
+        self.probed = None  # the count the last step probed, until the step after it is timed
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False,
                  row: int | slice | None = None) -> torch.Tensor:
@@ -91,7 +92,7 @@ class AdaptiveThreads:
         if prefill or self.after_prompt:
             # A prefill runs at the current count, which a probe has left in place. So does the first
             # step after one, untimed: it is several times slower than the next ones.
-            self.after_prompt = prefill
+            self.after_prompt, self.probed = prefill, None
             self._use(self.current)
             return self.forward(*args)
         count = self._next()
@@ -124,6 +125,11 @@ class AdaptiveThreads:
         times = self.times[count]
         times.append(seconds)
         if count == self.current:
+            if self.probed is not None:
+                # The step after a probe is part of its cost: under load it pays back the time
+                # the probe's extra threads took from the other processes.
+                self.due[self.probed] += self._spacing(seconds / self._median(count, WINDOW))
+                self.probed = None
             before = list(times)[:WINDOW]
             if len(times) == times.maxlen and self._median(count, RECENT) > JUMP * statistics.median(before):
                 self._changed()
@@ -139,29 +145,30 @@ class AdaptiveThreads:
         elif len(times) >= 2:  # one probe says too little: the period stays until a second one
             probed = self._median(count, PROBES)
             if probed < beats:
-                self.due[self.current] = self._due(current / probed)
+                self.due[self.current] = self.step + self._spacing(current / probed)
                 self.current, self.period = count, 0
             else:
                 self.period = min(max(1, 2 * self.period), MAX_PERIOD)
-        self.due[count] = self._due(seconds / current)
+        self.due[count] = self.step + self._spacing(seconds / current)
+        self.probed = None if count == self.current else count
         self.next_probe = self.step + 1 + self.period
 
     def _changed(self) -> None:
         """The current count's last steps are slower than those before: the machine changed, and
-        the other counts' times with it. Probe them afresh from the next step, each as soon as its
-        last known time, against the current count's new one, makes that affordable."""
+        the other counts' times with it. Their probes start afresh, from the next step for the
+        smaller counts (load that slows the current count slows a larger one at least as much)."""
         times = self.times[self.current]
         for _ in range(WINDOW):  # the older steps go: one jump, one change
             times.popleft()
-        now = self._median(self.current, RECENT)
         for n in self.counts:
-            if n != self.current and self.times[n]:
-                self.due[n] = self._due(self.times[n][-1] / now)
+            if n != self.current:
                 self.times[n].clear()
+            if n < self.current:
+                self.due[n] = self.step
         self.period, self.next_probe = 0, self.step + 1
 
-    def _due(self, slower: float) -> int:
-        """The step from which a count `slower` times as slow as the current one may be probed: a
-        probe of a much slower count costs that much more, so it comes that much later, for probes
-        to take at most about PROBE_SHARE of the time."""
-        return self.step + math.ceil(max(0.0, slower - 1) / PROBE_SHARE)
+    def _spacing(self, slower: float) -> int:
+        """Steps to wait before probing a count whose probe cost `slower` times a step at the
+        current count: the dearer a probe, the later the next, for probes to take at most about
+        PROBE_SHARE of the time."""
+        return math.ceil(max(0.0, slower - 1) / PROBE_SHARE)

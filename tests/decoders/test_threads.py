@@ -25,6 +25,7 @@ class FakeMachine:
         self.cost, self.noise = cost, noise
         self.after_prompt = 1.0  # the first decode step after a prompt costs this many times more
         self.steps_since_prompt = 0
+        self.payback = 0.0  # a step after one at more threads costs this many steps more
         self.now, self.threads = 0.0, max(cost)
         self.random = random.Random(seed)
         self.sets: list[int] = []  # every count set, in order
@@ -45,9 +46,10 @@ class FakeMachine:
     def forward(self, tokens, input_pos, last_only=False):
         prompt = tokens.numel() > MAX_ROWS or (last_only and tokens.shape[-1] > 1)
         first = not prompt and self.prompts and self.steps_since_prompt == 0
+        after_more = not prompt and self.steps and self.steps[-1] > self.threads
         (self.prompts if prompt else self.steps).append(self.threads)
         self.steps_since_prompt = 0 if prompt else self.steps_since_prompt + 1
-        factor = self.after_prompt if first else 1.0
+        factor = (self.after_prompt if first else 1.0) + (self.payback if after_more else 0.0)
         self.now += factor * self.cost[self.threads] * self.random.uniform(1 - self.noise, 1 + self.noise)
         return tokens
 
@@ -107,6 +109,21 @@ def test_it_switches_when_load_appears_and_back_when_it_goes():
     machine.cost.update(quiet)
     steps = decode(controller, machine, 3000)
     assert controller.current == 2 and steps[-100:].count(2) >= 99
+
+
+def test_probes_cost_at_most_about_their_share_under_bursty_load_and_payback():
+    machine = FakeMachine({2: 1.6, 1: 1.0}, noise=0.0)  # under load: two threads slower
+    controller = machine.controller()
+    decode(controller, machine, 200)
+    assert controller.current == 1
+    machine.payback = 1.5  # the step after a probe of two is slower still: the other processes catch up
+    start, ideal = machine.now, 0.0
+    for step in range(3000):
+        burst = 1.6 if step % 40 < 3 else 1.0  # other load comes and goes: each burst resets the period
+        machine.cost = {2: 1.6 * burst, 1: burst}
+        ideal += burst
+        decode(controller, machine, 1)
+    assert (machine.now - start) / ideal < 1 + 1.5 * PROBE_SHARE
 
 
 def test_a_jump_of_the_current_count_resets_the_period():
