@@ -77,8 +77,8 @@ class Int8Linear(QuantizedLinear):
     """weight int8 [out, in], scales [out]: w = weight * scales[:, None].
 
     int8_x (quant.activations: int8, for an int4 mode's int8 output layer): decoding on runner's
-    CPU kernels quantizes the activations to int8 per block of 32 inputs and multiplies integers;
-    a prompt's GEMM takes them as they are.
+    CPU kernels quantizes the activations to int8 per block of 32 inputs and multiplies integers
+    (in_features a multiple of 32; otherwise they stay float); a prompt's GEMM takes them as they are.
     """
 
     KERNELS = matmuls.INT8_KERNELS
