@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import TokenizerKind, TokenizerSection

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import regex
 import tiktoken  # an absolute import: this package's own tiktoken.py does not shadow the library
 
-from runner.config.errors import ConfigError, problem
-from runner.config.schema import TokenizerSection
-from runner.tokenizers.base import finder, split_at
+from runner.tokenizers.base import Added, AddedTokens, GenerationIds
 
 # GPT-2's pre-tokenizer, as `tokenizers`' ByteLevel(use_regex=True) writes it.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -76,18 +73,7 @@ def token_bytes_of(text: str) -> bytes:
     return b"".join(bytes([CHAR_BYTES[c]]) if c in CHAR_BYTES else c.encode("utf-8") for c in text)
 
 
-@dataclass(frozen=True)
-class Added:
-    """A token found in text as a whole before BPE sees the text (a special or added token)."""
-
-    id: int
-    text: str
-    # True: found only by encode(allow_special=True), and adds no text to the output.
-    # False: always found, and adds its text (HF's non-special added tokens, GGUF USER_DEFINED).
-    special: bool
-
-
-class ByteLevelBPE:
+class ByteLevelBPE(GenerationIds):
     """A byte-level BPE vocabulary as a Tokenizer (see runner.tokenizers.base.Tokenizer).
 
     Raises ValueError saying what is wrong when the vocabulary and merges do not fit together.
@@ -113,45 +99,27 @@ class ByteLevelBPE:
         self._bytes = [b""] * self.vocab_size
         for text, id in vocab.items():
             self._bytes[id] = token_bytes_of(text)
-        self._added = {a.text: a for a in added}
-        self._added_text = {a.id: a.text for a in added}
+        self._added = AddedTokens(added)
         for a in added:
             self._bytes[a.id] = b"" if a.special else a.text.encode("utf-8")
-        self._always = finder(a.text for a in added if not a.special)
-        self._any = finder(a.text for a in added)
-
-        self.bos_id: int | None = None
-        self.eos_ids: frozenset[int] = frozenset()
-        self.add_bos = False  # encode(bos=True) adds bos_id only when the tokenizer's files ask for it
-        self.chat_template: str | None = None
-        self.bos_token: str | None = None
-        self.eos_token: str | None = None
-
-    def configure(self, bos_id: int | None, eos_ids: Sequence[int], add_bos: bool, chat_template: str | None) -> None:
-        """Set the generation ids; eos_ids[0] is the one a chat template writes as eos_token."""
-        self.bos_id, self.eos_ids = bos_id, frozenset(eos_ids)
-        self.add_bos = add_bos and bos_id is not None
-        self.chat_template = chat_template
-        self.bos_token = self.token_text(bos_id) if bos_id is not None else None
-        self.eos_token = self.token_text(eos_ids[0]) if eos_ids else None
 
     def token_id(self, text: str) -> int | None:
         """The id of the token written `text`: an added token's text, or an ordinary token's bytes."""
-        if text in self._added:
-            return self._added[text].id
+        if text in self._added.by_text:
+            return self._added.by_text[text].id
         found = self._ranks.get(text.encode("utf-8"))
         return self._rank_ids[found] if found is not None else None
 
     def token_text(self, id: int) -> str:
         """How token `id` is written in a prompt or template ("<|im_end|>" for a special token)."""
-        if id in self._added_text:
-            return self._added_text[id]
+        if id in self._added.by_id:
+            return self._added.by_id[id].text
         return self._bytes[id].decode("utf-8", errors="replace")
 
     def encode(self, text: str, bos: bool = True, allow_special: bool = False) -> list[int]:
         ids = [self.bos_id] if bos and self.add_bos else []
-        for piece, added in split_at(text, self._any if allow_special else self._always):
-            ids += [self._added[piece].id] if added else self._encode_ordinary(piece)
+        for _, piece, added in self._added.split(text, allow_special):
+            ids += [added.id] if added else self._encode_ordinary(piece)
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -235,22 +203,3 @@ def _ranks(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> tuple[di
             ranks[data] = 256 + i
             rank_ids[256 + i] = vocab[merged]
     return ranks, rank_ids
-
-
-def overrides(tokenizer: ByteLevelBPE, section: TokenizerSection, source: str,
-              bos_id: int | None, eos_ids: list[int]) -> tuple[int | None, list[int]]:
-    """bos_id and eos_ids with the recipe's tokenizer.bos / tokenizer.eos (token texts) in their place."""
-    problems = []
-    for key, text in (("bos", section.bos), ("eos", section.eos)):
-        if text is None:
-            continue
-        found = tokenizer.token_id(text)
-        if found is None:
-            problems.append(problem(source, f"tokenizer.{key}", f"is not a single token of {section.path}", text))
-        elif key == "bos":
-            bos_id = found
-        else:
-            eos_ids = [found]
-    if problems:
-        raise ConfigError(problems)
-    return bos_id, eos_ids

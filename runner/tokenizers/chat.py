@@ -5,10 +5,11 @@ them (sandboxed; trim_blocks, lstrip_blocks, loop controls, raise_exception, toj
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from runner.config.errors import ConfigError, problem
@@ -32,12 +33,8 @@ def render_messages(tokenizer: Tokenizer, messages: list[dict], source: str = "r
     """A conversation (role/content dicts) in the tokenizer's chat template, ready for the reply."""
     if tokenizer.chat_template is None:
         raise ConfigError([problem(source, KEY, "the tokenizer has no chat template (its files ship none)")])
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(tokenizer.chat_template).render(
+        return _compiled(tokenizer.chat_template).render(
             messages=messages,
             add_generation_prompt=True,
             bos_token=tokenizer.bos_token or "",
@@ -45,6 +42,16 @@ def render_messages(tokenizer: Tokenizer, messages: list[dict], source: str = "r
         )
     except TemplateError as e:
         raise ConfigError([problem(source, KEY, f"the tokenizer's chat template fails: {e}")]) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> Template:
+    """The template compiled once: a long one (Qwen3's) takes longer to compile than to render."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

@@ -1,7 +1,7 @@
 """SentencePiece models (`tokenizer.kind: sentencepiece`): LLaMA-1/2, TinyLlama, the tiny recipes."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 # An absolute import: this file's own name does not shadow the library.
 import sentencepiece as spm

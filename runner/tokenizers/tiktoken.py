@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 # An absolute import: this file's own name does not shadow the library.
 import tiktoken

@@ -9,9 +9,10 @@ import codecs
 import collections
 import contextlib
 import io
+import itertools
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import regex
 import sentencepiece as spm
@@ -66,7 +67,7 @@ def write_tiktoken_ranks(path: Path, texts: Iterable[str], n_merges: int, patter
     while len(ranks) < 256 + n_merges:
         pairs = collections.Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 if pair[0] + pair[1] not in ranks:  # two splits of one token would give it two ranks
                     pairs[pair] += count
         if not pairs:

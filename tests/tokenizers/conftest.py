@@ -2,9 +2,11 @@
 and the real SmolLM2 GGUF."""
 from __future__ import annotations
 
+import random
 
 import pytest
-from gguf import GGUFReader, TokenType
+import sentencepiece as spm
+from gguf import GGUFReader, GGUFWriter, TokenType
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders as hf_decoders
 from tokenizers import models as hf_models
@@ -13,7 +15,11 @@ from tokenizers import trainers as hf_trainers
 
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import build
-from tests.helpers.tokenizers import english_corpus, train_sentencepiece, write_tiktoken_ranks
+from tests.helpers.tokenizers import (
+    english_corpus,
+    train_sentencepiece,
+    write_tiktoken_ranks,
+)
 
 N_MERGES = 300
 CODE = "def main(argv):\n    for i, arg in enumerate(argv):\n        if arg == '--help':\n            return 0\n"
@@ -81,6 +87,25 @@ def bpe_reference(tokens: list[str], merges: list[str], pre_tokenizer, specials=
     return reference
 
 
+def write_gguf(path, tokens: list[str], types: list[int], merges: list[str], pre: str | None = "smollm",
+               model: str = "gpt2", **ids) -> str:
+    """A GGUF holding only tokenizer metadata; `ids`: bos/eos/eot_token_id, add_bos_token, chat_template."""
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, value in ids.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 def train_byte_level(pre_tokenizer, vocab_size: int = 800, all_bytes: bool = True, unk: str | None = None,
                      normalizer=None) -> HFTokenizer:
     """A byte-level BPE trained by `tokenizers` on the English corpus, code and some numbers and
@@ -103,3 +128,75 @@ def byte_level() -> hf_pre_tokenizers.PreTokenizer:
 def digits_byte_level() -> hf_pre_tokenizers.PreTokenizer:
     """SmolLM2's pre-tokenizer: each digit alone, then GPT-2's."""
     return hf_pre_tokenizers.Sequence([hf_pre_tokenizers.Digits(individual_digits=True), byte_level()])
+
+
+class Quiet(dict):
+    """A fixture's dict of tokenizers that hypothesis prints in one word when a test fails."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} tokenizers>"
+
+
+# --- SentencePiece-style vocabularies (kind gguf with tokenizer.ggml.model "llama", and kind hf) ----
+
+SPM_CONTROL = ["<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|end|>"]  # Gemma's, Phi-3's
+SPM_USER_DEFINED = ["\n\n", "\t", "  ", "   ", "<b>", "</b>"]  # Gemma's kinds: newlines, spaces, HTML
+
+
+@pytest.fixture(scope="session")
+def spm_vocabulary(tmp_path_factory) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a SentencePiece BPE trained on English, with Gemma- and
+    Phi-3-like control and user-defined tokens after it. Its ordinary pieces are shuffled, so
+    that a piece's place in the file and its score give different merge orders; as in Gemma's
+    GGUF, runs of spaces are user-defined tokens ("  "), not pieces ("▁▁")."""
+    model = train_sentencepiece(english_corpus() + CODE, tmp_path_factory.mktemp("spm") / "english", vocab_size=900)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces = [(sp.id_to_piece(i), sp.get_score(i), TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL
+               if sp.is_control(i) else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL)
+              for i in range(sp.vocab_size())]
+    first_normal = next(i for i, p in enumerate(pieces) if p[2] == TokenType.NORMAL)
+    normal = [p for p in pieces[first_normal:] if p[0].strip("▁") or len(p[0]) == 1]
+    random.Random(0).shuffle(normal)
+    pieces = pieces[:first_normal] + normal
+    pieces += [(t, 0.0, TokenType.CONTROL) for t in SPM_CONTROL]
+    pieces += [(t, 0.0, TokenType.USER_DEFINED) for t in SPM_USER_DEFINED]
+    tokens, scores, types = map(list, zip(*pieces))
+    return tokens, scores, types
+
+
+def write_spm_gguf(path, arch: str, vocabulary: tuple[list[str], list[float], list[int]], **keys) -> str:
+    """A GGUF holding only a "llama" (SentencePiece) vocabulary; `keys`: add_<key> of GGUFWriter."""
+    tokens, scores, types = vocabulary
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for key, value in keys.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+# general.architecture -> what llama.cpp's converter writes for it beside a SentencePiece vocabulary.
+SPM_ARCHS = {"gemma3": {"add_space_prefix": False}, "llama": {}, "phi3": {}}
+SPM_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                "<end_of_turn>\n{% endfor %}{{ '<start_of_turn>model\n' }}")
+
+
+@pytest.fixture(scope="session")
+def spm_ggufs(spm_vocabulary, tmp_path_factory) -> Quiet:
+    """arch -> (a GGUF of spm_vocabulary written for it, transformers' tokenizer built from that GGUF)."""
+    from transformers import AutoTokenizer
+
+    out = Quiet()
+    for arch, keys in SPM_ARCHS.items():
+        folder = tmp_path_factory.mktemp(arch)
+        path = write_spm_gguf(folder / "t.gguf", arch, spm_vocabulary, bos_token_id=1, eos_token_id=2,
+                              unk_token_id=0, add_bos_token=True, chat_template=SPM_TEMPLATE, **keys)
+        out[arch] = (path, AutoTokenizer.from_pretrained(str(folder), gguf_file="t.gguf"))
+    return out

@@ -13,9 +13,12 @@ import gguf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Regex
+from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import pre_tokenizers
+from transformers import AutoTokenizer
+from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+    GGUF_PRE_TOKENIZER_SPLITS,
+)
 
 from runner.config.errors import ConfigError
 from runner.config.schema import TokenizerKind, TokenizerSection
@@ -23,7 +26,14 @@ from runner.tokenizers import build
 from runner.tokenizers.bpe import BYTE_CHARS
 from runner.tokenizers.chat import render_chat
 from tests.helpers.tokenizers import texts
-from tests.tokenizers.conftest import SPECIALS, bpe_reference, byte_level, digits_byte_level, train_byte_level
+from tests.tokenizers.conftest import (
+    SPECIALS,
+    bpe_reference,
+    byte_level,
+    digits_byte_level,
+    train_byte_level,
+    write_gguf,
+)
 
 CONTROL, NORMAL, USER_DEFINED = gguf.TokenType.CONTROL, gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED
 
@@ -35,7 +45,16 @@ LLAMA_CPP_DEFAULT = pre_tokenizers.Sequence([
       for r in (r"[\p{P}\$\+<=>\^~\|]+", LLAMA_CPP_GPT2, r"\p{N}+", "[0-9][0-9][0-9]")),
     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
 ])
-REFERENCE_PRE = {"gpt-2": byte_level, "smollm": digits_byte_level, "default": lambda: LLAMA_CPP_DEFAULT}
+
+
+def hf_split(pre: str):
+    """The pre-tokenizer transformers gives a GGUF whose tokenizer.ggml.pre is `pre` (Qwen's, GPT-4o's, Llama-3's)."""
+    return lambda: pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), "isolated"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+REFERENCE_PRE = {"gpt-2": byte_level, "smollm": digits_byte_level, "default": lambda: LLAMA_CPP_DEFAULT,
+                 **{pre: hf_split(pre) for pre in ("qwen2", "gpt-4o", "llama-bpe")}}
 
 # Characters whose UTF-8 holds a byte SmolLM2 has no token for (0x04 ... and the lead bytes F1, F2).
 SMOLLM2_MISSING = [0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)]
@@ -49,25 +68,6 @@ def prompts(specials=SPECIALS) -> st.SearchStrategy[str]:
 
 def section(path, **kw) -> TokenizerSection:
     return TokenizerSection(kind=TokenizerKind.gguf, path=str(path), **kw)
-
-
-def write_gguf(path, tokens: list[str], types: list[int], merges: list[str], pre: str | None = "smollm",
-               model: str = "gpt2", **ids) -> str:
-    """A GGUF holding only tokenizer metadata; `ids`: bos/eos/eot_token_id, add_bos_token, chat_template."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model(model)
-    if pre is not None:
-        writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for key, value in ids.items():
-        getattr(writer, f"add_{key}")(value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
 
 
 def reference(tokens: list[str], merges: list[str], pre: str, specials: list[str] = ()) -> HFTokenizer:
@@ -184,6 +184,32 @@ def test_missing_pre_is_llama_cpps_default(trained, tmp_path, per_pre):
     assert ids == per_pre["default"][0].encode(text, bos=False) != per_pre["gpt-2"][0].encode(text, bos=False)
 
 
+@pytest.fixture(scope="module")
+def qwen_and_phi4(trained, tmp_path_factory):
+    """pre -> (ours, transformers' tokenizer from the same GGUF), for Qwen2/3's and Phi-4-mini's pre-tokenizers;
+    <think> is user-defined, as in Qwen3's GGUF."""
+    tokens, types, merges = trained
+    tokens = [*tokens, "<think>"]
+    types = [*types, USER_DEFINED]
+    out = {}
+    for pre in ("qwen2", "gpt-4o"):
+        folder = tmp_path_factory.mktemp(pre)
+        path = write_gguf(folder / "t.gguf", tokens, types, merges, pre=pre, bos_token_id=0, eos_token_id=2)
+        out[pre] = (build(section(path)), AutoTokenizer.from_pretrained(str(folder), gguf_file="t.gguf"))
+    return out
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "gpt-4o"])
+@settings(max_examples=60, deadline=None)
+@given(text=prompts([*SPECIALS, "<think>"]))
+def test_qwen_and_phi4_match_transformers(qwen_and_phi4, pre, text):
+    ours, reference = qwen_and_phi4[pre]
+    assert ours.encode(text, bos=False, allow_special=True) == reference(text, add_special_tokens=False)["input_ids"]
+    plain = reference(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert ours.encode(text, bos=False) == plain
+    assert ours.eos_ids == {2}  # <|im_end|>, which is also Qwen's end of turn
+
+
 def only_problem(path, source="r.yaml", **kw):
     with pytest.raises(ConfigError) as e:
         build(section(path, **kw), source=source)
@@ -193,11 +219,12 @@ def only_problem(path, source="r.yaml", **kw):
 
 def test_unsupported_pre_model_and_keys(trained, tmp_path):
     tokens, types, merges = trained
-    p = only_problem(write_gguf(tmp_path / "q.gguf", tokens, types, merges, pre="qwen2"))
+    p = only_problem(write_gguf(tmp_path / "q.gguf", tokens, types, merges, pre="chatglm-bpe"))
     assert (p.source, p.key, p.value) == ("r.yaml", "tokenizer.path", str(tmp_path / "q.gguf"))
-    assert "'qwen2'" in p.message and "supported: " in p.message and "smollm" in p.message and "gpt-2" in p.message
-    p = only_problem(write_gguf(tmp_path / "l.gguf", tokens, types, merges, model="llama"))
-    assert "'llama' vocabulary (tokenizer.ggml.model); supported: gpt2" in p.message
+    assert "'chatglm-bpe'" in p.message and "supported: " in p.message
+    assert all(name in p.message for name in ("smollm", "gpt-2", "qwen2", "gpt-4o", "llama-bpe"))
+    p = only_problem(write_gguf(tmp_path / "l.gguf", tokens, types, merges, model="t5"))
+    assert p.message.endswith("holds a 't5' vocabulary (tokenizer.ggml.model); supported: gpt2, llama")
     p = only_problem(write_gguf(tmp_path / "s.gguf", tokens, types, merges), pattern=r"\s+")
     assert p.key == "tokenizer.pattern"
 

@@ -7,16 +7,26 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Regex
+from tokenizers import Regex, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import normalizers, pre_tokenizers, processors
+from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+    GGUF_PRE_TOKENIZER_SPLITS,
+)
+from transformers.models.qwen2.tokenization_qwen2 import (
+    PRETOKENIZE_REGEX as QWEN2_REGEX,
+)
 
 from runner.config.errors import ConfigError
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import build
 from runner.tokenizers.tiktoken import LLAMA3_PATTERN
 from tests.helpers.tokenizers import texts
-from tests.tokenizers.conftest import SPECIALS, byte_level, digits_byte_level, train_byte_level
+from tests.tokenizers.conftest import (
+    SPECIALS,
+    byte_level,
+    digits_byte_level,
+    train_byte_level,
+)
 
 CUSTOM = "<custom>"  # a non-special added token: `tokenizers` finds it in any text
 SMOLLM2_TEMPLATE = (  # as SmolLM2-135M-Instruct's GGUF holds it
@@ -38,6 +48,21 @@ def gappy_split() -> pre_tokenizers.PreTokenizer:
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def split_then_byte_level(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # Qwen3's non-special added tokens
+
+
+def qwen():
+    """Qwen2/2.5/3's tokenizer.json: Qwen's split regex after NFC, and non-special added tokens."""
+    tokenizer = train_byte_level(split_then_byte_level(QWEN2_REGEX), normalizer=normalizers.NFC())
+    tokenizer.add_tokens(QWEN_ADDED)
+    return tokenizer
+
+
 def gpt2_with_custom():
     tokenizer = train_byte_level(byte_level())
     tokenizer.add_tokens([CUSTOM])
@@ -50,6 +75,8 @@ VARIANTS = {
     "llama3-nfc": lambda: train_byte_level(llama3_split(), normalizer=normalizers.NFC()),
     "gappy-split": lambda: train_byte_level(gappy_split()),
     "unk": lambda: train_byte_level(byte_level(), all_bytes=False, unk="<unk>"),  # ... or become <unk>
+    "qwen": qwen,
+    "phi4-mini": lambda: train_byte_level(split_then_byte_level(GGUF_PRE_TOKENIZER_SPLITS["gpt-4o"])),
 }
 
 
@@ -86,7 +113,7 @@ def variants(tmp_path_factory):
     return out
 
 
-def prompts(specials=(*SPECIALS, CUSTOM)) -> st.SearchStrategy[str]:
+def prompts(specials=(*SPECIALS, CUSTOM, *QWEN_ADDED)) -> st.SearchStrategy[str]:
     return st.lists(st.one_of(texts(), st.sampled_from(specials), st.sampled_from(["\x04", "\U00040000"])),
                     max_size=5).map("".join)
 
@@ -178,13 +205,14 @@ def edit(data: dict, change) -> dict:
 UNSUPPORTED = {
     "its model is WordPiece": lambda d: d["model"].update(type="WordPiece"),
     "its normalizer changes text (Lowercase)": lambda d: d.update(normalizer={"type": "Lowercase"}),
-    "its pre_tokenizer is Metaspace": lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}),
+    "its Metaspace pre-tokenizer splits words": lambda d: d.update(pre_tokenizer={"type": "Metaspace",
+                                                                                  "replacement": "▁"}),
     "its pre_tokenizer is Sequence[Whitespace, ByteLevel]": lambda d: d.update(pre_tokenizer={
         "type": "Sequence", "pretokenizers": [{"type": "Whitespace"}, d["pre_tokenizer"]]}),
     "its pre_tokenizer is none": lambda d: d.update(pre_tokenizer=None),
     "its ByteLevel pre-tokenizer adds a prefix space": lambda d: d["pre_tokenizer"].update(add_prefix_space=True),
     "its model sets byte_fallback": lambda d: d["model"].update(byte_fallback=True),
-    "added token '<|im_end|>' sets lstrip": lambda d: d["added_tokens"][2].update(lstrip=True),
+    "added token '<|im_end|>' sets single_word": lambda d: d["added_tokens"][2].update(single_word=True),
     "its post_processor is RobertaProcessing": lambda d: d.update(post_processor={"type": "RobertaProcessing"}),
     "merge 0 ('Ġ' 'Ġ') needs 'ĠĠ', which is not in the vocabulary": lambda d: d["model"]["vocab"].pop("ĠĠ"),
 }

@@ -9,7 +9,6 @@ from runner.config.errors import ConfigError
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.tokenizers import TOKENIZERS, build
 
-
 EXPECTED = {TokenizerKind.sentencepiece: "SentencePiece model", TokenizerKind.tiktoken: "tiktoken BPE rank file",
             TokenizerKind.gguf: "GGUF file", TokenizerKind.hf: "tokenizer.json file"}
 

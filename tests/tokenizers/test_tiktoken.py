@@ -1,6 +1,8 @@
 """The tiktoken tokenizer on a real byte-level BPE rank file laid out like Llama-3's."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,7 +104,7 @@ def test_short_runs_cut_only_long_runs(text, limit):
     assert "".join(pieces) == text
     assert all(longest_run(piece) <= limit for piece in pieces)
     assert len(pieces) == 1 or all(pieces)
-    for before, after in zip(pieces, pieces[1:]):  # each cut splits a run that was too long
+    for before, after in itertools.pairwise(pieces):  # each cut splits a run that was too long
         assert longest_run(before[-limit:] + after[0]) == limit + 1
 
 
