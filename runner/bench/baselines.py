@@ -61,9 +61,8 @@ def hf_decode_speed(built: pipeline.Pipeline, prompt: list[int], new_tokens: int
     spec = recipe.model.arch
     state = to_hf(load_state_dict(path, spec), spec)
     dtype = built.model.norm.weight.dtype
-    model_class = getattr(transformers, hf_class(spec))  # Llama, Mistral (a window) or Mixtral (experts)
-    config_class = getattr(transformers, hf_class(spec).replace("ForCausalLM", "Config"))
-    hf = model_class(config_class(**hf_config(spec), dtype=dtype)).to(dtype).eval()
+    model_class = getattr(transformers, hf_class(spec))  # the family's class (Gemma 3: the text model's)
+    hf = model_class(model_class.config_class(**hf_config(spec), dtype=dtype)).to(dtype).eval()
     hf.load_state_dict(state, strict=False)
     if spec.tie_embeddings:
         hf.tie_weights()

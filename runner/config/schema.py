@@ -65,14 +65,47 @@ class QuantEmbedding(Enum):
     int8 = "int8"
 
 
+ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn", "longrope")
+ACTIVATIONS = ("silu", "gelu_tanh")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 frequency scaling of RoPE (absent for every earlier family)."""
+    """RoPE frequency scaling, each type as HF transformers defines it (absent: plain RoPE).
 
+    llama3: Llama-3.1's long wavelengths slowed by `factor`, blended between the two band edges.
+    linear: every frequency divided by `factor`. dynamic: NTK scaling, RoPE's base raised once a
+    forward reaches past original_max_position_embeddings. yarn: YaRN's blend of interpolated and
+    extrapolated frequencies with an attention factor. longrope (Phi-3): per-frequency divisors,
+    short_factor within original_max_position_embeddings and long_factor beyond.
+    """
+
+    type: str = "llama3"
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: Optional[float] = None  # yarn (DeepSeek's variant)
+    mscale_all_dim: Optional[float] = None  # yarn (DeepSeek's variant)
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    attention_factor: Optional[float] = None  # yarn, longrope: cos and sin scaled by it; None: the type's formula
+    short_factor: Optional[list[float]] = None  # longrope: one divisor per frequency
+    long_factor: Optional[list[float]] = None  # longrope
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        out = []
+        if self.type not in ROPE_TYPES:
+            out.append(("rope_scaling.type", self.type, f"must be one of {', '.join(ROPE_TYPES)}"))
+        if self.factor <= 0:
+            out.append(("rope_scaling.factor", self.factor, "must be > 0"))
+        if self.original_max_position_embeddings < 1:
+            out.append(("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, "must be >= 1"))
+        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            out.append(("rope_scaling.short_factor", self.short_factor, "longrope needs short_factor and long_factor"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,22 @@ class ModelSpec:
     n_experts_per_token: int = 2
     # Keys older than this many positions are masked (Mistral); None: full causal attention.
     sliding_window: Optional[int] = None
+    # With sliding_window, layer i attends globally when i + 1 is a multiple of this (Gemma 2: 2,
+    # Gemma 3: 6); None: every layer windowed.
+    global_every: Optional[int] = None
+    # What the families beyond LLaMA add; each default is LLaMA's.
+    family: str = "llama"  # HF's model_type for these weights: the names loaders and writers use
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's queries and keys, before RoPE
+    norm_offset: float = 0.0  # Gemma: HF's norm weights are w in x * (offset + w); loaders fold it in
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(dim), rounded to the model's dtype
+    activation: str = "silu"  # the feed-forward's gate: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    sandwich_norms: bool = False  # Gemma 2/3: RMSNorm after attention and the feed-forward as well as before
+    query_pre_attn_scalar: Optional[int] = None  # scores scaled by its -1/2 power; None: head_dim's
+    attn_logit_softcap: Optional[float] = None  # Gemma 2: scores become cap * tanh(scores / cap)
+    final_logit_softcap: Optional[float] = None  # Gemma 2: logits likewise
+    rope_local_theta: Optional[float] = None  # Gemma 3: windowed layers' RoPE base, unscaled; None: as global
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE turns this leading fraction of each head
 
     @property
     def moe(self) -> bool:
@@ -109,6 +158,21 @@ class ModelSpec:
     @property
     def head_size(self) -> int:
         return self.head_dim or (self.dim // self.n_heads if self.n_heads > 0 else 0)  # n_heads < 1: reported apart
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each head that RoPE turns (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_size * self.partial_rotary_factor)
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, or None where it attends globally."""
+        if self.sliding_window is None or self.global_every and (layer + 1) % self.global_every == 0:
+            return None
+        return self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` turns by the local RoPE (rope_local_theta, unscaled)."""
+        return self.rope_local_theta is not None and self.window(layer) is not None
 
     def problems(self) -> list[tuple[str, object, str]]:
         out = []
@@ -131,6 +195,22 @@ class ModelSpec:
             out.append(("n_experts_per_token", self.n_experts_per_token, f"must be 1 to n_experts ({self.n_experts})"))
         if self.sliding_window is not None and self.sliding_window < 1:
             out.append(("sliding_window", self.sliding_window, "must be >= 1, or null for full attention"))
+        if self.global_every is not None and self.global_every < 1:
+            out.append(("global_every", self.global_every, "must be >= 1, or null for every layer windowed"))
+        if self.family not in FAMILIES:
+            out.append(("family", self.family, f"must be one of {', '.join(FAMILIES)}"))
+        if self.activation not in ACTIVATIONS:
+            out.append(("activation", self.activation, f"must be one of {', '.join(ACTIVATIONS)}"))
+        for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                out.append((key, getattr(self, key), "must be > 0, or null"))
+        if not 0 < self.partial_rotary_factor <= 1:
+            out.append(("partial_rotary_factor", self.partial_rotary_factor, "must be in (0, 1]"))
+        elif self.rotary_dim % 2:
+            out.append(("partial_rotary_factor", self.partial_rotary_factor,
+                        f"must turn an even number of each head's {self.head_size} dimensions"))
+        if self.rope_scaling is not None:
+            out += self.rope_scaling.problems()
         return out
 
 
@@ -267,10 +347,12 @@ BACKENDS = ("gloo", "nccl")
 
 
 def tp_problems(arch: ModelSpec, world_size: int, groupsize: int | None = None) -> list[tuple[str, object, str]]:
-    """Why `arch` cannot be split over `world_size` ranks: whole heads and kv heads per rank, an
-    equal share of the feed-forward, and (int4, `groupsize`) input splits on group boundaries."""
+    """Why `arch` cannot be split over `world_size` ranks: whole heads per rank, whole kv heads per
+    rank or whole groups of ranks per kv head (each rank of a group a copy of it: runner.sharders),
+    an equal share of the feed-forward, and (int4, `groupsize`) input splits on group boundaries."""
     def splits(n: int) -> bool:
-        return (arch.n_heads % n == 0 and arch.kv_heads % n == 0 and arch.intermediate_size % n == 0
+        kv = arch.kv_heads
+        return (arch.n_heads % n == 0 and (kv % n == 0 or n % kv == 0) and arch.intermediate_size % n == 0
                 and (groupsize is None or (arch.n_heads // n * arch.head_size % groupsize == 0
                                            and arch.intermediate_size // n % groupsize == 0)))
 

@@ -290,6 +290,8 @@ def _shared(module) -> ShmGroup | None:
 
 
 def _gather(model, dtype: torch.dtype) -> LayersPlan | None:
+    if not model.plain_layers():
+        return None
     norms, weights, parts, groupsizes, int8_x, kv_caches = [], [], [], [], [], []
     # Under tensor parallelism each layer's wo and w2 are followed by the one all-reduce.
     shared = _shared(model.layers[0].attention.wo)
@@ -366,6 +368,11 @@ class KernelOps:
         return functional.swiglu(gate_up)
 
     route = staticmethod(functional.route)
+    geglu = staticmethod(functional.geglu)
+
+    @classmethod
+    def norm_heads(cls, qkv, q_weight, k_weight, eps: float, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+        return functional.norm_heads(qkv, q_weight, k_weight, eps, n_heads, n_kv_heads, cls.rms_norm)
 
     @staticmethod
     def expert_linear(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -380,7 +387,7 @@ class KernelOps:
         with a tensor-parallel rank's shared-memory all-reduces), or None where one of them would
         not run: a mixture of experts, an all-reduce through gloo, a layer on another kernel or in
         another dtype."""
-        if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS):
+        if not (_fits(x) and x.shape[0] * x.shape[1] <= MAX_ROWS and cos_sin.shape[-1] == model.spec.head_size):
             return None
         plan = self.plan(model, x.dtype)
         if plan is None:
@@ -402,10 +409,12 @@ class KernelOps:
 
     @staticmethod
     def attend(qkv, cos_sin, cache, input_pos, mask, n_heads: int, n_kv_heads: int,
-               window: int | None = None) -> torch.Tensor:
-        if not (_fits(qkv) and cache.dtype == qkv.dtype and cache.k.shape[0] == qkv.shape[0]
+               window: int | None = None, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+        # runner's kernels scale scores by 1 / sqrt(D), cap none and turn whole heads.
+        plain = scale is None and softcap is None and cos_sin.shape[-1] == cache.k.shape[-1]
+        if not (plain and _fits(qkv) and cache.dtype == qkv.dtype and cache.k.shape[0] == qkv.shape[0]
                 and cache.k.is_contiguous()):
-            return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads)
+            return functional.attend(qkv, cos_sin, cache, input_pos, mask, n_heads, n_kv_heads, window, scale, softcap)
         scales = (cache.k_scales, cache.v_scales)  # (None, None) for a float cache
         if qkv.shape[1] <= MAX_ROWS:  # a few tokens of each row (decode, verify), at shared or per-row positions
             return torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, input_pos, n_heads, n_kv_heads, window or 0,

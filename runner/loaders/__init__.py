@@ -10,7 +10,7 @@ from runner.config.errors import ConfigError, problem
 from runner.config.schema import ModelSpec
 from runner.loaders import gguf, hf, meta, native
 from runner.loaders.base import Loader, Progress
-from runner.model.llama import Transformer
+from runner.model.llama import Transformer, ropes
 
 # name -> the module implementing Loader for that format. The first match wins: specific formats first.
 LOADERS: dict[str, Loader] = {
@@ -59,7 +59,7 @@ def read_model(path: Path, spec: ModelSpec, skeleton: Skeleton | None = None) ->
     model = _skeleton(spec, skeleton)
     model.load_state_dict(state, assign=True)
     del state
-    model.cos_sin = torch.empty(0)  # built for real by setup_cache
+    model.rope, model.local_rope = ropes(spec)  # the skeleton's are on the meta device; setup_cache builds them
     return model
 
 

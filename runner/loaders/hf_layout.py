@@ -1,4 +1,9 @@
-"""HF transformers' Llama/Mistral/MixtralForCausalLM state dict <-> the native layout (runner.model.llama).
+"""HF transformers' state dicts <-> the native layout (runner.model.llama), for every family runner
+runs: Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3.
+
+Per family: Qwen2 adds q/k/v biases, Qwen3 and Gemma 3 q_norm/k_norm; Gemma's four norms a layer
+are input, post-attention, pre- and post-feedforward, each stored less 1 (spec.norm_offset); Phi-3
+stores qkv_proj and gate_up_proj already fused, as runner does.
 
 Mixtral's experts come in two layouts: transformers v5's fused one (mlp.experts.gate_up_proj
 [E, 2I, D], mlp.experts.down_proj [E, D, I], router mlp.gate) and the one its checkpoints on the
@@ -11,28 +16,55 @@ import torch
 from runner.config.schema import ModelSpec
 
 
+def norm_names(spec: ModelSpec) -> dict[str, str]:
+    """A layer's native norm names -> HF's (under model.layers.N.)."""
+    if spec.sandwich_norms:
+        names = {"attention_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm"}
+    else:
+        names = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    if spec.qk_norm:
+        names.update({"attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm"})
+    return names
+
+
 def from_hf(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Rename and fuse HF tensors; HF's q/k rows are already in our rotate-half order."""
+    norm = _offset(spec.norm_offset)
     out = {
         "tok_embeddings.weight": state["model.embed_tokens.weight"],
-        "norm.weight": state["model.norm.weight"],
+        "norm.weight": norm(state["model.norm.weight"]),
     }
     if not spec.tie_embeddings:
         out["output.weight"] = state["lm_head.weight"]
     for i in range(spec.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        attn = [state[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv"]
-        out[f"{ours}attention.wqkv.weight"] = torch.cat(attn)
+        if spec.family == "phi3":
+            out[f"{ours}attention.wqkv.weight"] = state[f"{hf}self_attn.qkv_proj.weight"]
+        else:
+            out[f"{ours}attention.wqkv.weight"] = torch.cat([state[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv"])
+        if spec.qkv_bias:
+            out[f"{ours}attention.qkv_bias"] = torch.cat([state[f"{hf}self_attn.{p}_proj.bias"] for p in "qkv"])
         out[f"{ours}attention.wo.weight"] = state[f"{hf}self_attn.o_proj.weight"]
         if spec.moe:
             out.update(_experts_from_hf(state, spec, hf, ours))
         else:
-            ffn = [state[f"{hf}mlp.{p}_proj.weight"] for p in ("gate", "up")]
-            out[f"{ours}feed_forward.w13.weight"] = torch.cat(ffn)
+            if spec.family == "phi3":
+                out[f"{ours}feed_forward.w13.weight"] = state[f"{hf}mlp.gate_up_proj.weight"]
+            else:
+                ffn = [state[f"{hf}mlp.{p}_proj.weight"] for p in ("gate", "up")]
+                out[f"{ours}feed_forward.w13.weight"] = torch.cat(ffn)
             out[f"{ours}feed_forward.w2.weight"] = state[f"{hf}mlp.down_proj.weight"]
-        out[f"{ours}attention_norm.weight"] = state[f"{hf}input_layernorm.weight"]
-        out[f"{ours}ffn_norm.weight"] = state[f"{hf}post_attention_layernorm.weight"]
+        for native, name in norm_names(spec).items():
+            out[f"{ours}{native}.weight"] = norm(state[f"{hf}{name}.weight"])
     return out
+
+
+def _offset(offset: float):
+    """A norm weight as runner holds it (the multiplier itself) from HF's, or back with -offset."""
+    if offset == 0:
+        return lambda w: w
+    return lambda w: w.float() + offset  # in fp32, as Gemma's reference adds it
 
 
 PER_EXPERT = "block_sparse_moe."  # the prefix of the per-expert layout's keys
@@ -60,24 +92,34 @@ def _experts_from_hf(state, spec: ModelSpec, hf: str, ours: str) -> dict[str, to
 def to_hf(state: dict[str, torch.Tensor], spec: ModelSpec, experts: str = "fused") -> dict[str, torch.Tensor]:
     """The inverse of from_hf; Mixtral's `experts` "fused" (transformers v5) or "per-expert"."""
     q_size, kv_size = spec.n_heads * spec.head_size, spec.kv_heads * spec.head_size
+    norm = _offset(-spec.norm_offset)
     out = {
         "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
+        "model.norm.weight": norm(state["norm.weight"]),
         "lm_head.weight": state["tok_embeddings.weight" if spec.tie_embeddings else "output.weight"],
     }
     for i in range(spec.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        q, k, v = state[f"{ours}attention.wqkv.weight"].split([q_size, kv_size, kv_size])
-        out.update({f"{hf}self_attn.q_proj.weight": q, f"{hf}self_attn.k_proj.weight": k, f"{hf}self_attn.v_proj.weight": v})
+        wqkv = state[f"{ours}attention.wqkv.weight"]
+        if spec.family == "phi3":
+            out[f"{hf}self_attn.qkv_proj.weight"] = wqkv
+        else:
+            out.update(zip((f"{hf}self_attn.{p}_proj.weight" for p in "qkv"), wqkv.split([q_size, kv_size, kv_size])))
+        if spec.qkv_bias:
+            bias = state[f"{ours}attention.qkv_bias"].split([q_size, kv_size, kv_size])
+            out.update(zip((f"{hf}self_attn.{p}_proj.bias" for p in "qkv"), bias))
         out[f"{hf}self_attn.o_proj.weight"] = state[f"{ours}attention.wo.weight"]
         if spec.moe:
             out.update(_experts_to_hf(state, spec, hf, ours, experts))
         else:
-            gate, up = state[f"{ours}feed_forward.w13.weight"].chunk(2)
-            out.update({f"{hf}mlp.gate_proj.weight": gate, f"{hf}mlp.up_proj.weight": up})
+            w13 = state[f"{ours}feed_forward.w13.weight"]
+            if spec.family == "phi3":
+                out[f"{hf}mlp.gate_up_proj.weight"] = w13
+            else:
+                out.update(zip((f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"), w13.chunk(2)))
             out[f"{hf}mlp.down_proj.weight"] = state[f"{ours}feed_forward.w2.weight"]
-        out[f"{hf}input_layernorm.weight"] = state[f"{ours}attention_norm.weight"]
-        out[f"{hf}post_attention_layernorm.weight"] = state[f"{ours}ffn_norm.weight"]
+        for native, name in norm_names(spec).items():
+            out[f"{hf}{name}.weight"] = norm(state[f"{ours}{native}.weight"])
     return out
 
 
@@ -94,28 +136,80 @@ def _experts_to_hf(state, spec: ModelSpec, hf: str, ours: str, layout: str) -> d
     return out
 
 
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+
+
 def hf_config(spec: ModelSpec) -> dict:
-    """The Llama/Mistral/MixtralConfig keyword arguments describing the same architecture (see hf_class)."""
+    """The keyword arguments of hf_class(spec)'s config describing the same architecture."""
     cfg = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.dim, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.kv_heads,
         head_dim=spec.head_size, max_position_embeddings=spec.max_seq_len, rms_norm_eps=spec.norm_eps,
-        rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_embeddings, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=spec.tie_embeddings,
     )
-    if spec.moe:
-        cfg.update(num_local_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_per_token)
-        del cfg["mlp_bias"]
-    if spec.moe or spec.sliding_window is not None:
-        cfg["sliding_window"] = spec.sliding_window
-    if spec.rope_scaling is not None:
-        s = spec.rope_scaling
-        cfg["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                                   high_freq_factor=s.high_freq_factor,
-                                   original_max_position_embeddings=s.original_max_position_embeddings)
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta, **_rope_parameters(spec)}
+    if spec.rope_scaling is not None and spec.rope_scaling.type == "dynamic":  # HF's length NTK scaling extends
+        cfg["max_position_embeddings"] = spec.rope_scaling.original_max_position_embeddings
+    if spec.family == "llama":
+        cfg.update(rope_theta=spec.rope_theta, attention_bias=False, mlp_bias=False)
+        if spec.rope_scaling is not None:
+            cfg["rope_scaling"] = _rope_parameters(spec)
+        if spec.moe:
+            cfg.update(num_local_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_per_token)
+            del cfg["mlp_bias"]
+        if spec.moe or spec.sliding_window is not None:
+            cfg["sliding_window"] = spec.sliding_window
+        return cfg
+    layer_types = ["full_attention" if spec.window(i) is None else "sliding_attention" for i in range(spec.n_layers)]
+    if spec.family in ("qwen2", "qwen3"):
+        cfg.update(rope_parameters=rope, layer_types=layer_types, sliding_window=spec.sliding_window,
+                   use_sliding_window=spec.sliding_window is not None)
+    elif spec.family in ("gemma2", "gemma3"):
+        # Gemma's classes build a windowed mask whatever the layer types: a window as long as the context masks nothing.
+        cfg.update(layer_types=layer_types, sliding_window=spec.sliding_window or spec.max_seq_len,
+                   hidden_activation="gelu_pytorch_tanh",
+                   query_pre_attn_scalar=spec.query_pre_attn_scalar or spec.head_size,
+                   final_logit_softcapping=spec.final_logit_softcap, attn_logit_softcapping=spec.attn_logit_softcap)
+        if spec.family == "gemma2":
+            cfg["rope_parameters"] = rope
+        else:
+            local = dict(rope_type="default", rope_theta=spec.rope_local_theta or spec.rope_theta)
+            cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+    elif spec.family == "phi3":
+        del cfg["head_dim"]
+        scaling = spec.rope_scaling
+        cfg.update(rope_parameters=dict(rope, partial_rotary_factor=spec.partial_rotary_factor),
+                   sliding_window=spec.sliding_window)
+        if scaling is not None:
+            cfg["original_max_position_embeddings"] = scaling.original_max_position_embeddings
     return cfg
 
 
+def _rope_parameters(spec: ModelSpec) -> dict:
+    """HF's rope_parameters for spec.rope_scaling (none: {}); rope_type replaces "default"."""
+    s = spec.rope_scaling
+    if s is None:
+        return {}
+    out = dict(rope_type=s.type, factor=s.factor)
+    if s.type == "llama3":
+        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                   original_max_position_embeddings=s.original_max_position_embeddings)
+    elif s.type == "yarn":
+        out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate,
+                   original_max_position_embeddings=s.original_max_position_embeddings)
+        out.update({k: getattr(s, k) for k in ("mscale", "mscale_all_dim", "attention_factor") if getattr(s, k) is not None})
+    elif s.type == "longrope":
+        out.update(short_factor=list(s.short_factor), long_factor=list(s.long_factor),
+                   original_max_position_embeddings=s.original_max_position_embeddings)
+        if s.attention_factor is not None:
+            out["attention_factor"] = s.attention_factor
+    return out
+
+
 def hf_class(spec: ModelSpec) -> str:
-    """The transformers model class for the architecture: Mixtral with experts, Mistral with a
-    sliding window, Llama otherwise."""
+    """The transformers model class for the architecture: for LLaMA's family Mixtral with experts,
+    Mistral with a sliding window, Llama otherwise."""
+    if spec.family != "llama":
+        return CLASSES[spec.family]
     return "MixtralForCausalLM" if spec.moe else "MistralForCausalLM" if spec.sliding_window else "LlamaForCausalLM"

@@ -1,16 +1,12 @@
-"""The model's math as small pure functions: RMSNorm, RoPE, attention over a static cache.
+"""The model's math as small pure functions: RMSNorm, RoPE's rotation, attention over a static cache.
 
 These are the reference ops. runner.kernels.KernelOps has the same signatures and swaps in
 runner's CPU kernels where they apply; the model calls whichever its `ops` attribute names.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-
-from runner.config.schema import RopeScaling
 
 
 linear = F.linear
@@ -23,54 +19,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2], with Llama-3.1's scaling of the long wavelengths.
-
-    Computed in fp32 as Meta's and HF's references do, so band edges fall on the same side.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    # Long wavelengths are slowed by `factor`, short ones kept; in between, interpolate.
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(mid, blended, scaled)
-
-
-def rope_cache(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:
-    """cos and sin for every position: [max_len, 2, head_dim]."""
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [max_len, head_dim/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [max_len, head_dim]
-    return torch.stack([angles.cos(), angles.sin()], dim=1)
-
-
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, H, T, D] by cos_sin [T, 2, D] (or [B, T, 2, D]: each row at its own positions).
 
     The native layout pairs dimension i with i + D/2 (HF's "rotate half"); Meta and GGUF
     checkpoints, which pair neighbours, are permuted into it when they are loaded.
     """
-    cos, sin = cos_sin[..., 0, :].to(x.dtype), cos_sin[..., 1, :].to(x.dtype)  # [(B,) T, D]
+    cos, sin = cos_sin[..., 0, :].to(x.dtype), cos_sin[..., 1, :].to(x.dtype)  # [(B,) T, R]
     if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D], against x's heads
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, R], against x's heads
+    if cos.shape[-1] < x.shape[-1]:  # partial rotary: the leading R dimensions turn, the rest pass
+        turned, kept = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat([apply_rope(turned, cos_sin), kept], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """Causal attention of q [B, H, T, D] over the cache k, v [B, KVH, L, D]; mask [T, L] or, a row
-    each, [B, T, L] (True: attend)."""
+    each, [B, T, L] (True: attend). Scores are scaled by `scale` (None: 1 / sqrt(D)) and, with
+    `softcap` (Gemma 2), squashed to softcap * tanh(scores / softcap) before the mask."""
     if mask.dim() == 3:
         mask = mask[:, None]  # [B, 1, T, L]: every head of a row alike
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +78,24 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [..., 2 * I] holding gate then up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up with GELU's tanh approximation (Gemma's feed-forward), gate_up as swiglu's."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, n_heads: int,
+               n_kv_heads: int, rms_norm=rms_norm) -> torch.Tensor:
+    """qkv [B, T, (n_heads + 2 n_kv_heads) * D] with each query and key head RMS-normalised over its
+    D dimensions (Qwen3's and Gemma 3's q_norm and k_norm); values untouched."""
+    B, T, _ = qkv.shape
+    D = q_weight.shape[0]
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q = rms_norm(q.reshape(B, T, n_heads, D), q_weight, eps).view(B, T, n_heads * D)
+    k = rms_norm(k.reshape(B, T, n_kv_heads, D), k_weight, eps).view(B, T, n_kv_heads * D)
+    return torch.cat([q, k, v], dim=-1)
 
 
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +147,11 @@ def operands_changed() -> None:
 
 
 def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Tensor, mask: torch.Tensor,
-           n_heads: int, n_kv_heads: int, window: int | None = None) -> torch.Tensor:
+           n_heads: int, n_kv_heads: int, window: int | None = None, scale: float | None = None,
+           softcap: float | None = None) -> torch.Tensor:
     """One attention layer past its wqkv: RoPE, the cache write, attention over the cache.
-    `mask` already holds any sliding `window` (which runner's kernel applies itself).
+    `mask` already holds any sliding `window` (which runner's kernel applies itself); `scale` and
+    `softcap` as attention's.
 
     qkv [B, T, (n_heads + 2 n_kv_heads) * D] -> [B, T, n_heads * D]; cache is a KVCache.
     """
@@ -165,5 +165,5 @@ def attend(qkv: torch.Tensor, cos_sin: torch.Tensor, cache, input_pos: torch.Ten
     if cache.quantized:  # the queries on int8's grid too, as runner's kernels score them
         q = dequantize_rows(*quantize_rows(q), q.dtype)
     k, v = cache.update(input_pos, k, v)  # [B, KVH, L, D], in the model's dtype
-    y = attention(q, k, v, mask)  # [B, H, T, D]
+    y = attention(q, k, v, mask, scale, softcap)  # [B, H, T, D]
     return y.transpose(1, 2).reshape(B, T, n_heads * D)

@@ -14,7 +14,14 @@ Native state dict layout (what every loader converts to):
   layers.N.feed_forward.experts.w2.weight        [n_experts, dim, intermediate]
   norm.weight                            [dim]
   output.weight                          [vocab, dim]  (absent when embeddings are tied)
-q and k rows are in the "rotate half" order of runner.model.functional.apply_rope.
+and where the spec (runner.config.schema.ModelSpec) asks for them:
+  layers.N.attention.qkv_bias            [(n_heads + 2 * n_kv_heads) * head_dim]  qkv_bias (Qwen2)
+  layers.N.attention.q_norm.weight       [head_dim]  qk_norm (Qwen3, Gemma 3)
+  layers.N.attention.k_norm.weight       [head_dim]
+  layers.N.post_attention_norm.weight    [dim]  sandwich_norms (Gemma 2/3): on attention's output,
+  layers.N.post_ffn_norm.weight          [dim]  and on the feed-forward's, before each residual add
+q and k rows are in the "rotate half" order of runner.model.functional.apply_rope. Every norm
+weight is the multiplier itself (Gemma's checkpoints store it less spec.norm_offset: loaders add it).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from torch import nn
 
 from runner.config.schema import ModelSpec
 from runner.model import functional as fn
+from runner.model.rope import Rope
 
 
 def _update(cache, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -138,18 +146,40 @@ class ExpertLinear(nn.Module):
 class Attention(nn.Module):
     ops = fn
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.kv_heads, spec.head_size
-        self.window = spec.sliding_window
-        self.wqkv = Linear(spec.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.window = spec.window(layer)
+        self.local_rope = spec.local_rope(layer)  # turns by the model's local RoPE, not its global one
+        rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.wqkv = Linear(spec.dim, rows, bias=False)
         self.wo = Linear(self.n_heads * self.head_dim, spec.dim, bias=False)
+        # A bias of its own rather than wqkv's: every linear type (quantized ones too) stays bias-free.
+        self.qkv_bias = nn.Parameter(torch.zeros(rows)) if spec.qkv_bias else None
+        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps) if spec.qk_norm else None
+        scalar = spec.query_pre_attn_scalar
+        self.scale = None if scalar is None or scalar == self.head_dim else scalar ** -0.5  # None: 1 / sqrt(head_dim)
+        self.softcap = spec.attn_logit_softcap
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
         cache = self.kv_cache if row is None else self.kv_cache.row(row)
-        y = self.ops.attend(self.wqkv(x), cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window)
+        qkv = self.wqkv(x)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        if self.q_norm is not None:
+            qkv = self.ops.norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.n_heads,
+                                      self.n_kv_heads)
+        y = self.ops.attend(qkv, cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window,
+                            self.scale, self.softcap)
         return self.wo(y)
+
+    @property
+    def plain(self) -> bool:
+        """Whether it is LLaMA's attention, which runner's fused decode step computes whole."""
+        return (self.qkv_bias is None and self.q_norm is None and self.scale is None and self.softcap is None
+                and not self.local_rope)
 
 
 class FeedForward(nn.Module):
@@ -159,9 +189,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(spec.dim, 2 * spec.intermediate_size, bias=False)
         self.w2 = Linear(spec.intermediate_size, spec.dim, bias=False)
+        self.activation = spec.activation
 
     def forward(self, x):
-        return self.w2(self.ops.swiglu(self.w13(x)))
+        gate_up = self.w13(x)
+        return self.w2(self.ops.swiglu(gate_up) if self.activation == "silu" else self.ops.geglu(gate_up))
 
 
 class Experts(nn.Module):
@@ -217,16 +249,21 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     ops = fn
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(spec.dim, spec.norm_eps)
-        self.attention = Attention(spec)
+        self.attention = Attention(spec, layer)
         self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.feed_forward = MoEFeedForward(spec) if spec.moe else FeedForward(spec)
+        sandwich = spec.sandwich_norms
+        self.post_attention_norm = RMSNorm(spec.dim, spec.norm_eps) if sandwich else None
+        self.post_ffn_norm = RMSNorm(spec.dim, spec.norm_eps) if sandwich else None
 
     def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
-        h = x + self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
-        return h + self.feed_forward(self.ffn_norm(h))
+        y = self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
+        h = x + (y if self.post_attention_norm is None else self.post_attention_norm(y))
+        y = self.feed_forward(self.ffn_norm(h))
+        return h + (y if self.post_ffn_norm is None else self.post_ffn_norm(y))
 
     def kernel_operands(self, dtype: torch.dtype) -> tuple[list[tuple[torch.Tensor, ...]], list[int], list[bool]] | None:
         """The four linears' operands (wqkv, wo, w13, w2), groupsizes and int8 flags for runner's decode_layers,
@@ -235,6 +272,8 @@ class Block(nn.Module):
         if not isinstance(self.feed_forward, FeedForward) or any(
                 norm.weight.dtype != dtype for norm in (self.attention_norm, self.ffn_norm)):
             return None
+        if not (self.attention.plain and self.post_ffn_norm is None and self.feed_forward.activation == "silu"):
+            return None  # a family's extras: each op on its own
         linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2)
         operands = [linear.kernel_operands(dtype) for linear in linears]
         if any(o is None for o in operands):
@@ -249,12 +288,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
-        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.output = None if spec.tie_embeddings else Linear(spec.dim, spec.vocab_size, bias=False)
         self.cache_len = 0
         self.int8_cache = False  # setup_cache's caches store int8 (quant.kv_cache)
-        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+        self.rope, self.local_rope = ropes(spec)
 
     def setup_cache(self, batch: int, cache_len: int) -> None:
         """Allocate the static KV caches (and RoPE table) for `cache_len` positions."""
@@ -265,8 +304,9 @@ class Transformer(nn.Module):
         for layer in self.layers:  # n_kv_heads: this rank's share under tensor parallelism
             layer.attention.kv_cache = KVCache(batch, layer.attention.n_kv_heads, cache_len, self.spec.head_size, dtype,
                                                weight.device, self.int8_cache)
-        inv_freq = fn.rope_frequencies(self.spec.head_size, self.spec.rope_theta, self.spec.rope_scaling)
-        self.cos_sin = fn.rope_cache(inv_freq, cache_len).to(weight.device)
+        for rope in (self.rope, self.local_rope):
+            if rope is not None:
+                rope.setup(cache_len, weight.device)
         self.cache_len = cache_len
         self.operands_changed()
 
@@ -277,19 +317,49 @@ class Transformer(nn.Module):
         with last_only (a prompt, whose other positions need no logits). With `row`, tokens [1, T]
         go into that row of the cache only (a slice: tokens [n, T] into those n rows), the other rows
         left as they are."""
-        cos_sin = self.cos_sin[input_pos]  # [(B,) T, 2, D]
-        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        cos_sin = self.rope(input_pos)  # [(B,) T, 2, rotary dims]
+        x = self.embed(tokens)  # [B, T, dim]
         whole = self.ops.decode_layers(self, x, cos_sin, input_pos, row)  # in one call, where ops can
         if whole is not None:
             x = whole
         else:
-            mask = fn.causal_mask(input_pos, self.cache_len, self.spec.sliding_window)  # [(B,) T, L]
-            for layer in self.layers:
-                x = layer(x, cos_sin, mask, input_pos, row)
+            for layer, (layer_cos_sin, mask) in zip(self.layers, self.layer_inputs(input_pos, self.cache_len, cos_sin)):
+                x = layer(x, layer_cos_sin, mask, input_pos, row)
         if last_only:
             x = x[:, -1:]  # [B, 1, dim]
         x = self.norm(x)
-        return self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        logits = self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first layer's input [B, T, dim] for tokens [B, T]."""
+        x = self.tok_embeddings(tokens)
+        if self.spec.scale_embeddings:  # Gemma: by sqrt(dim) rounded to the dtype first, as its reference
+            x = x * torch.tensor(self.spec.dim ** 0.5, dtype=x.dtype)
+        return x
+
+    def layer_inputs(self, input_pos: torch.Tensor, cache_len: int, cos_sin: torch.Tensor | None = None,
+                     ropes: tuple[Rope, Rope | None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (cos_sin, attention mask [(B,) T, cache_len]) for tokens at input_pos: a
+        layer's window picks its mask, its kind its RoPE (`ropes`: global and local; the model's own
+        unless given). Layers alike share the tensors."""
+        rope, local = ropes or (self.rope, self.local_rope)
+        tables = {False: rope(input_pos) if cos_sin is None else cos_sin}
+        if local is not None:
+            tables[True] = local(input_pos)
+        masks = {}
+        out = []
+        for layer in self.layers:
+            window = layer.attention.window
+            if window not in masks:
+                masks[window] = fn.causal_mask(input_pos, cache_len, window)
+            out.append((tables[layer.attention.local_rope], masks[window]))
+        return out
+
+    def plain_layers(self) -> bool:
+        """Whether every layer attends alike (one window, one RoPE), as runner's fused decode step needs."""
+        return self.local_rope is None and len({layer.attention.window for layer in self.layers}) == 1
 
     def _apply(self, function, *args, **kwargs):
         self.operands_changed()  # a move or cast replaces every tensor
@@ -307,3 +377,13 @@ class Transformer(nn.Module):
         changed: ops that keep tensors gathered from the model (KernelOps' fused decode step)
         gather them again. Whatever replaces them after the ops are chosen calls this."""
         self.ops.operands_changed()
+
+
+def ropes(spec: ModelSpec) -> tuple[Rope, Rope | None]:
+    """The model's RoPE, and the local layers' own where they have one (Gemma 3: another base, unscaled)."""
+    scaling = spec.rope_scaling
+    # Dynamic NTK scaling starts past the length the model was trained for, which the cache may exceed.
+    trained = scaling.original_max_position_embeddings if scaling is not None and scaling.type == "dynamic" else spec.max_seq_len
+    rope = Rope(spec.rotary_dim, spec.rope_theta, scaling, trained)
+    local = None if spec.rope_local_theta is None else Rope(spec.rotary_dim, spec.rope_local_theta, None, spec.max_seq_len)
+    return rope, local

@@ -16,8 +16,7 @@ from torch import nn
 
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import QuantSection
-from runner.model import functional as fn
-from runner.model.llama import KVCache
+from runner.model.llama import KVCache, ropes
 import runner.quant.gptq as gptq
 from runner.quant.linear import Int4Linear
 from runner.quant.plan import Scheme, block_linears, module, replace
@@ -75,9 +74,10 @@ def run_gptq(model: nn.Module, plan: dict[str, Scheme], section: QuantSection, t
     if "tok_embeddings" in plan:
         step("tok_embeddings", plan["tok_embeddings"].quantize(model.tok_embeddings))
     with torch.no_grad():
-        x = torch.cat([model.tok_embeddings(t) for t in tokens.split(CHUNK)])  # [S, T, dim]
-        rope = _rope(model, seq_len, device)
-        for i, block in enumerate(model.layers):
+        x = torch.cat([model.embed(t) for t in tokens.split(CHUNK)])  # [S, T, dim]
+        pos = torch.arange(seq_len, device=device)
+        for i, (block, (cos_sin, mask)) in enumerate(zip(model.layers, _layer_inputs(model, pos))):
+            rope = cos_sin, mask, pos
             for name in block_linears(block):
                 if f"layers.{i}.{name}" in plan:
                     quantize_layer(f"layers.{i}.{name}", lambda: _forward(block, x, rope))
@@ -102,12 +102,13 @@ def _hessian(layer: nn.Linear, run: Callable[[], None]) -> torch.Tensor:
     return state["h"]
 
 
-def _rope(model: nn.Module, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cos_sin [T, 2, D], the causal mask [T, T] and positions [T] for full windows."""
-    spec = model.spec
-    pos = torch.arange(seq_len, device=device)
-    inv_freq = fn.rope_frequencies(spec.head_size, spec.rope_theta, spec.rope_scaling)
-    return fn.rope_cache(inv_freq, seq_len).to(device), fn.causal_mask(pos, seq_len, spec.sliding_window), pos
+def _layer_inputs(model: nn.Module, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's cos_sin [T, 2, D] and causal mask [T, T] for windows at positions `pos` [T]."""
+    rope_pair = ropes(model.spec)
+    for rope in rope_pair:
+        if rope is not None:
+            rope.setup(len(pos), pos.device)
+    return model.layer_inputs(pos, len(pos), ropes=rope_pair)
 
 
 def _forward(block: nn.Module, x: torch.Tensor, rope) -> torch.Tensor:

@@ -4,15 +4,19 @@ Tensor parallelism, Megatron-style (as gpt-fast's tp.py): each rank keeps whole 
 share of the feed-forward, and the two matmuls that sum over those shares all-reduce.
 
   attention.wqkv  output rows, q, k and v each split by heads   (rank r: its q heads, its kv heads)
+  attention.qkv_bias  as wqkv's output rows (Qwen2)
   attention.wo    input columns, by heads; then all-reduce
+  fewer kv heads than ranks (one kv head, or 2 over 4 ranks): each kv head is copied to the
+  world_size / n_kv_heads ranks whose query heads read it, so every rank still attends over
+  the kv head of each of its query heads, and wo's columns still split by query heads alone
   feed_forward.w13  output rows, w1 and w3 each split           (rank r: its share of each)
   feed_forward.w2   input columns; then all-reduce
   mixture of experts: each expert's w13 and w2 split as above (every rank holds a share of every
   expert, as gpt-fast does); the router replicated; one all-reduce of the weighted expert sum
-  norms, embedding: replicated
+  norms (q/k norms over head_dim, Gemma's sandwich norms over dim too), embedding: replicated
   output layer: replicated; where the ranks share memory, output rows by vocabulary (a tied
   model's: its embedding's rows), then an all-gather of the logits
-  KV cache: by kv heads (each rank holds 1/N of it)
+  KV cache: by kv heads (each rank holds 1/N of it, or the one kv head it shares)
 
 Two steps: `plan(spec, world_size)` decides which rows or columns each rank keeps of each
 layer's linears (refusing a spec whose heads do not split), and `shard(model, plan, rank)` keeps
@@ -27,7 +31,7 @@ in its own call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -87,12 +91,14 @@ class Split:
 @dataclass(frozen=True)
 class ShardPlan:
     """How every layer splits over `world_size` ranks: the heads each rank keeps, each linear's
-    split (by its name within the layer), and the modules whose partial outputs the ranks sum."""
+    split (by its name within the layer), the split of each bias kept apart from its linear (as
+    that linear's output rows), and the modules whose partial outputs the ranks sum."""
     world_size: int
     heads: int
     kv_heads: int
     linears: dict[str, Split]
     reduced: tuple[str, ...]
+    biases: dict[str, Split] = field(default_factory=dict)
 
 
 def _block(start: int, count: int) -> torch.Tensor:
@@ -105,11 +111,14 @@ def plan(spec: ModelSpec, world_size: int) -> ShardPlan:
     if problems:
         raise ValueError(problems[0][2])
     hd, heads, kv, inner = spec.head_size, spec.n_heads, spec.kv_heads, spec.intermediate_size
-    q_per, kv_per, inner_per = heads // world_size, kv // world_size, inner // world_size
+    # With fewer kv heads than ranks, world_size / kv consecutive ranks share one kv head: the one
+    # their query heads read (query head h reads kv head h // (heads / kv)).
+    q_per, kv_per, inner_per = heads // world_size, max(kv // world_size, 1), inner // world_size
     ranks = range(world_size)
+    first_kv = [r * kv // world_size for r in ranks]  # r * kv_per, or the kv head rank r shares
     qkv = tuple(torch.cat([_block(r * q_per * hd, q_per * hd),  # q, then k, then v: each by heads
-                           _block((heads + r * kv_per) * hd, kv_per * hd),
-                           _block((heads + kv + r * kv_per) * hd, kv_per * hd)]) for r in ranks)
+                           _block((heads + first_kv[r]) * hd, kv_per * hd),
+                           _block((heads + kv + first_kv[r]) * hd, kv_per * hd)]) for r in ranks)
     by_heads = tuple(_block(r * q_per * hd, q_per * hd) for r in ranks)
     w13 = tuple(torch.cat([_block(r * inner_per, inner_per), _block(inner + r * inner_per, inner_per)]) for r in ranks)
     by_inner = tuple(_block(r * inner_per, inner_per) for r in ranks)
@@ -119,7 +128,8 @@ def plan(spec: ModelSpec, world_size: int) -> ShardPlan:
     return ShardPlan(world_size, q_per, kv_per,
                      linears={"attention.wqkv": Split("out", qkv), "attention.wo": Split("in", by_heads),
                               f"{ffn}.w13": Split("out", w13), f"{ffn}.w2": Split("in", by_inner)},
-                     reduced=("attention.wo", "feed_forward.experts" if spec.moe else "feed_forward.w2"))
+                     reduced=("attention.wo", "feed_forward.experts" if spec.moe else "feed_forward.w2"),
+                     biases={"attention.qkv_bias": Split("out", qkv)} if spec.qkv_bias else {})
 
 
 def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
@@ -136,6 +146,11 @@ def shard(model: nn.Module, plan: ShardPlan, rank: Rank) -> nn.Module:
                 layer.get_submodule(name).shard_(split.dim, split.blocks[rank.rank])
             except ValueError as e:
                 raise ValueError(f"layers.{i}.{name} cannot be split over {plan.world_size} ranks: {e}") from None
+        for name, split in plan.biases.items():
+            parent, _, child = name.rpartition(".")
+            bias = layer.get_parameter(name).detach()
+            kept = bias.index_select(0, split.blocks[rank.rank].to(bias.device))
+            layer.get_submodule(parent).register_parameter(child, nn.Parameter(kept, requires_grad=False))
         layer.attention.n_heads, layer.attention.n_kv_heads = plan.heads, plan.kv_heads
         for name in plan.reduced:
             parent, _, child = name.rpartition(".")

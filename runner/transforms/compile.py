@@ -59,7 +59,7 @@ class CompiledForward:
 
 
 # Buffers that change with the cache's size; every other module state is fixed once built.
-RESIZED = ("kv_cache", "cos_sin")
+RESIZED = ("kv_cache", "rope")
 
 
 def _guards(entries) -> list[bool]:

@@ -414,7 +414,9 @@ def test_every_shipped_spec_resolves(recipe, spec_file):
     assert declared, "a spec file must declare the architecture"
     for key, value in declared.items():
         got = getattr(arch, key)
-        assert (dataclasses.asdict(got) if dataclasses.is_dataclass(got) else got) == value, key
+        if dataclasses.is_dataclass(got):  # the fields the file declares; the rest keep their defaults
+            got = {k: v for k, v in dataclasses.asdict(got).items() if k in value}
+        assert got == value, key
     assert load_spec(spec_file.stem) == arch
     assert load_spec(str(spec_file)) == arch
     assert arch.n_heads % arch.kv_heads == 0 and arch.head_size % 2 == 0

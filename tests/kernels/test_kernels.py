@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from runner import kernels
 from runner.config.errors import ConfigError
 from runner.config.schema import Kernels, ModelSpec, QuantActivations, QuantMode, QuantSection
-from runner.model import functional as fn
+from runner.model import functional as fn, rope
 from runner.model.llama import KVCache, Transformer
 from runner.quant.model import quantize as quantize_model, transform as quant_transform, use_activations
 from runner.transforms.runner_ops import use_runner_ops
@@ -135,7 +135,7 @@ def test_attend_is_the_reference(case):
         cache.k.copy_(history[0])
         cache.v.copy_(history[1])
         caches.append(cache)
-    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[start:start + count]
+    cos_sin = rope.table(rope.frequencies(head_dim, 10000.0)[0], cache_len)[start:start + count]
     input_pos = torch.arange(start, start + count)
     mask = fn.causal_mask(input_pos, cache_len, window)
     reference = fn.attend(qkv, cos_sin, caches[0], input_pos, mask, n_heads, n_kv_heads)
@@ -343,7 +343,7 @@ def test_rope_write_is_the_reference_rope_and_cache_write(case, extra):
     count = min(count + extra, cache_len - start)
     qkv = randn(1, count, (n_heads + 2 * n_kv_heads) * head_dim, seed=seed, dtype=dtype)
     caches = [KVCache(1, n_kv_heads, cache_len, head_dim, dtype, "cpu") for _ in range(2)]
-    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, 10000.0), cache_len)[start:start + count]
+    cos_sin = rope.table(rope.frequencies(head_dim, 10000.0)[0], cache_len)[start:start + count]
     input_pos = torch.arange(start, start + count)
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
     q_ref = fn.apply_rope(q.view(1, count, n_heads, head_dim).transpose(1, 2), cos_sin)
@@ -530,7 +530,7 @@ def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
     x, pos = torch.randn(1, 1, SMALL.dim), torch.tensor([0])
     with pytest.raises(RuntimeError, match="int8_x set, which applies to int4 linears"):
         torch.ops.runner.decode_layers(x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes,
-                                       model.cos_sin[pos], plan.k_caches, plan.v_caches, [], [], pos, plan.n_heads,
+                                       model.rope(pos), plan.k_caches, plan.v_caches, [], [], pos, plan.n_heads,
                                        plan.n_kv_heads, plan.window, [1] * len(plan.parts))
 
 

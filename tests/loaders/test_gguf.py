@@ -17,7 +17,7 @@ from runner.config.schema import ModelSpec, RopeScaling
 from runner.loaders import detect, load_model, read_spec
 from runner.loaders import gguf as gguf_loader
 from runner.loaders.hf_layout import from_hf
-from runner.model import functional as fn
+from runner.model import functional as fn, rope
 from tests.loaders.writers import Q, save_gguf, same_arch
 from tests.properties.strategies import build_twins, logits_bound, model_specs
 
@@ -53,8 +53,8 @@ def test_gguf_matches_hf_on_the_decoded_weights(spec, seed, qtype, key_length, d
         assert declared.rope_theta == pytest.approx(spec.rope_theta, rel=1e-7)
         assert same_arch(declared, dataclasses.replace(spec, rope_scaling=declared.rope_scaling, rope_theta=declared.rope_theta))
         # rope_freqs holds the scaled frequencies, not the factor: when none is slowed, any factor fits.
-        torch.testing.assert_close(fn.rope_frequencies(declared.head_size, declared.rope_theta, declared.rope_scaling),
-                                   fn.rope_frequencies(spec.head_size, spec.rope_theta, spec.rope_scaling))
+        torch.testing.assert_close(rope.frequencies(declared.head_size, declared.rope_theta, declared.rope_scaling)[0],
+                                   rope.frequencies(spec.head_size, spec.rope_theta, spec.rope_scaling)[0])
         model = load_model(path, declared, CPU, torch.float32)
     # The reference: HF with exactly the values the file stores (for F32, HF's own weights).
     hf.load_state_dict(decoded)
@@ -99,11 +99,11 @@ def test_other_architectures_are_refused_by_name(tmp_path):
     spec = ModelSpec(dim=32, n_layers=1, n_heads=4, vocab_size=48, intermediate_size=64, max_seq_len=16)
     hf, _ = build_twins(spec, 0)
     path = tmp_path / "phi.gguf"
-    save_gguf(path, hf.state_dict(), spec, arch="phi3")
+    save_gguf(path, hf.state_dict(), spec, arch="falcon")
     for step in (lambda: read_spec(path), lambda: load_model(path, spec, CPU, torch.float32)):
         with pytest.raises(ConfigError) as e:
             step()
-        assert str(path) in str(e.value) and "'phi3'" in str(e.value) and "supported: llama" in str(e.value)
+        assert str(path) in str(e.value) and "'falcon'" in str(e.value) and "supported: llama" in str(e.value)
 
 
 def test_rope_freqs_other_than_meta_constants_are_refused(tmp_path):

@@ -100,8 +100,8 @@ def test_mixtral_declares_its_experts(tmp_path):
 @pytest.mark.parametrize("changes, words", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, ["'gpt2'", "GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM"]),
     ({"architectures": ["LlamaForSequenceClassification"]}, ["LlamaForSequenceClassification", "LlamaForCausalLM"]),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["'yarn'", "llama3"]),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["'linear'"]),
+    ({"rope_scaling": {"rope_type": "mrope", "factor": 4.0}}, ["'mrope'", "llama3", "yarn", "longrope"]),
+    ({"rope_scaling": {"type": "ntk-by-parts", "factor": 2.0}}, ["'ntk-by-parts'"]),
     ({"attention_bias": True}, ["attention_bias"]),
     ({"hidden_act": "gelu"}, ["hidden_act", "'silu'"]),
     ({"hidden_size": ...}, ["'hidden_size'"]),

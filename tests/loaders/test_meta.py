@@ -13,7 +13,7 @@ from runner.config.schema import ModelSpec, RopeScaling
 from runner.loaders import detect, load_model, read_spec
 from runner.loaders.hf_layout import from_hf
 from runner.loaders.meta import ffn_hidden_size, from_interleaved
-from runner.model import functional as fn
+from runner.model import functional as fn, rope
 from tests.loaders.writers import save_meta, same_arch, to_interleaved
 from tests.properties.strategies import build_twins, logits_bound
 
@@ -89,7 +89,7 @@ def test_from_interleaved_turns_meta_rope_into_ours(n_heads, half, cols, length,
     w = torch.randn(n_heads * head_dim, cols, generator=gen)  # Meta's wq
     x = torch.randn(length, cols, generator=gen)
     theirs = meta_rope((x @ w.T).view(length, n_heads, head_dim), theta)  # [T, H, D], interleaved
-    cos_sin = fn.rope_cache(fn.rope_frequencies(head_dim, theta), length)
+    cos_sin = rope.table(rope.frequencies(head_dim, theta)[0], length)
     ours = fn.apply_rope((x @ from_interleaved(w, n_heads).T).view(1, length, n_heads, head_dim).transpose(1, 2), cos_sin)
     ours = ours[0].transpose(0, 1).reshape(length, -1)  # [T, H * D], rotate-half
     # Meta's output with its features reordered exactly as the weight rows were.

@@ -6,7 +6,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from runner.config.schema import RopeScaling
-from runner.model import functional as fn
+from runner.model import functional as fn, rope
 
 PROPERTY = settings(max_examples=50, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
@@ -38,7 +38,7 @@ def test_rms_norm_keeps_bf16():
 @given(head_dim=head_dims, theta=thetas)
 def test_rope_frequencies_unscaled(head_dim, theta):
     expected = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    torch.testing.assert_close(fn.rope_frequencies(head_dim, theta).double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rope.frequencies(head_dim, theta)[0].double(), expected, rtol=1e-6, atol=0)
 
 
 @PROPERTY
@@ -54,16 +54,16 @@ def test_rope_frequencies_scaled_match_transformers(head_dim, theta, factor, low
         original_max_position_embeddings=original))
     expected, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, None)
     assert attention_factor == 1.0
-    torch.testing.assert_close(fn.rope_frequencies(head_dim, theta, scaling), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(rope.frequencies(head_dim, theta, scaling)[0], expected, rtol=1e-5, atol=0)
 
 
 @PROPERTY
 @given(head_dim=head_dims, theta=thetas, positions=st.lists(st.integers(0, 99), min_size=1, max_size=8), seed=seeds)
 def test_apply_rope_rotates_each_pair_by_its_position_angle(head_dim, theta, positions, seed):
     half, pos = head_dim // 2, torch.tensor(positions)
-    inv_freq = fn.rope_frequencies(head_dim, theta)
+    inv_freq = rope.frequencies(head_dim, theta)[0]
     x = randn(2, 3, len(positions), head_dim, seed=seed)  # [B, H, T, D]
-    out = fn.apply_rope(x, fn.rope_cache(inv_freq, 100)[pos])
+    out = fn.apply_rope(x, rope.table(inv_freq, 100)[pos])
 
     # "Rotate half" pairs dimension i with i + D/2: as a complex number, it turns by pos * inv_freq[i].
     pairs, turned = torch.complex(x[..., :half], x[..., half:]), torch.complex(out[..., :half], out[..., half:])
@@ -86,7 +86,7 @@ def test_causal_mask_sees_the_cache_up_to_each_position(start, length, spare):
 
 def test_rope_cache_layout():
     inv_freq = torch.tensor([1.0, 0.1])
-    cache = fn.rope_cache(inv_freq, 3)  # [3, 2, 4]
+    cache = rope.table(inv_freq, 3)  # [3, 2, 4]
     assert cache.shape == (3, 2, 4)
     angles = torch.tensor([[0.0, 0.0], [1.0, 0.1], [2.0, 0.2]]).repeat(1, 2)
     torch.testing.assert_close(cache[:, 0], angles.cos())
