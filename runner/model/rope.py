@@ -131,12 +131,14 @@ class Rope(nn.Module):
     """cos and sin for positions, as HF's rotary embedding gives them in each forward.
 
     Static types read a table built by setup(). Two types depend on how far a forward reaches,
-    seq_len = max(input_pos) + 1 over the whole call (every row, as HF takes it over the batch):
-    longrope reads its long-factor table once seq_len passes original_max_position_embeddings,
-    dynamic recomputes its frequencies from seq_len. Both stay on the device (no host sync), so a
-    compiled step traces them. Each forward stands alone: HF's dynamic also keeps the longest
-    forward's frequencies for a later one that reaches past max_position_embeddings but not as far
-    (the same whenever lengths only grow, as in one generation).
+    seq_len = max(input_pos) + 1 over the call's tokens of each row (HF takes it over the batch;
+    a row here is the sequence it would be alone, whatever its batch-mates): longrope reads its
+    long-factor table once seq_len passes original_max_position_embeddings, dynamic recomputes its
+    frequencies from seq_len. Both stay on the device (no host sync), so a compiled step traces
+    them. Each forward stands alone: HF's dynamic also keeps the longest forward's frequencies for a
+    later one that reaches past max_position_embeddings but not as far (the same whenever lengths
+    only grow, as in one generation). A forward's tokens share one choice, as in HF, so a chunk or
+    a speculative round that crosses the switch turns its earlier tokens as a longer forward would.
     """
 
     def __init__(self, dim: int, theta: float, scaling: RopeScaling | None, max_position_embeddings: int):
@@ -178,14 +180,16 @@ class Rope(nn.Module):
 
     def forward(self, input_pos: torch.Tensor) -> torch.Tensor:
         """input_pos [T] or [B, T] -> cos_sin [(B,) T, 2, dim], fp32, times the attention factor."""
+        seq_len = input_pos.max(dim=-1, keepdim=True).values + 1  # [1] or [B, 1]: each row its own
         if self.kind == "dynamic":
-            seq_len = input_pos.max() + 1
             grown, _ = frequencies(self.dim, self.theta, self.scaling, self.max_position_embeddings, seq_len)
-            inv_freq = torch.where(seq_len > self.max_position_embeddings, grown, self.inv_freq)
+            inv_freq = torch.where(seq_len > self.max_position_embeddings, grown, self.inv_freq)  # [1 or B, dim // 2]
+            if input_pos.dim() == 2:
+                inv_freq = inv_freq[:, None]  # [B, 1, dim // 2], against each row's positions
             return _cos_sin(input_pos[..., None].float() * inv_freq, self.attention_factor)
         if self.table is None:
             raise RuntimeError("Rope.setup(max_len, device) must run before the first forward")
         if self.kind == "longrope":
-            long = input_pos.max() >= self.scaling.original_max_position_embeddings  # seq_len > original
+            long = seq_len > self.scaling.original_max_position_embeddings
             input_pos = input_pos + long * self.max_len
         return self.table[input_pos]

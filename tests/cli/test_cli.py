@@ -59,7 +59,10 @@ def test_show_prints_the_resolved_recipe_with_overrides(invoke, runner_home):
     assert shown["generate"]["max_new_tokens"] == 7
     assert shown["generate"]["top_k"] is None
     assert shown["model"]["arch"] == yaml.safe_load((REPO / "specs" / "tiny-llama.yaml").read_text()) | {
-        "head_dim": None, "rope_scaling": None, "n_experts": None, "n_experts_per_token": 2, "sliding_window": None}
+        "head_dim": None, "rope_scaling": None, "n_experts": None, "n_experts_per_token": 2, "sliding_window": None,
+        "global_every": None, "family": "llama", "qkv_bias": False, "qk_norm": False, "norm_offset": 0.0,
+        "scale_embeddings": False, "activation": "silu", "sandwich_norms": False, "query_pre_attn_scalar": None,
+        "attn_logit_softcap": None, "final_logit_softcap": None, "rope_local_theta": None, "partial_rotary_factor": 1.0}
     assert shown["model"]["checkpoint"] == str(runner_home / "tiny-random" / "model.pth")
     assert shown["tokenizer"]["path"] == str(REPO / "recipes" / "assets" / "tiny-sp.model")
 

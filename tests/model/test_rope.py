@@ -122,16 +122,21 @@ def test_each_forward_of_a_generation_matches_transformers(case, data):
     offsets = data.draw(st.none() | st.lists(st.integers(0, 8), min_size=1, max_size=3))  # None: input_pos [T]
     if params["rope_type"] == "dynamic":  # reaching no further than max_pos - 1: HF resets
         prompts.append(data.draw(st.integers(1, max_pos - 1 - max(offsets or [0]))))
-    hf, rope = hf_rotary(dim, max_pos, params), Rope(dim, theta, scaling, max_pos)
+    rope = Rope(dim, theta, scaling, max_pos)
     rope.setup(end + 8, torch.device("cpu"))
+    # Each row as HF's rotary embedding sees that sequence alone (HF takes seq_len over a batch;
+    # runner keeps a row independent of its batch-mates).
+    hfs = [hf_rotary(dim, max_pos, params) for _ in offsets or [0]]
     x = torch.zeros(1)  # HF reads only its device and dtype
     for prompt in prompts:
         for pos in generation(prompt, end):
             input_pos = pos[None] if offsets is None else pos + torch.tensor(offsets)[:, None]  # [B, T]
-            hf_cos, hf_sin = hf(x, input_pos)  # HF takes seq_len over the whole batch
             cos_sin = rope(input_pos[0] if offsets is None else input_pos)  # [T] or [B, T]
             assert cos_sin.shape == (*input_pos.shape[offsets is None:], 2, dim)
-            assert_matches(cos_sin, hf_cos.view(cos_sin[..., 0, :].shape), hf_sin.view(cos_sin[..., 1, :].shape))
+            rows = cos_sin[None] if offsets is None else cos_sin
+            for hf, row_pos, row in zip(hfs, input_pos, rows):
+                hf_cos, hf_sin = hf(x, row_pos[None])
+                assert_matches(row, hf_cos.view(row[..., 0, :].shape), hf_sin.view(row[..., 1, :].shape))
 
 
 @PROPERTY
