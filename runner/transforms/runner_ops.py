@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from runner import kernels
+from runner.kernels import coverage
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import Kernels
 
@@ -39,6 +40,9 @@ def use_runner_ops(model: torch.nn.Module, choice: Kernels, device: torch.device
         say(f"kernels: runner's CPU kernels have no vector path for this CPU ({isa}); running on torch's ops")
         return None
     model.use_ops(kernels.KernelOps())
+    fallbacks = coverage.note(model.spec)  # what of this model the kernels leave to torch's ops
+    if fallbacks:
+        say(fallbacks)
     _pack_quantized(model, device)
     return isa
 
