@@ -1,13 +1,10 @@
 """The gguf tokenizer on Gemma 3 270M's real vocabulary (262,144 SentencePiece tokens) against
 transformers' conversion of the same file.
 
-Needs the GGUF the Gemma 3 recipe fetches (Gemma's terms apply; nothing of it is in the repository):
-GEMMA3_GGUF names it. Skipped when the file is absent.
+The GGUF is the one the Gemma 3 recipe fetches (tests/conftest.py's gemma3_gguf; Gemma's terms
+apply, and nothing of it is in the repository).
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -18,29 +15,26 @@ from runner.tokenizers import build
 from tests.helpers.tokenizers import english_corpus, texts
 from tests.tokenizers.conftest import CODE
 
-GEMMA3_GGUF = Path(os.environ.get("GEMMA3_GGUF", "/work/gemma-wheels/gemma-3-270m-q4_k_m.gguf"))
-pytestmark = [pytest.mark.real,
-              pytest.mark.skipif(not GEMMA3_GGUF.is_file(), reason=f"no Gemma 3 270M GGUF at {GEMMA3_GGUF} "
-                                 "(set GEMMA3_GGUF)")]
+pytestmark = pytest.mark.real
 # Gemma's own kinds of added tokens: control, user-defined (newlines, tabs, HTML), and spaces
 EXTRA = ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<unused17>", "<start_of_image>", "[multimodal]",
          "\n\n\n", "\t\t", "</div>", "<h2>", "  ", " " * 40, "▁", ">▁</", "> </"]
 
 
 @pytest.fixture(scope="module")
-def gemma3():
-    return build(TokenizerSection(kind=TokenizerKind.gguf, path=str(GEMMA3_GGUF)))
+def gemma3(gemma3_gguf):
+    return build(TokenizerSection(kind=TokenizerKind.gguf, path=str(gemma3_gguf)))
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(gemma3_gguf):
     """transformers' tokenizer of the file: its GGUF conversion (what AutoTokenizer runs, without the model config)."""
     from transformers.integrations.gguf import (
         convert_gguf_tokenizer,
         get_gguf_tokenizer,
     )
 
-    arch, tokenizer, _ = get_gguf_tokenizer(str(GEMMA3_GGUF))
+    arch, tokenizer, _ = get_gguf_tokenizer(str(gemma3_gguf))
     return convert_gguf_tokenizer(arch, tokenizer)[0]
 
 
