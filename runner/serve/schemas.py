@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 20
+# torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; choice i of n draws with seed + i.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 class StreamOptions(BaseModel):
@@ -24,7 +26,7 @@ class Sampled(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)  # not OpenAI's; vLLM and llama.cpp take it too
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
@@ -49,7 +51,7 @@ class Sampled(BaseModel):
 
 class CompletionRequest(Sampled):
     # One prompt (text or token ids) or several; each gets n choices.
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]  # ids as JSON integers, not 1.0 or "1"
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
@@ -76,7 +78,13 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # None only for an assistant's turn (OpenAI's, with tool calls)
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts), not null")
+        return self
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) or self.content is None else \

@@ -134,7 +134,16 @@ BAD = [
     ("wrong type", {"prompt": "x", "max_tokens": "many"}, 400),
     ("logprobs too many", {"prompt": "x", "logprobs": 1000}, 400),
     ("chat without a template", {"messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("seed beyond 64 bits", {"prompt": "x", "seed": 2**80}, 400),
+    ("seed below 64 bits", {"prompt": "x", "seed": -(2**70)}, 400),
+    ("token ids as floats", {"prompt": [1.0, 2.0]}, 400),
+    ("token id lists as floats", {"prompt": [[1, 2], [3.5]]}, 400),
+    ("null user content", {"messages": [{"role": "user", "content": None}]}, 400),
+    ("null system content", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]}, 400),
 ]
+# The field a 400 names (error.param), where the request got past neither schema nor checks.
+PARAMS = {"seed beyond 64 bits": "seed", "seed below 64 bits": "seed", "null user content": "messages.0",
+          "null system content": "messages.0"}
 
 
 @pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
@@ -147,6 +156,10 @@ def test_bad_request_is_shaped_and_server_goes_on(server, client, name, body, st
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if name == "prompt beyond the cache":
         assert error["code"] == "context_length_exceeded"
+    if name in PARAMS:
+        assert error["param"] == PARAMS[name], error
+    if name.startswith("token id"):
+        assert (error["param"] or "").startswith("prompt"), error
     assert complete(client, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
 
 
