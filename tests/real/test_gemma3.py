@@ -1,8 +1,9 @@
 """The real Gemma 3 270M GGUF (Q4_K_M, Gemma's terms): runner against HF transformers on the same
 weights, greedy tokens and perplexity.
 
-transformers dequantizes the GGUF itself into its Gemma3ForCausalLM; runner runs the recipe's own
-checkpoint, converted once from the same file. Both sides get the same token ids, so a tokenizer
+transformers dequantizes the GGUF itself into its Gemma3ForCausalLM; runner runs the recipe as
+`runner recipes/gemma3-270m.yaml` builds it (its checkpoint converted once from the same file,
+runner's CPU kernels where they apply). Both sides get the same token ids, so a tokenizer
 difference can neither hide nor fake a model difference. One prompt is longer than the model's
 512-token sliding window, so local layers mask and global ones do not.
 """
@@ -17,7 +18,6 @@ from runner import sources
 from runner.config.schema import TokenizerKind, TokenizerSection
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.sampling import Sampling
-from runner.loaders import load_model
 from runner.recipes import load as resolve
 from runner.tokenizers import build
 
@@ -60,9 +60,13 @@ def hf(gemma3_gguf):
 
 @pytest.fixture(scope="module")
 def ours(gemma3_gguf):
-    recipe = resolve(RECIPE, ["dtype=float32"], check_files=False)
-    path = sources.prepare(recipe.model, RECIPE)
-    return load_model(path, recipe.model.arch, torch.device("cpu"), torch.float32)
+    from runner import pipeline
+
+    recipe = resolve(RECIPE, [], check_files=False)
+    sources.prepare(recipe.model, RECIPE)
+    built = pipeline.build(resolve(RECIPE, [], check_files=True), RECIPE)
+    assert built.model.norm.weight.dtype == torch.float32  # the recipe's own dtype
+    return built.model
 
 
 def hf_greedy(hf, ids: list[int]) -> list[int]:
