@@ -84,8 +84,10 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
     # The draft model's steps are compiled as the target's are: its one-token steps are most of a round.
     draft_forward = compiled_forward(draft_model, recipe.compile, recipe_path, note) if draft_model else None
     steps, draft_steps = forward, draft_forward
-    if recipe.threads is None and torch.device(recipe.device).type == "cpu" and rank is None:
-        # threads: null on the CPU: the decode steps run at the thread count the load allows.
+    compiled = recipe.compile.decode or recipe.compile.prefill
+    if recipe.threads is None and torch.device(recipe.device).type == "cpu" and rank is None and not compiled:
+        # threads: null on the CPU: the decode steps run at the thread count the load allows. Not
+        # under compile: a compiled step is guarded on the thread count, so each change recompiles it.
         steps = threads.adaptive(forward)
         draft_steps = None if draft_forward is None else threads.adaptive(draft_forward)
     decoder = decoders.build(recipe, model, draft_model, steps, draft_steps)

@@ -219,3 +219,12 @@ def test_the_pipeline_adapts_threads_only_for_a_recipe_without_threads(monkeypat
     assert isinstance(adaptive.decoder.forward, AdaptiveThreads) and adaptive.decoder.forward.counts == [2, 1]
     assert adaptive.forward is adaptive.model  # what the server's batches and warm-up use stays the model
     assert fixed.decoder.forward is fixed.model and torch.get_num_threads() == 1
+
+
+def test_a_compiled_pipeline_keeps_its_thread_count(monkeypatch, restore_threads):
+    """torch.compile guards a step on the thread count: switching counts would recompile it."""
+    monkeypatch.setattr(threads, "default_count", lambda: 2)
+    path = "recipes/tiny-random.yaml"
+    monkeypatch.setattr(pipeline, "compiled_forward", lambda model, section, *args: model)  # no compiling here
+    built = pipeline.build(recipes.load(path, ["threads=null", "compile.decode=true"], check_files=True), path)
+    assert not isinstance(built.decoder.forward, AdaptiveThreads)
