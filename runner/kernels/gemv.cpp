@@ -128,7 +128,7 @@ inline void dot_row_i8_q8(const int8_t* q, const float* d, const int8_t* w, int6
     c = _mm256_add_ps(c, block(k + kBlock));
   }
   if (k < K) a = _mm256_add_ps(a, block(k));
-  *out = hsum((vf)_mm256_add_ps(a, c));
+  *out = hsum8(_mm256_add_ps(a, c));
 #else
   float acc = 0.f;
   for (int64_t k = 0; k < K; k += kBlock) {

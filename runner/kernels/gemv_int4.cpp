@@ -228,9 +228,9 @@ void dot_rows_i4_q8_avx2(const Int8X& x, const uint8_t* w, const T* scales, cons
     }
   }
   for (int r = 0; r < R; ++r) {
-    vf z{};
+    vf8 z{};
     int64_t g = 0;
-    for (; g + 8 <= G; g += 8) z += vload(zeros + r * G + g) * vload(x.dq + g);
+    for (; g + 8 <= G; g += 8) z += load8(zeros + r * G + g) * load8(x.dq + g);
     a[r] = _mm256_add_ps(a[r], (__m256)z);
     float tail = 0.f;
     for (; g < G; ++g) tail += widen(zeros[r * G + g]) * x.dq[g];
@@ -239,7 +239,7 @@ void dot_rows_i4_q8_avx2(const Int8X& x, const uint8_t* w, const T* scales, cons
   if constexpr (R == 4) {
     hsum4(a, out);
   } else {
-    for (int r = 0; r < R; ++r) out[r] += hsum((vf)a[r]);
+    for (int r = 0; r < R; ++r) out[r] += hsum8(a[r]);
   }
 }
 #endif

@@ -117,6 +117,19 @@ static inline float hsum(vf v) {
   return s;
 }
 #if defined(__AVX2__)
+// 256-bit vectors where AVX2 code runs on every x86 target that has it, AVX-512 ones included
+// (where vf is 512 bits): eight floats, their loads from float or bf16, their sum.
+typedef float vf8 __attribute__((vector_size(32)));
+static inline vf8 load8(const float* p) { return (vf8)_mm256_loadu_ps(p); }
+static inline vf8 load8(const BFloat16* p) {
+  return (vf8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+}
+static inline float hsum8(__m256 v) {
+  const vf8 lanes = (vf8)v;
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += lanes[i];
+  return s;
+}
 // The sums of four vectors' lanes, out[r] += sum of a[r]: one tree of horizontal adds for all four.
 static inline void hsum4(const __m256* a, float* out) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
