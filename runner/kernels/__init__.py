@@ -203,6 +203,19 @@ def _register_fakes() -> None:
     def _(w, scales, zeros, groupsize):
         return scales.new_empty(w.shape[0], 2 * w.shape[1])
 
+    @torch.library.register_fake("runner::gguf_linear")
+    def _(x, blocks, type, int8_x=False):
+        return x.new_empty(x.shape[0], blocks.shape[0])
+
+    # GGUF block types (GGMLQuantizationType) -> (values, bytes) per block, as gguf.h reads them.
+    gguf_blocks = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144),
+                   13: (256, 176), 14: (256, 210)}
+
+    @torch.library.register_fake("runner::dequantize_gguf")
+    def _(blocks, type, dtype):
+        values, size = gguf_blocks[type]
+        return blocks.new_empty(blocks.shape[0], blocks.shape[1] // size * values, dtype=dtype)
+
     @torch.library.register_fake("runner::rms_norm")
     def _(x, w, eps):
         return torch.empty_like(x)

@@ -11,6 +11,8 @@
 //                         Gemv (gemv.h; gemv.cpp for float and int8 weights, gemv_int4.cpp for
 //                         int4)
 //   dequantize.cpp        dequantize_int8, dequantize_int4: a prompt's weights, for torch's GEMM
+//   gguf.cpp              gguf_linear, dequantize_gguf: GGUF's quantized blocks as the file
+//                         stores them (gguf.h reads each type's blocks)
 //   elementwise.cpp       rms_norm, swiglu
 //   kv_cache.cpp          rope_write (a prompt's RoPE and cache write), and the cache checks
 //   attend.cpp            attend: a few tokens' RoPE, cache write and attention
@@ -54,6 +56,9 @@ TORCH_LIBRARY(runner, m) {
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales, Tensor zeros, int groupsize, bool int8_x=False) -> Tensor");
   m.def("dequantize_int8(Tensor w, Tensor scales) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales, Tensor zeros, int groupsize) -> Tensor");
+  // blocks: uint8 [N, row_bytes], a GGUF tensor's rows of blocks; type: its GGMLQuantizationType.
+  m.def("gguf_linear(Tensor x, Tensor blocks, int type, bool int8_x=False) -> Tensor");
+  m.def("dequantize_gguf(Tensor blocks, int type, ScalarType dtype) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("swiglu(Tensor gate_up) -> Tensor");
   // k_scales, v_scales: an int8 cache's (runner.model.llama.KVCache), with int8 k_cache and v_cache.
@@ -78,6 +83,8 @@ TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("int4_linear", &runner::int4_linear);
   m.impl("dequantize_int8", &runner::dequantize_int8);
   m.impl("dequantize_int4", &runner::dequantize_int4);
+  m.impl("gguf_linear", &runner::gguf_linear);
+  m.impl("dequantize_gguf", &runner::dequantize_gguf);
   m.impl("rms_norm", &runner::rms_norm);
   m.impl("swiglu", &runner::swiglu);
   m.impl("attend", &runner::attend);

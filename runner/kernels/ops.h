@@ -27,6 +27,10 @@ at::Tensor int4_expert_linear(const at::Tensor& x, const at::Tensor& w, const at
 at::Tensor dequantize_int8(const at::Tensor& w, const at::Tensor& scales);
 at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& zeros, int64_t groupsize);
 
+// gguf.cpp
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type, bool int8_x);
+at::Tensor dequantize_gguf(const at::Tensor& blocks, int64_t type, at::ScalarType dtype);
+
 // elementwise.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor swiglu(const at::Tensor& gate_up);

@@ -5,6 +5,7 @@
 #include "gemv_int4.cpp"
 #include "linear.cpp"
 #include "dequantize.cpp"
+#include "gguf.cpp"
 #include "elementwise.cpp"
 #include "kv_cache.cpp"
 #include "attend.cpp"
