@@ -16,7 +16,7 @@ from runner import decoders, loaders, parallel, sharders, sources, tokenizers, t
 from runner.transforms.compile import compiled_forward
 from runner.transforms.runner_ops import use_runner_ops
 from runner.config.errors import ConfigError, problem
-from runner.config.schema import DraftKind, ModelSpec, QuantKVCache, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
+from runner.config.schema import DraftKind, ModelSection, ModelSpec, QuantKVCache, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
 from runner.decoders import Decoder, Forward, threads
 from runner.tokenizers.base import Tokenizer
 
@@ -62,12 +62,12 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
     cores = threads.default_count()  # asked before any count is set
     if rank is None:
         torch.set_num_threads(recipe.threads or cores)
-    path = sources.prepare(recipe.model, recipe_path, note, bar=bar)
+    path = model_path(recipe.model, recipe.quant, recipe_path, note, bar=bar)
     tokenizer = build_tokenizer(recipe, recipe_path)
     model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_path, tokenizer, note, rank=rank, bar=bar)
     draft_model = None
     if recipe.draft.kind is DraftKind.model:
-        draft_path = sources.prepare(recipe.draft.model, recipe_path, note, key="draft.model", bar=bar)
+        draft_path = model_path(recipe.draft.model, recipe.draft.quant, recipe_path, note, key="draft.model", bar=bar)
         arch = recipe.draft.model.arch
         int4 = recipe.draft.quant.mode.is_int4
         # A draft whose heads do not split over the ranks runs whole on each of them.
@@ -92,6 +92,15 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
         draft_steps = None if draft_forward is None else threads.adaptive(draft_forward)
     decoder = decoders.build(recipe, model, draft_model, steps, draft_steps)
     return Pipeline(recipe, tokenizer, model, decoder, forward, draft_forward)
+
+
+def model_path(model: ModelSection, section: QuantSection, recipe_path: str, note: Callable[[str], None] | None = None,
+               key: str = "model", bar: sources.Bar | None = None) -> Path:
+    """What to load the model from: its native checkpoint (prepared from model.source where it is
+    missing), or under quant.mode gguf the GGUF file itself."""
+    if section.mode is QuantMode.gguf:
+        return sources.gguf_file(model, recipe_path, note, key=key, bar=bar)
+    return sources.prepare(model, recipe_path, note, key=key, bar=bar)
 
 
 def load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, recipe_path: str,
@@ -127,6 +136,19 @@ def _load(path: Path, arch: ModelSpec, section: QuantSection, recipe: Recipe, re
     def place(model: torch.nn.Module) -> torch.nn.Module:
         return model.to(device=device, dtype=dtype).eval()
 
+    if section.mode is QuantMode.gguf:  # the file's blocks as they are, never quantized again
+        from runner import quant
+        from runner.quant import gguf_model
+
+        try:
+            model = place(shard(gguf_model.read(path, arch)))
+        except ValueError as e:  # a split through a block: which world sizes work depends on the file's types
+            raise ConfigError([problem(recipe_path, "parallel.world_size", f"{e}; choose a world size whose shares "
+                                       "keep whole blocks", rank.world_size if rank else 1)]) from None
+        quant.pack_for(model, device)
+        quant.use_activations(model, section)
+        say(f"{key}: GGUF blocks as stored: {quant.model_bytes(model) / 1e6:.1f} MB")
+        return model
     stored = loaders.stored_quant(path)
     if stored is not None:
         from runner import quant
@@ -174,8 +196,8 @@ def write_quantized(recipe: Recipe, recipe_path: str, out: Path, note: Callable[
     """Quantize the recipe's model as its quant section says and save it, atomically, with that section inside."""
     from runner import checkpoint, quant
 
-    path = sources.prepare(recipe.model, recipe_path, note, bar=bar)
-    if loaders.stored_quant(path) is not None:
+    path = model_path(recipe.model, recipe.quant, recipe_path, note, bar=bar)
+    if recipe.quant.mode is not QuantMode.gguf and loaders.stored_quant(path) is not None:
         raise ConfigError([problem(recipe_path, "model.checkpoint", "is already quantized; quantize the float checkpoint", str(path))])
     tokenizer = build_tokenizer(recipe, recipe_path)
     model = load(path, recipe.model.arch, recipe.quant, recipe, recipe_path, tokenizer, note, bar=bar)

@@ -83,6 +83,26 @@ def prepare(model: ModelSection, where: str, note: Callable[[str], None] | None 
     return path
 
 
+def gguf_file(model: ModelSection, where: str, note: Callable[[str], None] | None = None, key: str = "model",
+              bar: Bar | None = None) -> Path:
+    """quant.mode gguf's file: model.checkpoint where it is a GGUF file or a native checkpoint of
+    that mode, otherwise the GGUF file model.source names (fetched once, never converted)."""
+    from runner import loaders  # imports torch; keep `runner show` fast
+
+    path = Path(model.checkpoint)
+    if path.exists() and (loaders.detect(path) == "gguf" or (loaders.stored_quant(path) or {}).get("mode") == "gguf"):
+        return path
+    if model.source is not None and not model.source.startswith(("random:", "hf:")):
+        (note or (lambda step: None))(f"fetching {model.source}")
+        fetched = fetch(model.source, where, bar)
+        if fetched.is_file() and loaders.detect(fetched) == "gguf":
+            return fetched
+    quant_key = "quant.mode" if key == "model" else "draft.quant.mode"
+    raise ConfigError([problem(where, quant_key, f"gguf runs a GGUF file's blocks as stored, but neither "
+                               f"{key}.checkpoint ({path}) nor {key}.source is a GGUF file (or a checkpoint "
+                               "written from one in this mode); use quant.mode none, int8 or int4", "gguf")])
+
+
 def source_file(model: ModelSection, where: str, tokenizer_file: str) -> Path | None:
     """The tokenizer file model.source carries (the GGUF itself, or `tokenizer_file` in a
     directory), or None for random/no source."""

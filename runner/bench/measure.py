@@ -76,13 +76,18 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes the model holds, bytes one decode step reads): the embedding table is read one row
     per token, unless the output layer reads it whole (tied embeddings); of a mixture of experts'
     stacked experts a token reads the n_experts_per_token it is routed to."""
-    tensors = {id(t): (name, t) for name, t in model.state_dict(keep_vars=True).items()}
-    total = sum(t.numel() * t.element_size() for _, t in tensors.values())
+    from runner.quant.model import unique_tensors
+
+    tensors = unique_tensors(model)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     spec = model.spec
-    experts = sum(t.numel() * t.element_size() for name, t in tensors.values() if ".experts." in name)
+    experts = sum(t.numel() * t.element_size() for name, t in tensors.items() if ".experts." in name)
     unread = experts - experts * spec.n_experts_per_token // spec.n_experts if spec.moe else 0
-    embedding = model.tok_embeddings.weight
-    tied = model.output is None or getattr(model.output, "weight", None) is embedding
+    # the embedding's table: a float weight, or a GGUF layer's blocks (which a tied output layer shares)
+    embedding = getattr(model.tok_embeddings, "weight", None)
+    embedding = embedding if embedding is not None else model.tok_embeddings.blocks0
+    head = None if model.output is None else getattr(model.output, "weight", getattr(model.output, "blocks0", None))
+    tied = head is None or head.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
     return total, total - unread - (0 if tied else embedding.numel() * embedding.element_size())
 
 

@@ -30,6 +30,7 @@ class QuantMode(Enum):
     int8 = "int8"  # weight-only, symmetric, one scale per output channel
     int4 = "int4"  # weight-only, asymmetric, a scale and a zero per quant.groupsize inputs
     int4_gptq = "int4-gptq"  # int4's layout, rounded by GPTQ on calibration activations
+    gguf = "gguf"  # a GGUF file's quantized tensors as stored, each in its own type (runner.quant.gguf)
 
     @property
     def is_int4(self) -> bool:
@@ -269,8 +270,14 @@ class QuantSection:
         int4 = self.mode.is_int4
         if int4 and self.groupsize not in INT4_GROUPSIZES:
             out.append(("groupsize", self.groupsize, f"must be one of {', '.join(map(str, INT4_GROUPSIZES))}"))
-        if self.activations is not QuantActivations.float and not int4:
-            out.append(("activations", self.activations.value, "int8 applies to the int4 modes only (int4, int4-gptq)"))
+        if self.activations is not QuantActivations.float and not (int4 or self.mode is QuantMode.gguf):
+            out.append(("activations", self.activations.value, "int8 applies to the int4 modes (int4, int4-gptq) "
+                        "and gguf only"))
+        if self.mode is QuantMode.gguf:
+            for key, keep in (("output", QuantOutput.keep), ("embedding", QuantEmbedding.keep)):
+                if getattr(self, key) is not keep:
+                    out.append((key, getattr(self, key).value, "must be keep under quant.mode gguf: the output "
+                                "layer and the embedding keep the file's own types"))
         if self.mode is QuantMode.none:
             for key, keep in (("output", QuantOutput.keep), ("embedding", QuantEmbedding.keep)):
                 if getattr(self, key) is not keep:

@@ -22,6 +22,7 @@ from runner.config.schema import ModelSpec, RopeScaling
 from runner.loaders.base import Progress
 from runner.loaders.meta import from_interleaved
 from runner.model.rope import frequencies
+import runner.quant.gguf as gguf_blocks
 
 KEY = "model.checkpoint"
 MAGIC = b"GGUF"
@@ -179,27 +180,37 @@ def _longrope(path: Path, number, tensors: dict, spec: dict, rotated: int) -> Ro
                        short_factor=factors[0], long_factor=factors[1], attention_factor=attention)
 
 
-def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def load(path: Path, spec: ModelSpec, progress: Progress | None = None, blocks: bool = False) -> dict:
     """Dequantize every tensor to fp32 (F16/BF16 kept as they are) in the native layout;
-    progress(layers done, layers) after each layer."""
+    progress(layers done, layers) after each layer.
+
+    blocks (quant.mode gguf): a quantized matrix stays the file's blocks instead, as a list of
+    Blocks, one per GGUF tensor it is made of (q, k and v for wqkv), in row order.
+    """
     reader, arch = _open(path)
     tensors = {t.name: t for t in reader.tensors}
     used = {ROPE_FREQS, ROPE_LONG, ROPE_SHORT}
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str) -> torch.Tensor | Blocks:
         if name not in tensors:
             raise ConfigError([problem(str(path), KEY, f"lacks tensor {name!r} the spec (model.arch) needs; "
                                        "check n_layers and tie_embeddings")])
         used.add(name)
-        return _tensor(path, tensors[name])
+        t = tensors[name]
+        if blocks and t.tensor_type not in gguf_blocks.FLOAT:
+            return _blocks(path, t)
+        return _tensor(path, t)
 
     def heads(name: str, n_heads: int, ndim: int = 2) -> torch.Tensor:
         """q or k rows (ndim 2: weights, 1: biases) in rotate-half order."""
         w = get(name)
-        if w.ndim != ndim or w.shape[0] != n_heads * spec.head_size:
+        rows = w.data if isinstance(w, Blocks) else w  # a quantized matrix's rows are whole rows of blocks
+        if rows.ndim != ndim or rows.shape[0] != n_heads * spec.head_size:
             raise ConfigError([problem(str(path), KEY, f"tensor {name!r} has shape {tuple(w.shape)} but the spec "
                                        f"(model.arch) needs {n_heads * spec.head_size} rows ({n_heads} heads of {spec.head_size})")])
-        return from_interleaved(w, n_heads) if arch in INTERLEAVED else w
+        if arch not in INTERLEAVED:
+            return w
+        return Blocks(w.kind, from_interleaved(rows, n_heads), w.shape) if isinstance(w, Blocks) else from_interleaved(w, n_heads)
 
     out = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
     if not spec.tie_embeddings:
@@ -220,6 +231,9 @@ def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[
             out[f"{ours}attention.q_norm.weight"] = get(f"{blk}attn_q_norm.weight")
             out[f"{ours}attention.k_norm.weight"] = get(f"{blk}attn_k_norm.weight")
         out[f"{ours}attention.wo.weight"] = get(f"{blk}attn_output.weight")
+        if spec.moe and blocks:
+            raise ConfigError([problem(str(path), KEY, "quant.mode gguf does not run mixtures of experts yet; "
+                                       "use quant.mode none (dequantized) or int8/int4")])
         if spec.moe:  # stacked [experts, rows, columns]; gate and up side by side per expert
             out[f"{ours}feed_forward.gate.weight"] = get(f"{blk}ffn_gate_inp.weight")
             out[f"{ours}feed_forward.experts.w13.weight"] = _cat(
@@ -238,6 +252,8 @@ def load(path: Path, spec: ModelSpec, progress: Progress | None = None) -> dict[
             out[f"{ours}post_ffn_norm.weight"] = get(f"{blk}post_ffw_norm.weight")
         if progress is not None:
             progress(i + 1, spec.n_layers)
+    if blocks:  # every quantized matrix as its list of parts
+        out = {name: [w] if isinstance(w, Blocks) else w for name, w in out.items()}
     unused = sorted(set(tensors) - used)
     if unused:
         raise ConfigError([problem(str(path), KEY, f"has {len(unused)} tensor(s) the spec (model.arch) does not use, "
@@ -262,6 +278,28 @@ def _open(path: Path) -> tuple[GGUFReader, str]:
     return reader, arch
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A quantized GGUF matrix as the file stores it: rows of blocks of GGUF type `kind`."""
+    kind: int
+    data: torch.Tensor  # uint8 [rows, row_bytes]
+    shape: tuple[int, int]  # [rows, columns] of the values it holds
+
+
+def _blocks(path: Path, t) -> Blocks:
+    """One quantized tensor's blocks (quant.mode gguf), its type checked."""
+    if t.tensor_type not in gguf_blocks.SUPPORTED:
+        raise ConfigError([problem(str(path), KEY, f"tensor {t.name!r} has type {t.tensor_type.name}, which quant.mode "
+                                   f"gguf does not run; supported: {gguf_blocks.SUPPORTED_NAMES}. Use a file of "
+                                   "another type, or quant.mode none (dequantized to floats)")])
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = np.array(t.data)
+    if len(shape) != 2 or data.ndim != 2 or data.shape != (shape[0], gguf_blocks.row_bytes(t.tensor_type, shape[1])):
+        raise ConfigError([problem(str(path), KEY, f"tensor {t.name!r} of {shape} values holds {data.shape} bytes; "
+                                   "corrupt or not a matrix")])
+    return Blocks(int(t.tensor_type), torch.from_numpy(data), shape)
+
+
 def _tensor(path: Path, t) -> torch.Tensor:
     """One tensor in torch's [rows, cols] order (GGUF lists dimensions the other way round)."""
     try:
@@ -282,7 +320,13 @@ def _tensor(path: Path, t) -> torch.Tensor:
     return out
 
 
-def _cat(path: Path, parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+def _cat(path: Path, parts: list, dim: int = 0) -> torch.Tensor | list[Blocks]:
+    quantized = [isinstance(p, Blocks) for p in parts]
+    if all(quantized):  # kept apart: each part may be of its own type
+        return parts
+    if any(quantized):
+        raise ConfigError([problem(str(path), KEY, "quant.mode gguf: a fused matrix mixes float and quantized "
+                                   "tensors; not supported (use quant.mode none)")])
     if len({p.shape[:dim] + p.shape[dim + 1:] for p in parts}) > 1:
         shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         raise ConfigError([problem(str(path), KEY, f"tensors to stack have mismatched shapes {shapes}")])

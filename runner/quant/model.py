@@ -10,6 +10,7 @@ from torch import nn
 
 from runner.config.schema import QuantActivations, QuantEmbedding, QuantMode, QuantOutput, QuantSection
 import runner.quant.calibrate as calibrate
+from runner.quant.gguf_layers import GGUFEmbedding, GGUFLinear
 from runner.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantizedExperts, QuantizedLinear
 from runner.quant.plan import check_groupsize, make_plan, module, replace, untie
 
@@ -68,27 +69,37 @@ def pack_for(model: nn.Module, device: torch.device | str, kernel: str | None = 
 
     Returns {layer name: kernel name}, for the reporter to show which layers fell back.
     """
-    chosen = {name: layer.pack_for(device, kernel)
-              for name, layer in model.named_modules() if isinstance(layer, (QuantizedLinear, QuantizedExperts))}
+    chosen = {name: layer.pack_for(device, kernel) for name, layer in model.named_modules()
+              if isinstance(layer, (QuantizedLinear, QuantizedExperts, GGUFLinear))}
     model.operands_changed()
     return chosen
 
 
 def use_activations(model: nn.Module, section: QuantSection) -> None:
-    """Make the int4 layers, and an int8 output layer beside them, quantize their activations as
-    section.activations says (a choice of kernel, not of stored layout: a quantized checkpoint
-    serves either)."""
+    """Make the int4 layers, an int8 output layer beside them, and GGUF layers quantize their
+    activations as section.activations says (a choice of kernel, not of stored layout: a quantized
+    checkpoint serves either)."""
     int8_x = section.activations is QuantActivations.int8
     for layer in model.modules():
-        if isinstance(layer, (Int4Linear, Int8Linear)):
+        if isinstance(layer, (Int4Linear, Int8Linear, GGUFLinear)):
             layer.int8_x = int8_x
     model.operands_changed()
 
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and persistent buffers (what a checkpoint holds), shared ones once."""
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in unique_tensors(model).values())
+
+
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state by name, a tensor that several names hold (a tied layer's) under its first."""
+    seen, out = set(), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype) if not t.is_meta else id(t)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
 
 
 LAYOUT_VERSION = 1  # of the neutral tensors (int8.py, int4.py); bump when they change
@@ -113,7 +124,8 @@ def from_metadata(data: dict) -> QuantSection:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer is already quantized (a quantized checkpoint was loaded)."""
-    return any(isinstance(m, (QuantizedLinear, QuantizedExperts, Int8Embedding)) for m in model.modules())
+    return any(isinstance(m, (QuantizedLinear, QuantizedExperts, Int8Embedding, GGUFLinear, GGUFEmbedding))
+               for m in model.modules())
 
 
 def transform(model: nn.Module, section: QuantSection, *, calibration: torch.Tensor | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from runner import quant
+from runner.config.errors import ConfigError, problem
 from runner.config.schema import QuantMode, QuantSection, Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,4 +24,7 @@ def quantize(model: torch.nn.Module, section: QuantSection, recipe_path: str, ke
     """
     if section.mode is QuantMode.none:
         return model
+    if section.mode is QuantMode.gguf:
+        raise ConfigError([problem(recipe_path, f"{key}.mode", "gguf runs a GGUF file's quantized blocks as "
+                                   "stored; it does not quantize a float model (load the GGUF file with it)", "gguf")])
     return quant.transform(model, section, calibration=calibration, progress=progress, source=recipe_path, key=key)

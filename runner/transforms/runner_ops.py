@@ -49,10 +49,11 @@ def use_runner_ops(model: torch.nn.Module, choice: Kernels, device: torch.device
 
 def _pack_quantized(model: torch.nn.Module, device: torch.device) -> None:
     """Quantized layers switch to runner's integer kernels where those take them."""
+    from runner.quant.gguf_layers import GGUFLinear
     from runner.quant.linear import QuantizedExperts, QuantizedLinear
 
     for layer in model.modules():
-        if isinstance(layer, QuantizedExperts) or isinstance(layer, QuantizedLinear) and "runner" in layer.KERNELS:
+        if isinstance(layer, (QuantizedExperts, GGUFLinear)) or isinstance(layer, QuantizedLinear) and "runner" in layer.KERNELS:
             try:
                 layer.pack_for(device, "runner")
             except ValueError:  # this layer's shape or dtype: it keeps the kernel it had

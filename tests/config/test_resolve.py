@@ -556,7 +556,7 @@ def test_a_scalar_where_a_section_belongs(recipe):
         ("device=tpu", "device", "cuda"),
         ("model.arch.dim=0", "model.arch.dim", ">= 1"),
         ("model.arch.rope_theta=0", "model.arch.rope_theta", "> 0"),
-        ("quant.activations=int8", "quant.activations", "int4 modes only"),
+        ("quant.activations=int8", "quant.activations", "int4 modes (int4, int4-gptq) and gguf only"),
     ],
 )
 def test_an_out_of_range_value_names_key_value_and_range(recipe, override, key, allowed):

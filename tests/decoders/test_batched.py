@@ -102,6 +102,25 @@ def test_on_runner_kernels_a_rows_logits_do_not_depend_on_its_batch(schedule, mo
 
 
 @settings(max_examples=10, deadline=None)
+@given(schedules(), st.sampled_from([3, 6, 8]), st.booleans())
+def test_gguf_blocks_on_runner_kernels_keep_a_rows_logits_independent_of_its_batch(schedule, qtype, int8_x):
+    """quant.mode gguf's layers (Q4_1, Q5_0, Q8_0; float or int8 activations) compute each row alone."""
+    from runner import quant
+    from runner.config.schema import QuantActivations, QuantMode, QuantSection
+    from tests.quant.helpers import as_gguf
+
+    model = as_gguf(model_for(False, "kernels"), qtype)
+    quant.pack_for(model, "cpu", "runner")
+    activations = QuantActivations.int8 if int8_x else QuantActivations.float
+    quant.use_activations(model, QuantSection(mode=QuantMode.gguf, activations=activations))
+    prompts, joins = schedule
+    tokens, logits = run_batched(model, prompts, joins)
+    for i, prompt in enumerate(prompts):
+        alone = logits_alone(model, prompt, tokens[i])[1:]
+        assert torch.equal(torch.stack(logits[i]), alone), i
+
+
+@settings(max_examples=10, deadline=None)
 @given(schedules())
 def test_over_an_int8_cache_a_rows_logits_do_not_depend_on_its_batch(schedule):
     prompts, joins = schedule

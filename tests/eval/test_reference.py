@@ -49,6 +49,29 @@ def both(smollm2_gguf):
     return ours, theirs
 
 
+@pytest.fixture(scope="module")
+def as_stored(smollm2_gguf):
+    """`runner eval` on the file's blocks as stored (quant.mode gguf), in float32."""
+    from runner import pipeline
+    from runner.eval.adapter import RunnerLM
+    from runner.recipes import load as resolve
+
+    recipe = resolve(RECIPE, ["dtype=float32", f"model.arch.max_seq_len={MAX_LEN}", "generate.temperature=0",
+                              "quant.mode=gguf"], check_files=True)
+    return RunnerLM(pipeline.build(recipe, RECIPE), batch_size=8)
+
+
+def test_runner_eval_on_gguf_blocks_matches_hflm(both, as_stored, record_property):
+    """HF dequantizes the same blocks, so the perplexities agree as closely as float weights'."""
+    _, theirs = both
+    mine, reference = evaluate(as_stored, "pydoc_perplexity", 2), evaluate(theirs, "pydoc_perplexity", 2)
+    record_property("runner", mine)
+    record_property("hflm", reference)
+    print({k: v for k, v in mine.items() if "," in k}, {k: v for k, v in reference.items() if "," in k})
+    for metric in PERPLEXITIES:
+        assert mine[f"{metric},none"] == pytest.approx(reference[f"{metric},none"], rel=1e-3), metric
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_runner_eval_matches_hflm_on_transformers(both, task, record_property):
     ours, theirs = both

@@ -141,9 +141,8 @@ def llama3_rope_factors(spec: ModelSpec) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qtype: Q = Q.F32,
-              arch: str = "llama", key_length: bool = False) -> dict[str, torch.Tensor]:
-    """A llama.cpp-style GGUF of an HF state dict; returns the HF state dict its stored values decode to."""
+def llama_writer(path: Path, spec: ModelSpec, arch: str = "llama") -> gguf.GGUFWriter:
+    """A GGUF writer with the metadata llama.cpp's converter writes for a LLaMA-shaped `spec`."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(spec.max_seq_len)
     writer.add_embedding_length(spec.dim)
@@ -155,6 +154,13 @@ def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qt
     writer.add_layer_norm_rms_eps(spec.norm_eps)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_rope_dimension_count(spec.head_size)
+    return writer
+
+
+def save_gguf(path: Path, hf_state: dict[str, torch.Tensor], spec: ModelSpec, qtype: Q = Q.F32,
+              arch: str = "llama", key_length: bool = False) -> dict[str, torch.Tensor]:
+    """A llama.cpp-style GGUF of an HF state dict; returns the HF state dict its stored values decode to."""
+    writer = llama_writer(path, spec, arch)
     if key_length or spec.head_size != spec.dim // spec.n_heads:
         writer.add_key_length(spec.head_size)
         writer.add_value_length(spec.head_size)

@@ -11,6 +11,8 @@ from runner import generate as generating
 from runner import kernels, pipeline
 from runner.config.schema import FAMILIES
 from runner.recipes import load as resolve
+from tests.helpers import gguf_families
+from tests.loaders import writers
 
 ROOT = Path(__file__).resolve().parents[2]
 # tiny-moe: 4 experts, top 2, a 32-token window; tiny-FAMILY: that family's features (specs/tiny-*.yaml)
@@ -57,15 +59,33 @@ def runner_home(home, monkeypatch):
     monkeypatch.setenv("RUNNER_HOME", str(home))
 
 
-def quant_overrides(mode: str, home: Path) -> list[str]:
-    """quant.mode=`mode`, with a groupsize for int4 and a small calibration for GPTQ."""
+def quant_overrides(mode: str, home: Path, model: str = "dense") -> list[str]:
+    """quant.mode=`mode`, with a groupsize for int4, a small calibration for GPTQ, and for gguf
+    the `model`'s random weights as a GGUF file to run."""
     out = [f"quant.mode={mode}"]
+    if mode == "gguf":
+        out.append(f"model.checkpoint={gguf_file(model, home)}")
     if mode.startswith("int4"):
         out.append("quant.groupsize=32")
     if mode == "int4-gptq":
         out += [f"quant.calibration.path={home / 'calibration.txt'}", "quant.calibration.samples=4",
                 "quant.calibration.seq_len=32"]
     return out
+
+
+def gguf_file(model: str, home: Path) -> Path:
+    """`model`'s tiny recipe as a GGUF file of random weights, written once into `home`: its
+    matrices in Q4_1 (blocks of 32, a scale and a min), its embedding too, as llama.cpp's
+    converter lays the file out."""
+    path = home / f"{model}.Q4_1.gguf"
+    if not path.exists():
+        spec = resolve(recipe_path(model), [], check_files=False).model.arch
+        hf_state = gguf_families.to_hf(gguf_families.native_state(spec, seed=0), spec)
+        if spec.family == "llama":
+            writers.save_gguf(path, hf_state, spec, writers.Q.Q4_1)
+        else:
+            gguf_families.write_gguf(path, hf_state, spec, writers.Q.Q4_1)
+    return path
 
 
 def build(recipe_file: str, overrides: list[str], prompt: str = PROMPT, tokens: int = 24,

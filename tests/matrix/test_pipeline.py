@@ -21,6 +21,7 @@ from runner.config.errors import ConfigError
 from runner.config.schema import DraftKind, QuantMode
 from runner.recipes import load as resolve
 from tests.matrix.conftest import RECIPES, greedy, quant_overrides, recipe_path, selected
+from tests.serve.conftest import serve  # noqa: F401  (the fixture: a real server per module)
 
 # The int8 self-draft's least acceptance rate where a model's differs from the others' 0.5: the
 # dense model keeps more, tiny-gemma3's six layers carry an int4 target further from the draft.
@@ -31,6 +32,7 @@ VARIABLES = ("RUNNER_MATRIX_QUANT", "RUNNER_MATRIX_DRAFT", "RUNNER_MATRIX_MODEL"
 QUANTS = selected("RUNNER_MATRIX_QUANT", [m.value for m in QuantMode])
 DRAFTS = selected("RUNNER_MATRIX_DRAFT", [k.value for k in DraftKind])
 MODELS = selected("RUNNER_MATRIX_MODEL", list(RECIPES))
+AMBIENT_HOME = os.environ.get("RUNNER_HOME")  # before the tests move it (conftest.runner_home)
 FAMILY_SHARE = not any(os.environ.get(variable) for variable in VARIABLES)  # the default run: families take a share
 
 
@@ -39,8 +41,9 @@ def rows(first: list[str], second: list[str]) -> list[tuple[str, str, str]]:
     kinds, or dtypes and quant modes). In the default run each family takes one pair, the families
     walking through the values other than none in step, so that each quantizing mode and each
     draft kind meets some family."""
+    # quant.mode gguf refuses mixtures of experts (test_gguf_refuses_a_mixture_of_experts)
     full = [(model, a, b) for model in MODELS for a in first for b in second
-            if not (FAMILY_SHARE and model not in ("dense", "moe"))]
+            if not (FAMILY_SHARE and model not in ("dense", "moe")) and not (model == "moe" and "gguf" in (a, b))]
     if not FAMILY_SHARE:
         return full
     quantized = [m for m in first if m != "none"] or first
@@ -61,7 +64,7 @@ def draft_overrides(kind: str) -> list[str]:
 @pytest.mark.parametrize("model,mode,draft", rows(QUANTS, DRAFTS))
 def test_decoding_matches_plain_greedy_of_the_same_target(model, mode, draft, home):
     recipe = recipe_path(model)
-    quant = quant_overrides(mode, home)
+    quant = quant_overrides(mode, home, model)
     expected, _ = greedy(recipe, quant)
     tokens, stats = greedy(recipe, quant + draft_overrides(draft))
     assert tokens == expected
@@ -84,7 +87,7 @@ def test_runner_quantize_writes_what_loading_reproduces_and_guards(model, dtype,
     """A quantized checkpoint gives the tokens of quantizing on load, and refuses another quant mode;
     with quant.mode none there is nothing to quantize, and saying so is an error."""
     recipe = recipe_path(model)
-    overrides = quant_overrides(mode, home) + [f"dtype={dtype}"]
+    overrides = quant_overrides(mode, home, model) + [f"dtype={dtype}"]
     resolved = resolve(recipe, overrides, check_files=True)
     if mode == "none":
         with pytest.raises(ConfigError, match="nothing to quantize"):
@@ -101,3 +104,44 @@ def test_runner_quantize_writes_what_loading_reproduces_and_guards(model, dtype,
     with pytest.raises(ConfigError) as info:
         greedy(recipe, [f"quant.mode={other}", f"model.checkpoint={out}", f"dtype={dtype}"])
     assert "quant.mode" in str(info.value) and mode in str(info.value)
+
+
+def test_gguf_refuses_a_mixture_of_experts(home):
+    # Any GGUF file will do: the refusal comes before the file's tensors are matched to the spec.
+    with pytest.raises(ConfigError, match="quant.mode gguf does not run mixtures of experts"):
+        greedy(recipe_path("moe"), quant_overrides("gguf", home, "dense"))
+
+
+def test_serve_runs_gguf_blocks_as_the_pipeline_does(home, serve, monkeypatch):
+    """`runner serve` on a GGUF's blocks (quant.mode gguf): two requests at once share the slots'
+    batches and each answers the pipeline's greedy text."""
+    import httpx
+
+    from runner import generate as generating
+    from runner.text import TextStream
+    from tests.matrix.conftest import build
+
+    recipe, tokens = recipe_path("dense"), 16
+    overrides = quant_overrides("gguf", home, "dense") + ["dtype=float32"]
+    prompts = ["one two three", "The little cat sat on the mat and"]
+    expected = []
+    for prompt in prompts:
+        built = build(recipe, overrides, prompt=prompt, tokens=tokens)
+        ids, _ = generating.generate(built, generating.encode_prompt(built, recipe))
+        stream = TextStream(built.tokenizer)
+        expected.append("".join(stream.push(token) for token in ids) + stream.flush())
+    # The server finds runner's kernels where this run built them (see conftest.kernels_loaded).
+    if AMBIENT_HOME is None:
+        monkeypatch.delenv("RUNNER_HOME")
+    else:
+        monkeypatch.setenv("RUNNER_HOME", AMBIENT_HOME)
+    server = serve(recipe, *overrides, "--slots", "2", "--cache-len", "128")
+
+    def ask(prompt: str) -> str:
+        body = {"model": "tiny-random", "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+        return httpx.post(server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(ask, prompts)) == expected

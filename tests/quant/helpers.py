@@ -21,3 +21,21 @@ def logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     model.setup_cache(tokens.shape[0], tokens.shape[1])
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.shape[1]))
+
+
+def as_gguf(model: Transformer, qtype: int) -> Transformer:
+    """The model with each linear layer whose rows fill whole blocks replaced by a GGUF layer of
+    `qtype` (a legacy type: the gguf package quantizes its weights); the embedding stays float."""
+    import gguf
+
+    from runner.model.llama import Linear
+    from runner.quant.gguf_layers import GGUFLinear
+    from runner.quant.plan import replace
+
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear) and module.in_features % block == 0:
+            data = gguf.quants.quantize(module.weight.detach().float().numpy(), gguf.GGMLQuantizationType(qtype))
+            replace(model, name, GGUFLinear(module.in_features, [(qtype, torch.from_numpy(data))]))
+    model.operands_changed()
+    return model

@@ -14,7 +14,7 @@ EXPECTED = {QuantMode.none: Linear, QuantMode.int8: Int8Linear, QuantMode.int4: 
             QuantMode.int4_gptq: Int4Linear}
 
 
-@pytest.mark.parametrize("mode", list(QuantMode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", [m for m in QuantMode if m is not QuantMode.gguf], ids=lambda m: m.value)
 def test_each_mode_quantizes_and_packs_for_the_models_device(mode):
     section = QuantSection(mode=mode, groupsize=32, calibration=QuantCalibration(path="x", samples=4, seq_len=16))
     model = float_model(SPEC, 0, torch.bfloat16)
@@ -25,6 +25,11 @@ def test_each_mode_quantizes_and_packs_for_the_models_device(mode):
     if mode is not QuantMode.none:
         assert wqkv.kernel == "cpu"  # bf16 on the CPU: torch's kernel, packed by the transform
     assert logits(model, prompts(SPEC, 1)).dtype == torch.bfloat16
+
+
+def test_gguf_does_not_quantize_a_float_model_and_says_what_it_does():
+    with pytest.raises(ConfigError, match="draft.quant.mode: gguf runs a GGUF file's quantized blocks as stored"):
+        transforms.quantize(float_model(SPEC, 0), QuantSection(mode=QuantMode.gguf), "r.yaml", key="draft.quant")
 
 
 def test_errors_name_the_sections_key():

@@ -69,6 +69,17 @@ def ours(gemma3_gguf):
     return built.model
 
 
+@pytest.fixture(scope="module")
+def as_stored(gemma3_gguf):
+    """The recipe with quant.mode=gguf: the file's Q4_K, Q6_K, Q5_0 and Q8_0 blocks as stored."""
+    from runner import pipeline
+
+    built = pipeline.build(resolve(RECIPE, ["quant.mode=gguf"], check_files=True), RECIPE)
+    assert built.model.layers[0].attention.wqkv.kinds == [6, 6, 8]  # Q5_0, Q5_0, Q8_0 as in the file
+    assert built.model.layers[0].feed_forward.w2.kinds == [14]  # Q6_K
+    return built.model
+
+
 def hf_greedy(hf, ids: list[int]) -> list[int]:
     x = torch.tensor([ids])
     out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -76,14 +87,25 @@ def hf_greedy(hf, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+@pytest.fixture(scope="module")
+def greedy_reference():
+    """HF's greedy tokens per prompt, computed once for both modes."""
+    return {}
+
+
+@pytest.mark.parametrize("mode", ["none", "gguf"])
 @pytest.mark.parametrize("name,text", PROMPTS, ids=[name for name, _ in PROMPTS])
-def test_greedy_tokens_equal_transformers(ours, hf, tokenizer, name, text, record_property):
+def test_greedy_tokens_equal_transformers(request, hf, tokenizer, greedy_reference, name, text, mode,
+                                          record_property):
+    ours = request.getfixturevalue("as_stored" if mode == "gguf" else "ours")
     ids = tokenizer.encode(long_prompt(tokenizer) if text is None else text)
     assert ids[0] == tokenizer.bos_id  # Gemma wants its <bos>
     if text is None:
         assert len(ids) > WINDOW
     with torch.inference_mode():
-        expected = hf_greedy(hf, ids)
+        if name not in greedy_reference:
+            greedy_reference[name] = hf_greedy(hf, ids)
+        expected = greedy_reference[name]
         got, _ = PlainDecoder(ours, Sampling(temperature=0)).generate(ids, NEW_TOKENS)
         first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
         assert got == expected, f"{name}: first difference at token {first}"
@@ -98,29 +120,41 @@ def test_greedy_tokens_equal_transformers(ours, hf, tokenizer, name, text, recor
     assert diff <= 1e-4 * scale, f"{name}: max logit difference {diff} against logits up to {scale}"
 
 
-def test_perplexity_equals_hflm(hf, gemma3_gguf, record_property):
-    """`runner eval`'s pydoc_perplexity against lm-eval's HFLM on transformers' model, both in
-    float32 (the issue asks for 1%; rolling windows and token boundaries agree far closer)."""
+MAX_LEN = 256  # both sides window the long topics
+
+
+@pytest.fixture(scope="module")
+def hflm_perplexity(hf, gemma3_gguf):
+    """lm-eval's HFLM on transformers' model: pydoc_perplexity's metrics."""
     pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is part of the test extra")
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
+    from tests.eval.test_reference import evaluate
+
+    theirs = HFLM(pretrained=hf, tokenizer=AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name),
+                  batch_size=8, max_length=MAX_LEN, device="cpu")
+    return evaluate(theirs, "pydoc_perplexity", 2)
+
+
+@pytest.mark.parametrize("mode", ["none", "gguf"])
+def test_perplexity_equals_hflm(hflm_perplexity, mode, record_property):
+    """`runner eval`'s pydoc_perplexity against lm-eval's HFLM on transformers' model, both in
+    float32 (the issue asks for 1%, 0.5% for quant.mode gguf; rolling windows and token
+    boundaries agree far closer)."""
     from runner import pipeline
     from runner.eval.adapter import RunnerLM
     from runner.eval.command import require_lm_eval
     from tests.eval.test_reference import PERPLEXITIES, evaluate
 
     require_lm_eval()
-    max_len = 256  # both sides window the long topics
-    theirs = HFLM(pretrained=hf, tokenizer=AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name),
-                  batch_size=8, max_length=max_len, device="cpu")
-    recipe = resolve(RECIPE, ["dtype=float32", f"model.arch.max_seq_len={max_len}", "generate.temperature=0"],
-                     check_files=True)
+    recipe = resolve(RECIPE, ["dtype=float32", f"model.arch.max_seq_len={MAX_LEN}", "generate.temperature=0",
+                              f"quant.mode={mode}"], check_files=True)
     mine = evaluate(RunnerLM(pipeline.build(recipe, RECIPE), batch_size=8), "pydoc_perplexity", 2)
-    reference = evaluate(theirs, "pydoc_perplexity", 2)
+    reference = hflm_perplexity
     record_property("runner", mine)
     record_property("hflm", reference)
-    print({k: v for k, v in mine.items() if "," in k}, {k: v for k, v in reference.items() if "," in k})
+    print(mode, {k: v for k, v in mine.items() if "," in k}, {k: v for k, v in reference.items() if "," in k})
     for metric in PERPLEXITIES:
         assert mine[f"{metric},none"] == pytest.approx(reference[f"{metric},none"], rel=1e-3), metric
     assert reference["word_perplexity,none"] < 1000  # real text, scored as text

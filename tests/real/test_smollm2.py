@@ -1,7 +1,9 @@
 """The real SmolLM2-135M-Instruct GGUF: our model against HF transformers on the same weights.
 
 Both sides get the same token ids, so a tokenizer difference can neither hide nor fake a model
-difference. transformers dequantizes the GGUF itself (it needs accelerate for that).
+difference. transformers dequantizes the GGUF itself (it needs accelerate for that). Ours runs
+twice: loaded as float weights (quant.mode none), and on the file's Q4_1/Q8_0 blocks as stored
+(quant.mode gguf, the default recipe's pipeline in fp32 on runner's kernels).
 """
 from __future__ import annotations
 
@@ -41,6 +43,17 @@ def models(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
+def as_stored(smollm2_gguf):
+    from runner import pipeline
+    from runner.recipes import load as resolve
+
+    recipe = "recipes/smollm2-135m.yaml"
+    built = pipeline.build(resolve(recipe, ["quant.mode=gguf", "dtype=float32"], check_files=True), recipe)
+    assert built.model.layers[0].attention.wqkv.kinds == [3, 3, 3]  # Q4_1, as the file stores them
+    return built.model
+
+
+@pytest.fixture(scope="module")
 def tokenizer(smollm2_gguf):
     return build(TokenizerSection(kind=TokenizerKind.gguf, path=str(smollm2_gguf)))
 
@@ -59,9 +72,11 @@ def hf_greedy(hf, ids: list[int]) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.parametrize("mode", ["none", "gguf"])
 @pytest.mark.parametrize("name,text", PROMPTS, ids=[name for name, _ in PROMPTS])
-def test_greedy_tokens_equal_transformers(models, tokenizer, name, text, record_property):
-    ours, hf = models
+def test_greedy_tokens_equal_transformers(models, as_stored, tokenizer, name, text, mode, record_property):
+    floats, hf = models
+    ours = as_stored if mode == "gguf" else floats
     ids = prompt_ids(tokenizer, text)
     with torch.inference_mode():
         expected = hf_greedy(hf, ids)

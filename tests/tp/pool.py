@@ -42,6 +42,10 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
 
         mode, groupsize = job["quant"]
         quant.quantize(model, QuantSection(mode=QuantMode(mode), groupsize=groupsize))
+    if job.get("gguf"):  # GGUF blocks of this type (quant.mode gguf), made whole, then sharded
+        from tests.quant.helpers import as_gguf
+
+        as_gguf(model, job["gguf"])
     if world_size > 1:
         sharders.shard(model, sharders.plan(spec, world_size), Rank(rank, world_size, world_size))
     if job.get("kernels"):  # runner's CPU kernels (each layer's own calls: the all-reduce sits between them)
@@ -49,6 +53,10 @@ def build(job: dict, rank: int = 0, world_size: int = 1) -> Transformer:
 
         kernels.load()
         model.use_ops(kernels.KernelOps())
+        if job.get("gguf"):
+            from runner import quant
+
+            quant.pack_for(model, "cpu", "runner")
     model.int8_cache = bool(job.get("int8_cache"))  # quant.kv_cache: int8, each rank its own kv heads
     model.setup_cache(1, spec.max_seq_len)
     return model

@@ -194,6 +194,26 @@ def assert_failed_at_once(result: Run, message: str) -> None:
     assert survivors(result.marker) == []
 
 
+def test_a_gguf_split_through_a_block_exits_2_naming_the_world_size(tmp_path):
+    """quant.mode gguf: attention outputs stored as Q4_K (rows of 256 values) over 2 heads of 128
+    split into halves of 128, inside a block; every rank stops with one error line, exit 2."""
+    from runner.config.schema import ModelSpec
+    from tests.quant.test_gguf_model import K_TYPES, write_mixed
+
+    spec = ModelSpec(dim=256, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=512, intermediate_size=512,
+                     max_seq_len=64, tie_embeddings=False)
+    path = tmp_path / "k.gguf"
+    write_mixed(path, spec, 0, {**K_TYPES, "attn_output": K_TYPES["output"]})
+    arch = [f"model.arch.{key}={getattr(spec, key)}" for key in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                                                 "vocab_size", "intermediate_size")]
+    result = runner(TINY, f"model.checkpoint={path}", "quant.mode=gguf", *arch, *GREEDY, "parallel.world_size=2")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "parallel.world_size" in errors[0] and "whole blocks of 256" in errors[0]
+    assert survivors(result.marker) == []
+
+
 def test_a_rank_that_raises_mid_generation_ends_the_run_with_its_error():
     """Rank 1 raises at its 4th forward (rank 0 waits in an all-reduce): exit 1, its error once,
     no process left."""

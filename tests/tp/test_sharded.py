@@ -113,6 +113,15 @@ def test_sharded_quantized_model_equals_the_unsharded_quantized_one(pools, case,
     assert_same(pools[world].run(job), reference_of(job))
 
 
+@settings(max_examples=10, deadline=None)
+@given(cases(int4=True), st.sampled_from([8, 3, 6]), st.booleans())
+def test_sharded_gguf_model_equals_the_unsharded_one(pools, case, qtype, on_kernels):
+    """GGUF blocks (Q8_0, Q4_1, Q5_0) split along whole blocks, on torch's ops or runner's kernels."""
+    world, job = case
+    job = dict(job, gguf=qtype, kernels=on_kernels)
+    assert_same(pools[world].run(job), reference_of(job))
+
+
 @settings(max_examples=15, deadline=None)
 @given(cases(int4=True, moe=True), st.sampled_from([None, ("int8", 32), ("int4", 32)]))
 def test_sharded_mixture_of_experts_equals_the_unsharded_one(pools, case, quant):
