@@ -1,7 +1,8 @@
 """Linear and embedding layers on GGUF blocks as the file stores them (quant.mode: gguf).
 
-A layer's output rows come in parts, each one GGUF tensor of one block type: the fused q/k/v
-projection of a file that stores q and v in different types is three parts. Each part is a
+A layer's output rows come in parts, each of one block type: the fused q/k/v projection of a
+file that stores q and k as Q5_0 and v as Q8_0 is two parts (neighbouring tensors of one type are
+joined into one part). Each part is a
 persistent buffer `blocks{i}` (uint8 [rows, row_bytes], runner.quant.gguf), and `types` lists
 their GGUF types, so state_dict() is what a checkpoint stores and a skeleton can be shaped from it.
 
@@ -29,7 +30,7 @@ class GGUFLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.kernel, self.int8_x = "fallback", False
-        self._set_parts(parts)
+        self._set_parts(_merged(parts))
 
     def _set_parts(self, parts: list[tuple[int, torch.Tensor]]) -> None:
         for i in range(len(getattr(self, "kinds", ()))):
@@ -47,14 +48,6 @@ class GGUFLinear(nn.Module):
     def parts(self) -> list[tuple[int, torch.Tensor]]:
         return [(kind, getattr(self, f"blocks{i}")) for i, kind in enumerate(self.kinds)]
 
-    @classmethod
-    def skeleton(cls, prefix: str, state: dict[str, torch.Tensor]) -> "GGUFLinear":
-        """An empty (meta) layer shaped as the checkpoint's `prefix`.blocks{i} and .types say."""
-        kinds = state[f"{prefix}types"].tolist()
-        parts = [(kind, torch.empty(state[f"{prefix}blocks{i}"].shape, dtype=torch.uint8, device="meta"))
-                 for i, kind in enumerate(kinds)]
-        return cls(gguf.row_values(kinds[0], parts[0][1].shape[1]), parts)
-
     def pack_for(self, device: torch.device | str, kernel: str | None = None) -> str:
         """"runner" (by name only: runner's CPU kernels, loaded) or "fallback" (any device)."""
         if kernel == "runner":
@@ -70,6 +63,9 @@ class GGUFLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "runner" and x.device.type == "cpu" and x.dtype in kernels.DTYPES:
             flat = flat.contiguous()
+            if flat.shape[0] <= MAX_ROWS and len(self.kinds) == 1:  # a decode step's usual call
+                y = torch.ops.runner.gguf_linear(flat, self.blocks0, self.kinds[0], self.int8_x)
+                return y.reshape(*x.shape[:-1], self.out_features)
             if flat.shape[0] <= MAX_ROWS:
                 outs = [torch.ops.runner.gguf_linear(flat, blocks, kind, self.int8_x) for kind, blocks in self.parts]
             else:  # a prompt: a GEMM's work, on rows dequantized a tile at a time
@@ -114,6 +110,18 @@ class GGUFLinear(nn.Module):
     def extra_repr(self) -> str:
         types = ", ".join(gguf.T(kind).name for kind in self.kinds)
         return f"in_features={self.in_features}, out_features={self.out_features}, types=[{types}], kernel={self.kernel}"
+
+
+def _merged(parts: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    """Parts with neighbours of the same type joined into one (rows are independent, so this is
+    exact): q, k and v of one type make one kernel call, not three."""
+    out = []
+    for kind, blocks in parts:
+        if out and out[-1][0] == int(kind):
+            out[-1] = (int(kind), torch.cat([out[-1][1], blocks]))
+        else:
+            out.append((int(kind), blocks))
+    return out
 
 
 def _block_bytes(kind: int, keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -104,3 +104,9 @@ def test_the_embedding_dequantizes_only_the_rows_looked_up():
     rows = table(tokens)
     assert rows.dtype == torch.bfloat16 and rows.shape == (1, 3, 64)
     assert torch.equal(rows, blocks_math.dequantize(data, Q.Q8_0)[tokens].bfloat16())
+
+
+def test_neighbouring_parts_of_one_type_become_one_part_with_the_same_rows():
+    layer, parts = _linear([Q.Q8_0, Q.Q8_0, Q.Q4_1, Q.Q8_0], 64, [2, 3, 4, 5], 11)
+    assert layer.kinds == [Q.Q8_0, Q.Q4_1, Q.Q8_0] and layer.out_features == 14
+    assert torch.equal(layer.dequantize(), torch.cat([blocks_math.dequantize(b, k) for k, b in parts]))

@@ -67,7 +67,7 @@ def test_a_gguf_runs_as_stored_to_hfs_logits(ops, spec, seed, qtype, data):
     assert diff <= logits_bound(reference), f"max abs diff {diff:.3g}"
     if spec.dim % 32 == 0:  # whole blocks: the linears keep the file's type
         assert isinstance(model.layers[0].attention.wqkv, GGUFLinear)
-        assert model.layers[0].attention.wqkv.kinds == [qtype] * 3
+        assert model.layers[0].attention.wqkv.kinds == [qtype]  # q, k and v joined: one type
 
 
 # A file whose every matrix has its own type, as Q4_K_M files mix them (K-quants need rows of 256).

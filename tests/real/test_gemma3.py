@@ -75,7 +75,7 @@ def as_stored(gemma3_gguf):
     from runner import pipeline
 
     built = pipeline.build(resolve(RECIPE, ["quant.mode=gguf"], check_files=True), RECIPE)
-    assert built.model.layers[0].attention.wqkv.kinds == [6, 6, 8]  # Q5_0, Q5_0, Q8_0 as in the file
+    assert built.model.layers[0].attention.wqkv.kinds == [6, 8]  # q and k Q5_0, v Q8_0, as in the file
     assert built.model.layers[0].feed_forward.w2.kinds == [14]  # Q6_K
     return built.model
 

@@ -49,7 +49,7 @@ def as_stored(smollm2_gguf):
 
     recipe = "recipes/smollm2-135m.yaml"
     built = pipeline.build(resolve(recipe, ["quant.mode=gguf", "dtype=float32"], check_files=True), recipe)
-    assert built.model.layers[0].attention.wqkv.kinds == [3, 3, 3]  # Q4_1, as the file stores them
+    assert built.model.layers[0].attention.wqkv.kinds == [3]  # q, k and v: Q4_1 as the file stores them
     return built.model
 
 
