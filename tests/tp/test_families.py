@@ -60,7 +60,10 @@ def jobs(draw, spec: ModelSpec) -> dict:
 @given(data=st.data())
 def test_each_family_sharded_over_2_ranks_equals_the_unsharded_model(pool, family, data):
     job = data.draw(jobs(data.draw(split_specs(family, 2))))
-    assert_same(pool.run(job), reference_of(job))
+    # Sandwich norms normalise each all-reduced sum at once, so the sum's rounding grows by
+    # 1 / rms(sum), large where a tiny model's (4 wide, in one example) partial sums nearly cancel:
+    # 3.2e-5 against a row maximum of 2.8 there.
+    assert_same(pool.run(job), reference_of(job), 1e-4 if job["spec"].sandwich_norms else 1e-5)
 
 
 # Gemma 3 270M's attention (4 query heads, 1 kv head) in miniature: q/k norms, sandwich norms,
