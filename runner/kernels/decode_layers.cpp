@@ -1,6 +1,7 @@
 // A decode step's layers in one parallel region:
 //
-//   decode_layers(x, norms, eps, weights (each linear {w}, {w, scales} or {w, scales, zeros}), ...)
+//   decode_layers(x, norms, eps, weights (each linear {w}, {w, scales}, {w, scales, zeros} or GGUF's
+//                 {blocks_0, ..., types}), ...)
 //                                                        a few tokens (decode, verify)
 //                                                        through every dense layer in one call
 //   decode_layers.all_reduce(..., segment, rank, world_size)
@@ -181,7 +182,8 @@ void decode_layers_impl(const T* x, T* y, const std::vector<Layer<T>>& layers, f
 
 // Dense layers for a few tokens (decode, verify) in one call: one parallel region for them all.
 // norms: each layer's attention and ffn norm; weights: each layer's wqkv, wo, w13 and w2 operands
-// one after another, parts[i] tensors for linear i ({w}, {w, scales}, {w, scales, zeros}).
+// one after another, parts[i] tensors for linear i ({w}, {w, scales}, {w, scales, zeros}, or GGUF
+// parts and their types).
 // segment: a tensor-parallel rank's shared memory (shm_reduce.cpp), or none.
 at::Tensor decode_layers_all_reduce(const at::Tensor& x, at::TensorList norms, double eps, at::TensorList weights,
                                     at::IntArrayRef parts, at::IntArrayRef groupsizes, const at::Tensor& cos_sin,
@@ -233,9 +235,9 @@ at::Tensor decode_layers_all_reduce(const at::Tensor& x, at::TensorList norms, d
     const int64_t K = i % 4 == 1 ? H * hd : i % 4 == 3 ? I : D;
     TORCH_CHECK(!w.empty(), "runner::decode_layers: linear ", i, " has no tensors");
     linears.push_back(checked_linear(name, K, x.scalar_type(), w, groupsizes[i]));
-    TORCH_CHECK(int8_x.empty() || !int8_x[i] || w.size() == 3, "runner::decode_layers: linear ", i,
-                " has int8_x set, which applies to int4 linears ({w, scales, zeros}) only");
-    const int64_t N = w[0].size(0);
+    TORCH_CHECK(int8_x.empty() || !int8_x[i] || w.size() == 3 || is_gguf(w), "runner::decode_layers: linear ", i,
+                " has int8_x set, which applies to int4 linears ({w, scales, zeros}) and GGUF parts only");
+    const int64_t N = out_rows(w);
     if (i % 4 == 2) I = N / 2;
     const int64_t want = i % 4 == 0 ? (H + 2 * KVH) * hd : i % 4 == 2 ? 2 * I : D;
     TORCH_CHECK(N == want && (i % 4 != 2 || N % 2 == 0), "runner::decode_layers: linear ", i, " (",

@@ -153,7 +153,9 @@ std::vector<float> widened(const T* x, int64_t n) {
 
 template <typename T>
 Gemv<T>::Gemv(const Weights<T>& wt, const T* x, int64_t M) : wt_(wt), x_(x), M_(M) {
-  if (wt.zeros != nullptr)
+  if (wt.gguf_parts > 0)
+    prepare_gguf();
+  else if (wt.zeros != nullptr)
     prepare_int4();
   else if (wt.scales != nullptr && wt.int8_x && wt.K % kBlock == 0)
     quantize_blocks();
@@ -163,7 +165,9 @@ Gemv<T>::Gemv(const Weights<T>& wt, const T* x, int64_t M) : wt_(wt), x_(x), M_(
 
 template <typename T>
 void Gemv<T>::rows(int64_t n0, int64_t n1, T* y) const {
-  if (wt_.int8_x && wt_.zeros != nullptr)
+  if (wt_.gguf_parts > 0)
+    gguf_rows(n0, n1, y);
+  else if (wt_.int8_x && wt_.zeros != nullptr)
     int4_q8_rows(n0, n1, y);
   else if (wt_.zeros != nullptr)
     int4_rows(n0, n1, y);

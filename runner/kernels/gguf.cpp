@@ -117,13 +117,13 @@ void float_row(const uint8_t* w, int64_t blocks, const FloatRow* x, float* out) 
 // --- int8 x: integer dot products with the levels ---------------------------------------------------
 
 // One row of x quantized per block of 32 columns: its levels, each block's d and d * sum(q), and
-// for a type with kBias, -kBias times the sums of each block's halves, in lanes 0 and 4 of eight
-// (where dot_q8 sums the halves' products).
+// the sums of each block's halves in lanes 0 and 4 of eight (where dot_q8 sums the halves'
+// products), which a type with kBias takes -kBias times.
 struct Q8Row {
   const int8_t* q;
   const float* d;
   const float* dsum;
-  const int32_t* bias;
+  const int32_t* halves;
 };
 
 // out[r] = sum over groups of d_x (s0, s1 on the two halves) sum((level - kBias) q) + off d_x sum(q).
@@ -131,8 +131,9 @@ template <typename Q, int R>
 void int8_row(const uint8_t* w, int64_t blocks, const Q8Row* x, float* out) {
   constexpr int kGroups = Q::kValues / 32;
   v8f acc[R][2] = {};
-  float offsets[R] = {};
-  // Two sums a row: a K-quant's groups alternate between them, a 32-value type's blocks.
+  float offsets[R][2] = {};
+  // Two sums a row, and two of the mins' terms: a K-quant's groups alternate between them, a
+  // 32-value type's blocks (a sum waits about four cycles for the one before it).
   const auto block = [&](int64_t b, auto chain) {
     const uint8_t* at = w + b * Q::kBytes;
     ahead_block<Q>(at);
@@ -141,9 +142,9 @@ void int8_row(const uint8_t* w, int64_t blocks, const Q8Row* x, float* out) {
       for (int r = 0; r < R; ++r) {
         v8i dot = gguf::dot_q8<Q::kSigned>(q, x[r].q + 32 * g);
         if constexpr (Q::kBias != 0) {
-          v8i bias;
-          std::memcpy(&bias, x[r].bias + 8 * g, sizeof bias);
-          dot += bias;
+          v8i halves;
+          std::memcpy(&halves, x[r].halves + 8 * g, sizeof halves);
+          dot += halves * -Q::kBias;
         }
         const v8f p = __builtin_convertvector(dot, v8f);
         const float d = x[r].d[g];
@@ -154,9 +155,9 @@ void int8_row(const uint8_t* w, int64_t blocks, const Q8Row* x, float* out) {
         } else {
           scale = gguf::splat8(s.s0 * d);
         }
-        v8f& sum = acc[r][kGroups > 1 ? j % 2 : decltype(chain)::value];
-        sum = gguf::fma8(p, scale, sum);
-        if constexpr (Q::kOffset) offsets[r] = gguf::fma1(s.off, x[r].dsum[g], offsets[r]);
+        const int c = kGroups > 1 ? j % 2 : decltype(chain)::value;
+        acc[r][c] = gguf::fma8(p, scale, acc[r][c]);
+        if constexpr (Q::kOffset) offsets[r][c] = gguf::fma1(s.off, x[r].dsum[g], offsets[r][c]);
       }
     });
   };
@@ -166,98 +167,57 @@ void int8_row(const uint8_t* w, int64_t blocks, const Q8Row* x, float* out) {
     block(b + 1, std::integral_constant<int, 1>{});
   }
   if (b < blocks) block(b, std::integral_constant<int, 0>{});
-  for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r][0] + acc[r][1]) + offsets[r];
+  for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r][0] + acc[r][1]) + (offsets[r][0] + offsets[r][1]);
 }
 
-// --- the linear ------------------------------------------------------------------------------------
+// --- the linear (Gemv's GGUF path) -----------------------------------------------------------------
 
-// x's M rows made ready once (fp32, or quantized per block of 32), then any run of output rows.
-template <typename Q, typename T>
-class GgufLinear {
- public:
-  GgufLinear(const uint8_t* w, int64_t N, int64_t K, const T* x, int64_t M, bool int8_x)
-      : w_(w), N_(N), K_(K), M_(M), int8_x_(int8_x), blocks_(K / Q::kValues) {
-    if (int8_x) {
-      q_.resize(M * K);
-      d_.resize(M * K / 32);
-      dsum_.resize(M * K / 32);
-      bias_.resize(Q::kBias != 0 ? M * K / 4 : 0);
-      for (int64_t b = 0; b < M * K / 32; ++b) {
-        const float d = quantize_row(x + 32 * b, 32, q_.data() + 32 * b);
-        int32_t sums[2] = {0, 0};
-        for (int i = 0; i < 32; ++i) sums[i / 16] += q_[32 * b + i];
-        d_[b] = d;
-        dsum_[b] = d * (float)(sums[0] + sums[1]);
-        if (Q::kBias != 0) bias_[8 * b] = -Q::kBias * sums[0], bias_[8 * b + 4] = -Q::kBias * sums[1];
-      }
-      for (int64_t m = 0; m < M; ++m)
-        rows_q8_.push_back(Q8Row{q_.data() + m * K, d_.data() + m * K / 32, dsum_.data() + m * K / 32,
-                                 bias_.data() + m * K / 4});
-      return;
-    }
-    xr_.resize(M * K);
-    sums_.resize(Q::kOffset ? M * K / 4 : 0);
-    for (int64_t g = 0; g < M * K / 32; ++g)
-      for (int i = 0; i < 8; ++i) {
-        const T* from = x + 32 * g + 4 * i;
-        float* to = xr_.data() + 32 * g + i;
-        to[0] = widen(from[0]), to[8] = widen(from[1]), to[16] = widen(from[2]), to[24] = widen(from[3]);
-        if (Q::kOffset) sums_[8 * g + i] = ((to[0] + to[8]) + to[16]) + to[24];
-      }
-    for (int64_t m = 0; m < M; ++m)
-      rows_f_.push_back(FloatRow{xr_.data() + m * K, Q::kOffset ? sums_.data() + m * K / 4 : nullptr});
-  }
+// x's rows as a part's loops read them (Gemv::prepare_gguf makes them): fp32 in FloatRow's order
+// with its sums, or levels, d, d * sum(q) and the halves' sums per block of 32 when q is set.
+struct GgufX {
+  const float *xr, *sums;
+  const int8_t* q;
+  const float *d, *dsum;
+  const int32_t* halves;
+  int64_t K;
 
-  // Output rows [n0, n1) of every input row into y [M, N]: a weight row against up to four rows of
-  // x at a time (the row stays in L1 for the next four).
-  void rows(int64_t n0, int64_t n1, T* y) const {
-    const int64_t row_bytes = blocks_ * Q::kBytes;
-    float acc[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = w_ + n * row_bytes;
-      for (int64_t m = 0; m < M_; m += 4) {
-        const int64_t R = std::min<int64_t>(4, M_ - m);
-        if (int8_x_) {
-          const Q8Row* x = rows_q8_.data() + m;
-          switch (R) {
-            case 1: int8_row<Q, 1>(row, blocks_, x, acc); break;
-            case 2: int8_row<Q, 2>(row, blocks_, x, acc); break;
-            case 3: int8_row<Q, 3>(row, blocks_, x, acc); break;
-            default: int8_row<Q, 4>(row, blocks_, x, acc);
-          }
-        } else {
-          const FloatRow* x = rows_f_.data() + m;
-          switch (R) {
-            case 1: float_row<Q, 1>(row, blocks_, x, acc); break;
-            case 2: float_row<Q, 2>(row, blocks_, x, acc); break;
-            case 3: float_row<Q, 3>(row, blocks_, x, acc); break;
-            default: float_row<Q, 4>(row, blocks_, x, acc);
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) y[(m + r) * N_ + n] = static_cast<T>(acc[r]);
-      }
-    }
-  }
-
-  // All N rows, shared out over at::parallel_for's threads a block of kRows at a time.
-  void all(T* y) const {
-    const int64_t blocks = (N_ + kRows - 1) / kRows;
-    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-      rows(begin * kRows, std::min(N_, end * kRows), y);
-    });
-  }
-
- private:
-  const uint8_t* w_;
-  int64_t N_, K_, M_;
-  bool int8_x_;
-  int64_t blocks_;
-  std::vector<float> xr_, sums_, d_, dsum_;
-  std::vector<int8_t> q_;
-  std::vector<int32_t> bias_;
-  std::vector<FloatRow> rows_f_;
-  std::vector<Q8Row> rows_q8_;
+  FloatRow float_row(int64_t m) const { return FloatRow{xr + m * K, sums + m * K / 4}; }
+  Q8Row q8_row(int64_t m) const { return Q8Row{q + m * K, d + m * K / 32, dsum + m * K / 32, halves + m * K / 4}; }
 };
+
+// Rows [n0, n1) of one part of type Q into y [M, N] at column `column` + n: a weight row against
+// up to four rows of x at a time (the row stays in L1 for the next four).
+template <typename Q, typename T>
+void part_rows(const uint8_t* w, int64_t n0, int64_t n1, const GgufX& x, int64_t M, T* y, int64_t N, int64_t column) {
+  const int64_t blocks = x.K / Q::kValues, row_bytes = blocks * Q::kBytes;
+  float acc[4];
+  FloatRow xf[4];
+  Q8Row xq[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t R = std::min<int64_t>(4, M - m);
+      if (x.q != nullptr) {
+        for (int64_t r = 0; r < R; ++r) xq[r] = x.q8_row(m + r);
+        switch (R) {
+          case 1: int8_row<Q, 1>(row, blocks, xq, acc); break;
+          case 2: int8_row<Q, 2>(row, blocks, xq, acc); break;
+          case 3: int8_row<Q, 3>(row, blocks, xq, acc); break;
+          default: int8_row<Q, 4>(row, blocks, xq, acc);
+        }
+      } else {
+        for (int64_t r = 0; r < R; ++r) xf[r] = x.float_row(m + r);
+        switch (R) {
+          case 1: float_row<Q, 1>(row, blocks, xf, acc); break;
+          case 2: float_row<Q, 2>(row, blocks, xf, acc); break;
+          case 3: float_row<Q, 3>(row, blocks, xf, acc); break;
+          default: float_row<Q, 4>(row, blocks, xf, acc);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) y[(m + r) * N + column + n] = static_cast<T>(acc[r]);
+    }
+  }
+}
 
 // --- dequantize -------------------------------------------------------------------------------------
 
@@ -302,6 +262,87 @@ int64_t checked_width(const char* op, const at::Tensor& blocks) {
 
 }  // namespace
 
+// x's M rows made ready once for every part, whatever its type: fp32 in FloatRow's order with the
+// sums its mins take, or quantized per block of 32 with the sums Q8Row holds.
+template <typename T>
+void Gemv<T>::prepare_gguf() {
+  const int64_t K = wt_.K, M = M_, blocks = M * K / 32;
+  if (wt_.int8_x) {
+    xq8_.resize(M * K);
+    dl_.resize(blocks);
+    dsums_.resize(blocks);
+    halves_q8_.assign(8 * blocks, 0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float d = quantize_row(x_ + 32 * b, 32, xq8_.data() + 32 * b);
+      int32_t sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) sums[i / 16] += xq8_[32 * b + i];
+      dl_[b] = d;
+      dsums_[b] = d * (float)(sums[0] + sums[1]);
+      halves_q8_[8 * b] = sums[0], halves_q8_[8 * b + 4] = sums[1];
+    }
+    return;
+  }
+  xf_.resize(M * K);
+  sums_.resize(M * K / 4);
+  for (int64_t g = 0; g < blocks; ++g)
+    for (int i = 0; i < 8; ++i) {
+      const T* from = x_ + 32 * g + 4 * i;
+      float* to = xf_.data() + 32 * g + i;
+      to[0] = widen(from[0]), to[8] = widen(from[1]), to[16] = widen(from[2]), to[24] = widen(from[3]);
+      sums_[8 * g + i] = ((to[0] + to[8]) + to[16]) + to[24];
+    }
+}
+
+// Output rows [n0, n1) through the parts they fall in, each by its own type's loop.
+template <typename T>
+void Gemv<T>::gguf_rows(int64_t n0, int64_t n1, T* y) const {
+  const GgufX x = wt_.int8_x ? GgufX{nullptr, nullptr, xq8_.data(), dl_.data(), dsums_.data(), halves_q8_.data(), wt_.K}
+                             : GgufX{xf_.data(), sums_.data(), nullptr, nullptr, nullptr, nullptr, wt_.K};
+  int64_t start = 0;
+  for (int i = 0; i < wt_.gguf_parts; ++i) {
+    const GgufPart& part = wt_.gguf[i];
+    const int64_t lo = std::max(n0, start), hi = std::min(n1, start + part.rows);
+    if (lo < hi)
+      with_type("gguf_linear", part.type, [&](auto q) {
+        part_rows<decltype(q)>(part.blocks, lo - start, hi - start, x, M_, y, wt_.N, start);
+      });
+    start += part.rows;
+  }
+}
+
+// The values in a row of `row_bytes` bytes of blocks of type `type`, checked: whole blocks.
+int64_t gguf_width(int64_t type, int64_t row_bytes) {
+  int64_t K = 0;
+  with_type("gguf_linear", type, [&](auto q) {
+    using Q = decltype(q);
+    TORCH_CHECK(row_bytes % Q::kBytes == 0, "runner::gguf_linear: a row of ", row_bytes,
+                " bytes is not a whole number of ", Q::kBytes, "-byte blocks of type ", Q::kType);
+    K = row_bytes / Q::kBytes * Q::kValues;
+  });
+  return K;
+}
+
+template <typename T>
+Weights<T> gguf_weights(const std::vector<at::Tensor>& w, bool int8_x) {
+  Weights<T> out;
+  out.int8_x = int8_x;
+  const int64_t* types = w.back().const_data_ptr<int64_t>();
+  out.gguf_parts = (int)w.size() - 1;
+  for (int i = 0; i < out.gguf_parts; ++i) {
+    out.gguf[i] = GgufPart{w[i].const_data_ptr<uint8_t>(), types[i], w[i].size(0)};
+    out.N += w[i].size(0);
+  }
+  out.K = gguf_width(types[0], w[0].size(1));
+  return out;
+}
+
+template Weights<float> gguf_weights<float>(const std::vector<at::Tensor>&, bool);
+template Weights<BFloat16> gguf_weights<BFloat16>(const std::vector<at::Tensor>&, bool);
+template void Gemv<float>::prepare_gguf();
+template void Gemv<float>::gguf_rows(int64_t, int64_t, float*) const;
+template void Gemv<BFloat16>::prepare_gguf();
+template void Gemv<BFloat16>::gguf_rows(int64_t, int64_t, BFloat16*) const;
+
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type, bool int8_x) {
   check_cpu_float(x, "gguf_linear");
   at::Tensor y;
@@ -314,12 +355,17 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ty
     const auto xc = x.contiguous();
     const int64_t M = x.size(0), N = blocks.size(0);
     y = at::empty({M, N}, x.options());
+    const auto run = [&](auto zero) {
+      using T = decltype(zero);
+      Weights<T> wt;
+      wt.gguf[0] = GgufPart{w.const_data_ptr<uint8_t>(), type, N};
+      wt.gguf_parts = 1, wt.N = N, wt.K = K, wt.int8_x = int8_x;
+      Gemv<T>(wt, xc.const_data_ptr<T>(), M).all(y.mutable_data_ptr<T>());
+    };
     if (x.scalar_type() == at::kBFloat16)
-      GgufLinear<Q, BFloat16>(w.const_data_ptr<uint8_t>(), N, K, xc.const_data_ptr<BFloat16>(), M, int8_x)
-          .all(y.mutable_data_ptr<BFloat16>());
+      run(BFloat16());
     else
-      GgufLinear<Q, float>(w.const_data_ptr<uint8_t>(), N, K, xc.const_data_ptr<float>(), M, int8_x)
-          .all(y.mutable_data_ptr<float>());
+      run(0.f);
   });
   return y;
 }

@@ -19,9 +19,44 @@
 
 namespace runner {
 
+bool is_gguf(at::TensorList w) { return w.size() >= 2 && w.back().scalar_type() == at::kLong; }
+
+int64_t out_rows(at::TensorList w) {
+  if (!is_gguf(w)) return w[0].size(0);
+  int64_t N = 0;
+  for (size_t i = 0; i + 1 < w.size(); ++i) N += w[i].size(0);
+  return N;
+}
+
+namespace {
+
+// GGUF parts {blocks_0, ..., types}: each uint8 [rows, row_bytes] of its type, all K values wide.
+std::vector<at::Tensor> checked_gguf(const std::string& name, int64_t K, at::TensorList w) {
+  const auto fail = [&](const auto&... what) { TORCH_CHECK(false, "runner::", name, ": ", what...); };
+  const int64_t parts = w.size() - 1;
+  const at::Tensor& types = w.back();
+  if (!(types.dim() == 1 && types.size(0) == parts && types.device().is_cpu()))
+    fail("a GGUF linear's types must be a CPU int64 tensor of one type per part, [", parts, "], got ", types.sizes());
+  if (parts > kMaxGgufParts) fail("a GGUF linear has at most ", kMaxGgufParts, " parts, got ", parts);
+  const auto kinds = types.contiguous();
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < parts; ++i) {
+    if (!(w[i].dim() == 2 && w[i].scalar_type() == at::kByte && w[i].size(0) > 0))
+      fail("GGUF part ", i, " must be uint8 [rows, row_bytes], got ", w[i].scalar_type(), " ", w[i].sizes());
+    const int64_t width = gguf_width(kinds.const_data_ptr<int64_t>()[i], w[i].size(1));
+    if (width != K) fail("GGUF part ", i, " holds rows of ", width, " values for x [..., K], K = ", K);
+    out.push_back(w[i].contiguous());
+  }
+  out.push_back(kinds);
+  return out;
+}
+
+}  // namespace
+
 std::vector<at::Tensor> checked_linear(const std::string& name, int64_t K, at::ScalarType dtype, at::TensorList w,
                                       int64_t gs) {
   const auto fail = [&](const auto&... what) { TORCH_CHECK(false, "runner::", name, ": ", what...); };
+  if (is_gguf(w)) return checked_gguf(name, K, w);
   if (w.empty() || w.size() > 3) fail("a linear is {w}, {w, scales} or {w, scales, zeros}, got ", w.size(), " tensors");
   const int64_t N = w[0].size(0);
   switch (w.size()) {

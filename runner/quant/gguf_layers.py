@@ -7,7 +7,8 @@ persistent buffer `blocks{i}` (uint8 [rows, row_bytes], runner.quant.gguf), and 
 their GGUF types, so state_dict() is what a checkpoint stores and a skeleton can be shaped from it.
 
 On runner's CPU kernels a few rows (decoding, verifying, batches) go through gguf_linear, which
-reads the blocks as they are; a prompt dequantizes a tile of rows at a time into torch's GEMM.
+reads the blocks as they are, or through the fused decode step (decode_layers) with the model's
+other layers; a prompt dequantizes a tile of rows at a time into torch's GEMM.
 Elsewhere (torch's ops, CUDA) each call dequantizes the layer's parts and runs a float matmul.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from runner.kernels import MAX_ROWS, gemm
 import runner.quant.gguf as gguf
 
 KERNELS = ("fallback", "runner")
+MAX_PARTS = 4  # the most parts runner's fused decode step takes in one linear (gemv.h's kMaxGgufParts)
 
 
 class GGUFLinear(nn.Module):
@@ -85,9 +87,11 @@ class GGUFLinear(nn.Module):
         return torch.cat([gguf.dequantize(blocks, kind) for kind, blocks in self.parts])
 
     def kernel_operands(self, dtype: torch.dtype):
-        """None: runner's fused decode step takes runner's own layouts only; layers with GGUF
-        blocks run their ops one call at a time."""
-        return None
+        """runner's decode_layers operands (see runner.model.llama.Linear.kernel_operands): the
+        parts' blocks and their types, on runner's kernels only; any float dtype reads them."""
+        if self.kernel != "runner" or dtype not in kernels.DTYPES or len(self.kinds) > MAX_PARTS:
+            return None
+        return (*(blocks for _, blocks in self.parts), self.types), 0, self.int8_x
 
     def shard_(self, dim: str, keep: torch.Tensor) -> None:
         """Keep output rows ("out") or input columns ("in", whole blocks only) `keep`, as copies

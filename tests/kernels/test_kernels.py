@@ -14,10 +14,12 @@ from runner.config.errors import ConfigError
 from runner.config.schema import Kernels, ModelSpec, QuantActivations, QuantMode, QuantSection
 from runner.model import functional as fn, rope
 from runner.model.llama import KVCache, Transformer
+from runner.quant.gguf_layers import GGUFLinear
 from runner.quant.model import quantize as quantize_model, transform as quant_transform, use_activations
 from runner.transforms.runner_ops import use_runner_ops
 from tests.properties.strategies import build_twins, logits_bound, model_cases
 from tests.properties.test_model_vs_hf import run_chunks
+from tests.quant.helpers import as_gguf
 
 PROPERTY = settings(max_examples=50, deadline=None)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
@@ -431,23 +433,33 @@ class OneByOne(kernels.KernelOps):
     decode_layers = staticmethod(fn.decode_layers)
 
 
-@settings(max_examples=30, deadline=None)
-@given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4, "int4, int8 activations"]), dtype=DTYPES,
-       window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), int8_cache=st.booleans(), seed=seeds,
-       data=st.data())
+# GGUF layers of one type, or of two or three (each linear's rows in parts, as a file that stores
+# q and k in one type and v in another); legacy types, which the gguf package quantizes.
+GGUF_TYPES = st.sampled_from([(2,), (3,), (6,), (7,), (8,), (3, 8), (6, 8, 6)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(mode=st.sampled_from([QuantMode.none, QuantMode.int8, QuantMode.int4, "int4, int8 activations", QuantMode.gguf]),
+       dtype=DTYPES, window=st.none() | st.integers(1, 12), batch=st.integers(1, 2), int8_cache=st.booleans(),
+       seed=seeds, data=st.data())
 @torch.no_grad()
 def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode, dtype, window, batch, int8_cache, seed,
                                                                            data):
     # decode_layers runs the kernels the modules would call, in their order: bit for bit the same
     # logits and caches, for decode steps, a verify's few tokens, batch rows and one row of a batch,
-    # over a float or an int8 KV cache.
+    # over a float or an int8 KV cache; GGUF blocks with float or int8 activations too.
     spec = ModelSpec(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, intermediate_size=96,
                      max_seq_len=64, sliding_window=window, tie_embeddings=data.draw(st.booleans()))
     torch.manual_seed(seed)
     one_call = Transformer(spec).to(dtype)
     for p in one_call.parameters():
         p.data.normal_(0, 0.3)
-    if mode is not QuantMode.none:
+    if mode is QuantMode.gguf:
+        as_gguf(one_call, data.draw(GGUF_TYPES, label="types"))
+        activations = data.draw(st.sampled_from(QuantActivations), label="activations")
+        use_activations(one_call, QuantSection(mode=QuantMode.gguf, activations=activations))
+        assert all(isinstance(m, GGUFLinear) for m in (one_call.layers[0].attention.wqkv, one_call.layers[0].feed_forward.w2))
+    elif mode is not QuantMode.none:
         int8_x = isinstance(mode, str)
         section = QuantSection(mode=QuantMode.int4 if int8_x else mode, groupsize=32,
                                activations=QuantActivations.int8 if int8_x else QuantActivations.float)
@@ -467,6 +479,7 @@ def test_the_layers_in_one_decode_layers_call_equal_their_calls_one_by_one(mode,
         model.int8_cache = int8_cache
         model.setup_cache(batch, 40)
         assert model.layers[0].attention.kv_cache.k.dtype == (torch.int8 if int8_cache else dtype)
+    assert one_call.ops.plan(one_call, dtype) is not None  # the fused step is taken, not skipped
     for start, end in steps:
         outs = [m(tokens[:, start:end], torch.arange(start, end)) for m in (one_call, one_by_one)]
         assert torch.equal(outs[0], outs[1])

@@ -1,4 +1,6 @@
 """Tiny random Transformers and their logits, for the model-level tests."""
+from collections.abc import Sequence
+
 import torch
 
 from runner.checkpoint import random_state_dict
@@ -23,19 +25,23 @@ def logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, torch.arange(tokens.shape[1]))
 
 
-def as_gguf(model: Transformer, qtype: int) -> Transformer:
+def as_gguf(model: Transformer, qtype: int | Sequence[int]) -> Transformer:
     """The model with each linear layer whose rows fill whole blocks replaced by a GGUF layer of
-    `qtype` (a legacy type: the gguf package quantizes its weights); the embedding stays float."""
+    `qtype` (a legacy type: the gguf package quantizes its weights); the embedding stays float.
+    Several types split each layer's output rows into as many runs, one type each (parts)."""
     import gguf
 
     from runner.model.llama import Linear
     from runner.quant.gguf_layers import GGUFLinear
     from runner.quant.plan import replace
 
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0]
+    qtypes = [qtype] if isinstance(qtype, int) else list(qtype)
+    block = max(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)][0] for t in qtypes)
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear) and module.in_features % block == 0:
-            data = gguf.quants.quantize(module.weight.detach().float().numpy(), gguf.GGMLQuantizationType(qtype))
-            replace(model, name, GGUFLinear(module.in_features, [(qtype, torch.from_numpy(data))]))
+            runs = module.weight.detach().float().tensor_split(len(qtypes))
+            parts = [(t, torch.from_numpy(gguf.quants.quantize(rows.numpy(), gguf.GGMLQuantizationType(t))))
+                     for t, rows in zip(qtypes, runs) if len(rows)]
+            replace(model, name, GGUFLinear(module.in_features, parts))
     model.operands_changed()
     return model
