@@ -415,6 +415,11 @@ class GenerateSection:
     temperature: float = 0.8  # 0: greedy
     top_k: Optional[int] = 200  # None: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
+    min_p: float = 0.0  # 0: none; else drop tokens below min_p times the likeliest one's probability
+    repetition_penalty: float = 1.0  # HF's, over prompt and output: a seen token's logit / it (x it if < 0)
+    presence_penalty: float = 0.0  # OpenAI's, over the output: less this for a token that occurs
+    frequency_penalty: float = 0.0  # OpenAI's: less this times the token's count in the output
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int = 1234
     num_samples: int = 1
     chat: bool = False  # wrap the prompt in the tokenizer's chat template as a user message
@@ -435,6 +440,16 @@ class GenerateSection:
             out.append(("top_k", self.top_k, "must be >= 1, or null for no top-k filter"))
         if not 0 < self.top_p <= 1:
             out.append(("top_p", self.top_p, "must be in (0, 1]"))
+        if not 0 <= self.min_p <= 1:
+            out.append(("min_p", self.min_p, "must be in [0, 1] (0: none)"))
+        if not 0 < self.repetition_penalty <= 100:
+            out.append(("repetition_penalty", self.repetition_penalty, "must be > 0 (and at most 100; 1: none)"))
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, key) <= 2:
+                out.append((key, getattr(self, key), "must be between -2 and 2 (0: none)"))
+        bad = {token: bias for token, bias in self.logit_bias.items() if token < 0 or not -100 <= bias <= 100}
+        if bad:
+            out.append(("logit_bias", bad, "maps token ids (>= 0) to biases between -100 and 100"))
         if self.num_samples < 1:
             out.append(("num_samples", self.num_samples, "must be >= 1"))
         if any(not stop for stop in self.stop):
@@ -478,6 +493,17 @@ class Recipe:
             out.append(("threads", self.threads, "must be >= 1 (and at most 4096), or null for torch's default"))
         if not 0 <= self.generate.seed < 2**63:
             out.append(("generate.seed", self.generate.seed, "must be between 0 and 2**63 - 1"))
+        vocab = self.model.arch.vocab_size
+        outside = sorted(t for t in self.generate.logit_bias if isinstance(vocab, int) and t >= vocab)
+        if outside:
+            out.append(("generate.logit_bias", outside, f"token ids must be below the vocabulary's {vocab}"))
+        adjusting = [key for key, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0),
+                                          ("frequency_penalty", 0.0)) if getattr(self.generate, key) != off]
+        adjusting += ["logit_bias"] * bool(self.generate.logit_bias)
+        if self.draft.kind is not DraftKind.none and adjusting:
+            out += [(f"generate.{key}", getattr(self.generate, key), f"depends on the text so far, which speculative "
+                     f"decoding (draft.kind: {self.draft.kind.value}) does not track; use draft.kind: none")
+                    for key in adjusting]
         cache = self.generate.cache_len
         if cache is not None and isinstance(self.model.arch.max_seq_len, int) and cache > self.model.arch.max_seq_len:
             out.append(("generate.cache_len", cache, f"must be at most model.arch.max_seq_len "

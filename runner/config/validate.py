@@ -65,7 +65,11 @@ def container_problems(schema, data: dict, source: str, prefix: str = "") -> lis
             continue  # unknown keys, nulls and interpolations are judged once merged
         inner = dataclass_of(hint)
         listed = any(typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
-        if inner is not None:
+        mapped = any(typing.get_origin(t) is dict for t in (hint, *typing.get_args(hint)))
+        if mapped:
+            if not isinstance(value, dict):
+                out.append(problem(source, full, "must be a mapping of keys to values", value))
+        elif inner is not None:
             if not isinstance(value, dict):
                 out.append(problem(source, full, "must be a section of keys", value))
             else:
@@ -103,7 +107,7 @@ def shape_problems(schema, data, origin: Origin, prefix: str = "") -> list[Probl
 def merge_typed(schema, data: dict, origin: Origin, prefix: str = "") -> tuple[DictConfig | None, list[Problem]]:
     """`data` merged onto `schema`; a value of the wrong type is reported and dropped, then retried.
     None when the shapes disagree (shape_problems names why)."""
-    data = _escaped(copy.deepcopy(data))
+    data = _int_keys(schema, _escaped(copy.deepcopy(data)))
     problems = []
     structured = OmegaConf.structured(schema)
     while True:
@@ -152,6 +156,21 @@ def _drop(data: dict, key: str) -> bool:
         del data[leaf]
         return True
     return False
+
+
+def _int_keys(schema, data):
+    """Keys written as text ("5" on the command line) made integers where the schema maps ints."""
+    if not isinstance(data, dict) or schema is None:
+        return data
+    hints, out = typing.get_type_hints(schema), {}
+    for key, value in data.items():
+        hint = hints.get(key) if isinstance(key, str) else None
+        if typing.get_origin(hint) is dict and typing.get_args(hint)[0] is int and isinstance(value, dict):
+            value = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in value.items()}
+        elif hint is not None:
+            value = _int_keys(dataclass_of(hint), value)
+        out[key] = value
+    return out
 
 
 def _escaped(data):

@@ -16,7 +16,9 @@ DECODERS = {DraftKind.none: PlainDecoder, DraftKind.model: SpeculativeDecoder, D
 
 def sampling_of(recipe: Recipe) -> Sampling:
     g = recipe.generate
-    return Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    return Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                    repetition_penalty=g.repetition_penalty, presence_penalty=g.presence_penalty,
+                    frequency_penalty=g.frequency_penalty, logit_bias=tuple(sorted(g.logit_bias.items())))
 
 
 __all__ = ["DECODERS", "Decoder", "Forward", "SlotDecoder", "build", "sampling_of"]

@@ -4,7 +4,8 @@ between steps (iteration-level, "continuous" batching).
 The model holds one static KV cache with a row per slot. A request takes a free slot and is
 prefilled there while the other rows keep their caches; every step then decodes one token for
 each busy slot, in one forward over all rows, each at its own position. Sampling is per row:
-temperature, top-k, top-p and a seed of its own, so a row draws the same tokens alone or batched.
+temperature, top-k, top-p, min-p, penalties, biases and a seed of its own, so a row draws the
+same tokens alone or batched.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runner.decoders.base import Token
-from runner.decoders.sampling import Sampling, next_token
+from runner.decoders.sampling import Sampling, adjust, next_token
 
 
 @dataclass
@@ -22,6 +23,7 @@ class _Row:
     generator: torch.Generator | None
     logprobs: int  # -1: none; 0: the chosen token's; k: and the k most likely
     position: int  # where its next token goes in the cache
+    prompt: list[int]
     tokens: list[int] = field(default_factory=list)
 
 
@@ -66,7 +68,7 @@ class BatchDecoder:
             raise ValueError(f"all {self.slots} slots are busy")
         slot = free[0]
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        row = _Row(sampling, generator, logprobs, len(prompt))
+        row = _Row(sampling, generator, logprobs, len(prompt), list(prompt))
         with torch.inference_mode():
             tokens = torch.tensor([prompt], device=self.device)  # [1, T]
             positions = torch.arange(len(prompt), device=self.device)[None]  # [1, T]
@@ -107,6 +109,8 @@ class BatchDecoder:
         self.rows.pop(slot, None)
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> Token:
+        if row.sampling.adjusts:
+            logits = adjust(logits, row.sampling, row.prompt, row.tokens)
         token = int(next_token(logits, row.sampling, row.generator))
         row.tokens.append(token)
         if row.logprobs < 0:

@@ -6,7 +6,7 @@ import time
 import torch
 
 from runner.decoders.base import Decoder, Forward, OnToken
-from runner.decoders.sampling import Sampling, next_token
+from runner.decoders.sampling import Sampling, adjust, next_token
 from runner.decoders.stats import Stats, peak_memory
 
 
@@ -48,7 +48,7 @@ class PlainDecoder(Decoder):
         with torch.inference_mode():
             tokens = torch.tensor([prompt[cached:]], device=self.device)  # [1, T]
             logits = self.forward(tokens, torch.arange(cached, len(prompt), device=self.device), last_only=True)  # [1, 1, V]
-            token = next_token(logits[0, -1], self.sampling, generator)
+            token = self._next(logits[0, -1], prompt, out, generator)
             first = time.perf_counter()
             pos = torch.tensor([len(prompt)], device=self.device)
             while True:
@@ -57,7 +57,7 @@ class PlainDecoder(Decoder):
                 if stop or out[-1] in eos_ids or len(out) == max_new_tokens:
                     break
                 logits = self.forward(token.view(1, 1), pos)  # [1, 1, V]
-                token = next_token(logits[0, -1], self.sampling, generator)
+                token = self._next(logits[0, -1], prompt, out, generator)
                 pos += 1
         end = time.perf_counter()
         stats = Stats(
@@ -65,3 +65,9 @@ class PlainDecoder(Decoder):
             decode_seconds=end - first, peak_memory_bytes=peak_memory(self.device),
         )
         return out, stats
+
+    def _next(self, logits: torch.Tensor, prompt: list[int], out: list[int],
+              generator: torch.Generator | None) -> torch.Tensor:
+        if self.sampling.adjusts:
+            logits = adjust(logits, self.sampling, prompt, out)
+        return next_token(logits, self.sampling, generator)

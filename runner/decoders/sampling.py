@@ -1,4 +1,9 @@
-"""Turning logits into the next token: temperature, top-k, top-p, seeded sampling.
+"""Turning logits into the next token: penalties and biases, temperature, top-k, top-p, min-p,
+seeded sampling.
+
+The controls that depend on the text so far (repetition, presence and frequency penalties, logit
+biases) change the logits first (adjust); the rest shape the distribution drawn from, in HF
+transformers' order: temperature, top-k, top-p, then min-p.
 
 Every draw is an exponential race: an Exp(1) time per token (on the CPU, where few tokens can
 win, only per token of nonzero probability), drawn in vocabulary order, and the token with the
@@ -18,10 +23,44 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: none; else tokens below min_p times the likeliest one's probability drop
+    # HF's: a logit of a token in the prompt or the text so far is divided by it (multiplied where
+    # negative); 1: none.
+    repetition_penalty: float = 1.0
+    # OpenAI's, over the generated tokens: each token's logit less presence_penalty if it occurs
+    # and frequency_penalty times its count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to its logit
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits depend on the text so far or on biases (adjust has work to do)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
+
+
+def adjust(logits: torch.Tensor, sampling: Sampling, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """logits [V] of the next token after `prompt` + `generated`, penalised and biased as
+    `sampling` says (a new fp32 tensor; `logits` itself is left alone)."""
+    logits = logits.float().clone()
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.tensor(prompt + generated, dtype=torch.long, device=logits.device).unique()
+        score = logits[seen]
+        logits[seen] = torch.where(score < 0, score * sampling.repetition_penalty, score / sampling.repetition_penalty)
+    if (sampling.presence_penalty or sampling.frequency_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[-1])
+        counts = counts[:logits.shape[-1]].to(logits.device, torch.float32)
+        logits -= counts * sampling.frequency_penalty + (counts > 0).float() * sampling.presence_penalty
+    if sampling.logit_bias:
+        tokens, biases = zip(*sampling.logit_bias)
+        index = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        logits.index_add_(0, index, torch.tensor(biases, dtype=torch.float32, device=logits.device))
+    return logits
 
 
 def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -42,7 +81,7 @@ def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         # On an accelerator, counting the candidates would wait for the device: mask instead.
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return _top_p(torch.softmax(logits, dim=-1), sampling.top_p)
+    return _min_p(_top_p(torch.softmax(logits, dim=-1), sampling.top_p), sampling.min_p)
 
 
 def _top_p(probs: torch.Tensor, top_p: float, largest_first: bool = False) -> torch.Tensor:
@@ -57,6 +96,14 @@ def _top_p(probs: torch.Tensor, top_p: float, largest_first: bool = False) -> to
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
     probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _min_p(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    """probs [..., C] less the tokens below min_p times the row's largest, renormalised."""
+    if min_p <= 0.0:
+        return probs
+    probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
@@ -126,6 +173,6 @@ def _top_k_candidates(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.T
         values, index = torch.topk(logits, count, dim=-1)
     values, index = values[:, :count], index[:, :count]
     probs = torch.softmax(values.masked_fill(values < kth, float("-inf")), dim=-1)
-    probs = _top_p(probs, sampling.top_p, largest_first=True)
+    probs = _min_p(_top_p(probs, sampling.top_p, largest_first=True), sampling.min_p)
     index, order = index.sort(-1)  # vocabulary order: the order of the race's times
     return index, probs.gather(-1, order)

@@ -4,6 +4,7 @@ It knows nothing of tensors."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -31,10 +32,9 @@ class Settings:
     slots: int
     cache_len: int
     # The recipe's generate.* values: a field a request leaves out takes these.
-    temperature: float
-    top_p: float
-    top_k: int | None
+    sampling: Sampling
     max_tokens: int
+    vocab_size: int | None = None  # logit_bias's tokens must be below it
 
 
 class State:
@@ -212,15 +212,30 @@ def _ready(state: State, body: Sampled) -> Scheduler:
     return state.scheduler
 
 
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
+
+
+def _sampling(settings: Settings, body: Sampled) -> Sampling:
+    """The recipe's sampling with the request's fields in place of its own."""
+    given = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
+    if body.logit_bias is not None:
+        biases = {int(token): bias for token, bias in body.logit_bias.items()}
+        outside = sorted(t for t in biases if settings.vocab_size is not None and t >= settings.vocab_size)
+        if outside:
+            raise ApiError(400, f"logit_bias: token ids must be below the vocabulary's {settings.vocab_size}, got "
+                           f"{outside[:5]}", param="logit_bias", code="invalid_value")
+        given["logit_bias"] = tuple(sorted(biases.items()))
+    return dataclasses.replace(settings.sampling, **given)
+
+
 def _jobs(settings: Settings, body: Sampled, prompts: list[list[int]], logprobs: int) -> list[Job]:
     """n Jobs per prompt, choice i seeded with seed + i; refuses what cannot fit."""
     if body.n * len(prompts) > settings.slots:
         raise ApiError(400, f"n: {body.n * len(prompts)} choices need as many slots; this server has {settings.slots}",
                        param="n")
     requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    sampling = Sampling(temperature=settings.temperature if body.temperature is None else body.temperature,
-                        top_k=settings.top_k if body.top_k is None else body.top_k,
-                        top_p=settings.top_p if body.top_p is None else body.top_p)
+    sampling = _sampling(settings, body)
     jobs = []
     for ids in prompts:
         room = settings.cache_len - len(ids)

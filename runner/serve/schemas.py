@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes. Unknown fields are ignored, as OpenAI does;
-a field of the wrong type or out of range is a 400 naming it."""
+a field of the wrong type or out of range is a 400 naming it, and so is a field of OpenAI's
+that would change the output in a way this server does not implement (UNSUPPORTED)."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
@@ -10,6 +11,20 @@ MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_LOGPROBS = 20
 # torch.Generator.manual_seed takes a signed or unsigned 64-bit seed; choice i of n draws with seed + i.
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+
+
+# OpenAI's fields this server does not implement, each with the values that ask for nothing (a
+# request may send those); any other value is a 400 naming the field. Fields that change nothing
+# about the output (user, metadata, store, service_tier, ...) are ignored as unknown fields are.
+UNSUPPORTED = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "prediction": (None,), "audio": (None,), "modalities": (None, ["text"]), "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+MAX_BIAS = 100  # OpenAI's range for logit_bias values: -100 bans a token, 100 all but forces it
 
 
 class StreamOptions(BaseModel):
@@ -26,11 +41,49 @@ class Sampled(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)  # not OpenAI's; vLLM and llama.cpp take it too
+    min_p: float | None = Field(default=None, ge=0, le=1)  # not OpenAI's; vLLM and llama.cpp take it too
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)  # HF's; vLLM's too
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON object keys are: text) -> bias
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    # Declared so that they can be refused by name (see UNSUPPORTED).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+    prediction: Any = None
+    audio: Any = None
+    modalities: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value, info):
+        if not any(value == neutral and type(value) is type(neutral) for neutral in UNSUPPORTED[info.field_name]):
+            raise ValueError("this server does not implement it; leave it out (the README lists what is served)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value):
+        for token, bias in (value or {}).items():
+            if not (token.isdigit() and len(token) <= 12):
+                raise ValueError(f"keys must be token ids (non-negative integers as text), got {token!r}")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise ValueError(f"biases must be between -{MAX_BIAS} and {MAX_BIAS}, got {bias} for token {token}")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -70,14 +70,16 @@ def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options:
     """Serve until interrupted; a failure while loading stops the server and is raised here."""
     import uvicorn
 
+    from runner.decoders import sampling_of
     from runner.serve.app import Settings, State, create_app
     from runner.serve.metrics import Metrics
 
     host, port, slots, cache_len = options.host, options.port, options.slots, options.cache_len
     model_name = options.model_name
-    g = recipe.generate
+    vocab = recipe.model.arch.vocab_size
     settings = Settings(model_name=model_name, api_key=options.api_key, slots=slots, cache_len=cache_len,
-                        temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, max_tokens=g.max_new_tokens)
+                        sampling=sampling_of(recipe), max_tokens=recipe.generate.max_new_tokens,
+                        vocab_size=vocab if isinstance(vocab, int) else None)
     state = State(settings, Metrics())
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=2))

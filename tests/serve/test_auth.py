@@ -47,10 +47,11 @@ def test_with_the_key(server):
 def test_loading_answers_503():
     from fastapi.testclient import TestClient
 
+    from runner.decoders.sampling import Sampling
     from runner.serve.app import Settings, State, create_app
     from runner.serve.metrics import Metrics
 
-    settings = Settings("m", None, slots=2, cache_len=64, temperature=0.0, top_p=1.0, top_k=None, max_tokens=8)
+    settings = Settings("m", None, slots=2, cache_len=64, sampling=Sampling(), max_tokens=8)
     with TestClient(create_app(State(settings, Metrics()))) as c:
         assert c.get("/health").status_code == 503
         r = c.post("/v1/completions", json={"prompt": "x"})

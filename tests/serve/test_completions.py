@@ -140,10 +140,25 @@ BAD = [
     ("token id lists as floats", {"prompt": [[1, 2], [3.5]]}, 400),
     ("null user content", {"messages": [{"role": "user", "content": None}]}, 400),
     ("null system content", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]}, 400),
+    ("response_format not served", {"prompt": "x", "response_format": {"type": "json_object"}}, 400),
+    ("tools not served", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
+    ("best_of above 1", {"prompt": "x", "best_of": 3}, 400),
+    ("echo", {"prompt": "x", "echo": True}, 400),
+    ("presence_penalty", {"prompt": "x", "presence_penalty": 2.5}, 400),
+    ("frequency_penalty", {"prompt": "x", "frequency_penalty": -3}, 400),
+    ("repetition_penalty", {"prompt": "x", "repetition_penalty": 0}, 400),
+    ("min_p", {"prompt": "x", "min_p": 1.5}, 400),
+    ("logit_bias key", {"prompt": "x", "logit_bias": {"dog": 1}}, 400),
+    ("logit_bias value", {"prompt": "x", "logit_bias": {"5": 101}}, 400),
+    ("logit_bias beyond the vocabulary", {"prompt": "x", "logit_bias": {"100000": 1}}, 400),
 ]
 # The field a 400 names (error.param), where the request got past neither schema nor checks.
 PARAMS = {"seed beyond 64 bits": "seed", "seed below 64 bits": "seed", "null user content": "messages.0",
-          "null system content": "messages.0"}
+          "null system content": "messages.0", "response_format not served": "response_format",
+          "tools not served": "tools", "best_of above 1": "best_of", "echo": "echo",
+          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+          "repetition_penalty": "repetition_penalty", "min_p": "min_p", "logit_bias key": "logit_bias",
+          "logit_bias value": "logit_bias", "logit_bias beyond the vocabulary": "logit_bias"}
 
 
 @pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
@@ -165,8 +180,27 @@ def test_bad_request_is_shaped_and_server_goes_on(server, client, name, body, st
 
 def test_unknown_fields_are_ignored(server):
     r = httpx.post(server.v1 + "/completions", json={"prompt": "x", "max_tokens": 2, "frobnicate": True,
-                                                     "best_of": 1, "user": "me"}, timeout=30)
+                                                     "best_of": 1, "echo": False, "response_format": {"type": "text"},
+                                                     "user": "me", "metadata": {"a": "b"}}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_sampling_controls_reach_the_sampler(client):
+    # Each control reaches the sampler (their math is checked against HF's processors in
+    # tests/decoders/test_sampling_controls.py): a +100 bias forces its token, another token's
+    # bias another text; each penalty changes the greedy text of a tiny random model, which repeats
+    # itself; min_p 1 leaves only the likeliest token, so sampling is greedy.
+    def pieces(**kw):
+        return complete(client, max_tokens=TOKENS, temperature=0, logprobs=0, **kw).choices[0].logprobs.tokens
+
+    plain = pieces()
+    forced = [pieces(logit_bias={str(token): 100}) for token in (7, 8)]
+    assert all(len(set(f)) == 1 for f in forced) and forced[0] != forced[1]
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                    {"extra_body": {"repetition_penalty": 3.0}}):  # not OpenAI's own field: the client's extra_body
+        assert pieces(**penalty) != plain, penalty
+    sampled = complete(client, max_tokens=TOKENS, temperature=1.0, seed=3, extra_body={"min_p": 1.0})
+    assert sampled.choices[0].text == complete(client, max_tokens=TOKENS, temperature=0).choices[0].text
 
 
 def test_metrics_count_requests_and_tokens(server, client):
