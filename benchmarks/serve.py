@@ -5,6 +5,11 @@ GGUF in the same run).
 
     python benchmarks/serve.py                      # smollm2-135m, dtype=bfloat16, --slots 8
     python benchmarks/serve.py --clients 1,4 --requests 2 --json out.json
+    python benchmarks/serve.py --workload chat      # multi-turn chats, prefix caching on and off
+
+The chat workload: each client holds a conversation of --turns turns through /v1/chat/completions,
+resending the whole history each turn as OpenAI-style clients do; it reports the median time to
+first token of each turn, for runner with prefix caching and with --no-prefix-cache.
 
 Both servers get the same plain-text prompt, greedy, through /v1/completions with stream=true.
 A request's tokens are its usage.completion_tokens where the server reports them
@@ -70,6 +75,62 @@ def one_request(url: str, model: str | None, tokens: int, extra: dict) -> tuple[
                 if first is None:
                     first = time.perf_counter() - start
     return first or float("nan"), usage if usage is not None else chunks, time.perf_counter() - start
+
+
+def chat_turn(url: str, model: str | None, messages: list[dict], tokens: int) -> tuple[float, str]:
+    """(time to first token, the answer's text) of one streamed chat completion."""
+    body = {"messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
+    if model:
+        body["model"] = model
+    start, first, text = time.perf_counter(), None, []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    text.append(piece)
+                    if first is None:
+                        first = time.perf_counter() - start
+    return first or float("nan"), "".join(text)
+
+
+def chat_load(url: str, model: str | None, clients: int, turns: int, tokens: int) -> dict:
+    """`clients` threads, each holding one conversation of `turns` turns: the median time to first
+    token of each turn over the clients."""
+    ttft: list[list[float]] = [[] for _ in range(turns)]
+    lock = threading.Lock()
+
+    def client(i: int):
+        messages = [{"role": "system", "content": f"You are assistant number {i}. Answer in detail."}]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"Question {turn + 1}: tell me more about lighthouses, "
+                                                        f"their keepers and the sea, part {turn + 1}."})
+            first, answer = chat_turn(url, model, messages, tokens)
+            messages.append({"role": "assistant", "content": answer})
+            with lock:
+                ttft[turn].append(first)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "ttft_p50_ms": [1000 * statistics.median(t) for t in ttft]}
+
+
+def measure_chat(name: str, command: list[str], url: str, model: str, args, log: Path) -> dict:
+    print(f"starting {name}: {' '.join(command)}", file=sys.stderr)
+    process = run_server(command, url, "/health", log)
+    try:
+        chat_turn(url, model, [{"role": "user", "content": "Hi"}], 8)  # warm-up
+        row = {"server": name, **chat_load(url, model, args.clients[-1], args.turns, args.tokens)}
+        print(f"{name}: TTFT p50 by turn (ms): {[round(t) for t in row['ttft_p50_ms']]}", file=sys.stderr)
+        return row
+    finally:
+        stop(process)
 
 
 def load(url: str, model: str | None, clients: int, requests: int, tokens: int, extra: dict) -> dict:
@@ -167,6 +228,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--workload", choices=["single", "chat"], default="single")
+    parser.add_argument("--turns", type=int, default=5, help="turns of each conversation (--workload chat)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     overrides = args.overrides.split()
@@ -178,6 +241,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     runner = [sys.executable, "-m", "runner", "serve", args.recipe, *overrides, "--port", str(port),
               "--slots", str(args.slots), "--cache-len", str(args.cache_len), "--queue", "64"]
+    if args.workload == "chat":
+        return chat_report(args, overrides, runner, url, logs, threads)
     rows += measure("runner", runner, url, "/health", Path(args.recipe).stem, args, logs / "bench-serve-runner.log",
                     {})
 
@@ -210,6 +275,25 @@ def main() -> None:
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
               f"{r['ttft_p99_ms']:.0f} | {r['failed']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+
+
+def chat_report(args, overrides: list[str], runner: list[str], url: str, logs: Path, threads: int) -> None:
+    """The chat workload on runner with and without prefix caching, in one run."""
+    model = Path(args.recipe).stem
+    rows = [measure_chat("runner", runner, url, model, args, logs / "bench-serve-runner.log"),
+            measure_chat("runner --no-prefix-cache", runner + ["--no-prefix-cache"], url, model, args,
+                         logs / "bench-serve-runner-cold.log")]
+    print(f"{args.recipe} {' '.join(overrides)}, --slots {args.slots}, {args.clients[-1]} conversations of "
+          f"{args.turns} turns, {args.tokens} tokens an answer, {threads} CPU threads, load average "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print("| server | " + " | ".join(f"turn {t + 1} TTFT p50 (ms)" for t in range(args.turns)) + " |")
+    print("|---|" + "---:|" * args.turns)
+    for r in rows:
+        print(f"| {r['server']} | " + " | ".join(f"{t:.0f}" for t in r["ttft_p50_ms"]) + " |")
+    last = rows[0]["ttft_p50_ms"][-1] / rows[1]["ttft_p50_ms"][-1]
+    print(f"turn {args.turns}: prefix caching's TTFT is {last:.2f}x of prefilling the whole history")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 

@@ -259,6 +259,8 @@ def eval_(recipe_path, overrides, tasks, limit, include, json_path, batch_size):
               help="Requests that may wait for a free slot; beyond slots + queue a request gets 429.")
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on /v1 routes.")
 @click.option("--model-name", default=None, help="The model's id in /v1/models [default: the recipe's file stem].")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Prefill only what a free slot's cache does not already hold of a prompt.")
 def serve(recipe_path, overrides, cache_len, model_name, **options):
     """Serve RECIPE's model over an OpenAI-compatible HTTP API (needs the serve extra).
 

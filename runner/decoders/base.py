@@ -74,6 +74,7 @@ class SlotDecoder(Protocol):
 
     slots: int
     cache_len: int
+    reused: int  # prompt tokens the last start() found in its slot's cache (prefix caching)
 
     def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
               logprobs: int = -1) -> tuple[int, Token]:

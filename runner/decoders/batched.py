@@ -3,9 +3,12 @@ between steps (iteration-level, "continuous" batching).
 
 The model holds one static KV cache with a row per slot. A request takes a free slot and is
 prefilled there while the other rows keep their caches; every step then decodes one token for
-each busy slot, in one forward over all rows, each at its own position. Sampling is per row:
-temperature, top-k, top-p, min-p, penalties, biases and a seed of its own, so a row draws the
-same tokens alone or batched.
+each busy slot, in one forward over all rows, each at its own position.
+
+A slot's cache rows outlive its request: the decoder remembers which tokens they hold, and a new
+prompt takes the free slot that already holds the longest prefix of it, prefilling only the rest
+(prefix caching: a chat client that resends the conversation each turn prefills only the new turn). Sampling is per row:
+temperature, top-k, top-p and a seed of its own, so a row draws the same tokens alone or batched.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ class BatchDecoder:
     stopping: EOS, stop strings, max_tokens, cancellation.
     """
 
-    def __init__(self, model: torch.nn.Module, slots: int, cache_len: int, forward=None):
+    def __init__(self, model: torch.nn.Module, slots: int, cache_len: int, forward=None, prefix_cache: bool = True):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if cache_len > model.spec.max_seq_len:
@@ -44,6 +47,13 @@ class BatchDecoder:
         self.slots, self.cache_len = slots, cache_len
         self.device = next(model.parameters()).device
         self.rows: dict[int, _Row] = {}
+        self.prefix_cache = prefix_cache
+        # Per slot, the tokens its cache rows hold at positions 0, 1, ... (busy or free), and when
+        # it was last taken: a prompt that matches no slot's tokens takes the least recently used.
+        self.held: dict[int, list[int]] = {s: [] for s in range(slots)}
+        self.taken: dict[int, int] = {s: -1 for s in range(slots)}
+        self.starts = 0
+        self.reused = 0  # prompt tokens the last start() found in its slot's cache
         model.setup_cache(slots, cache_len)
 
     def free(self) -> list[int]:
@@ -66,13 +76,21 @@ class BatchDecoder:
         free = self.free()
         if not free:
             raise ValueError(f"all {self.slots} slots are busy")
-        slot = free[0]
+        # The free slot holding the longest prefix of the prompt (at least its last token runs, for
+        # its logits), else the one least recently taken.
+        shared = {s: _common(self.held[s], prompt) if self.prefix_cache else 0 for s in free}
+        slot = max(free, key=lambda s: (min(shared[s], len(prompt) - 1), -self.taken[s]))
+        reused = min(shared[slot], len(prompt) - 1)
+        self.starts += 1
+        self.taken[slot], self.reused = self.starts, reused
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         row = _Row(sampling, generator, logprobs, len(prompt), list(prompt))
+        self.held[slot] = self.held[slot][:reused]  # until the prefill has written the rest
         with torch.inference_mode():
-            tokens = torch.tensor([prompt], device=self.device)  # [1, T]
-            positions = torch.arange(len(prompt), device=self.device)[None]  # [1, T]
+            tokens = torch.tensor([prompt[reused:]], device=self.device)  # [1, T]
+            positions = torch.arange(reused, len(prompt), device=self.device)[None]  # [1, T]
             logits = self.model(tokens, positions, last_only=True, row=slot)  # [1, 1, V]
+            self.held[slot] = list(prompt)
             token = self._pick(row, logits[0, -1])
         self.rows[slot] = row
         return slot, token
@@ -82,15 +100,19 @@ class BatchDecoder:
         ready = [s for s in self.busy() if self.rows[s].position < self.cache_len]
         if not ready:
             return {}
-        # Compiled steps run every slot (free ones at position 0, their output unused): one shape for
-        # every step, so they never recompile as requests come and go. Eager ones run the slots up to
-        # the last busy one only (start() fills the lowest free slot first): one request costs a row.
+        # Compiled steps run every slot (free ones just past their cached tokens, their output unused):
+        # one shape for every step, so they never recompile as requests come and go. Eager ones run
+        # the slots up to the last busy one only.
         rows = self.slots if self.forward is not self.model else ready[-1] + 1
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, 1, dtype=torch.long)
-        for s in ready:
-            row = self.rows[s]
-            tokens[s, 0], positions[s, 0] = row.tokens[-1], row.position
+        for s in range(rows):
+            if s in ready:
+                row = self.rows[s]
+                tokens[s, 0], positions[s, 0] = row.tokens[-1], row.position
+            else:  # a row along for the shape: it writes just past the tokens its cache holds
+                positions[s, 0] = min(len(self.held[s]), self.cache_len - 1)
+                del self.held[s][positions[s, 0]:]
         with torch.inference_mode():
             tokens, positions = tokens.to(self.device), positions.to(self.device)
             if rows == self.slots:
@@ -100,6 +122,7 @@ class BatchDecoder:
             out = {}
             for s in ready:
                 row = self.rows[s]
+                self.held[s].append(row.tokens[-1])
                 row.position += 1
                 out[s] = self._pick(row, logits[s, -1])
         return out
@@ -121,3 +144,12 @@ class BatchDecoder:
             values, ids = logp.topk(row.logprobs)
             top = tuple(zip(ids.tolist(), values.tolist()))
         return Token(token, float(logp[token]), top)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -41,6 +41,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
@@ -53,6 +54,11 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt
             self.generated_tokens += generated
+
+    def cached(self, tokens: int) -> None:
+        """Prompt tokens a prefill found in its slot's cache (prefix caching), not computed again."""
+        with self._lock:
+            self.cached_prompt_tokens += tokens
 
     def first_token(self, seconds: float) -> None:
         """Time from a request's arrival at the scheduler (queueing included) to its first token."""
@@ -74,6 +80,9 @@ class Metrics:
             lines += ["# HELP runner_prompt_tokens_total Prompt tokens prefilled.",
                       "# TYPE runner_prompt_tokens_total counter",
                       f"runner_prompt_tokens_total {self.prompt_tokens}",
+                      "# HELP runner_prompt_tokens_cached_total Prompt tokens served from a slot's cache (prefix caching).",
+                      "# TYPE runner_prompt_tokens_cached_total counter",
+                      f"runner_prompt_tokens_cached_total {self.cached_prompt_tokens}",
                       "# HELP runner_generation_tokens_total Tokens generated.",
                       "# TYPE runner_generation_tokens_total counter",
                       f"runner_generation_tokens_total {self.generated_tokens}",

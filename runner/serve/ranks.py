@@ -32,6 +32,10 @@ class Leader:
         self.decoder = decoder
         self.slots, self.cache_len = decoder.slots, decoder.cache_len
 
+    @property
+    def reused(self) -> int:
+        return self.decoder.reused
+
     def start(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0):
         if seed is None and not sampling.greedy:
             raise ValueError("a sampled row needs a seed under tensor parallelism (every rank draws alike)")

@@ -210,6 +210,7 @@ class Scheduler:
         except Exception as e:  # a prompt the HTTP layer should have refused, or a model fault
             self._finish_unstarted(handle, Failed(f"prefill failed: {e}"))
             return
+        self.metrics.cached(self.decoder.reused)
         r = _Running(handle, TextStream(self.tokenizer, job.stop))
         self._running[slot] = r
         self._advance(slot, r, token)

@@ -27,6 +27,7 @@ class Options:
     queue: int
     api_key: str | None
     model_name: str
+    prefix_cache: bool = True
 
 
 def default_cache_len(recipe: Recipe) -> int:
@@ -60,7 +61,7 @@ def on_rank(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, option
     from runner.report import Reporter
 
     if rank is not None and rank.rank > 0:
-        return follow(rank, recipe, recipe_path, options.slots, options.cache_len)
+        return follow(rank, recipe, recipe_path, options)
     report = Reporter()
     serve(rank, recipe, recipe_path, options, report.note, report.progress)
 
@@ -87,8 +88,7 @@ def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options:
 
     def load() -> None:
         try:
-            state.scheduler = _scheduler(rank, recipe, recipe_path, slots, cache_len, options.queue, state.metrics,
-                                         note, bar)
+            state.scheduler = _scheduler(rank, recipe, recipe_path, options, state.metrics, note, bar)
             note(f"ready: {model_name} on http://{host}:{port}/v1 ({slots} slots of {cache_len} positions)")
         except BaseException as e:  # shown by the CLI once the server has stopped
             failed.append(e)
@@ -108,15 +108,16 @@ def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options:
         raise OSError(f"could not listen on {host}:{port}")
 
 
-def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, slots: int, cache_len: int, queue: int,
-               metrics, note, bar):
+def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options: Options, metrics, note, bar):
     from runner import pipeline
     from runner.decoders.batched import BatchDecoder
     from runner.decoders.sampling import Sampling
     from runner.serve.scheduler import Scheduler
 
     built = pipeline.build(recipe, recipe_path, note, bar, rank=rank)
-    decoder, keepalive = BatchDecoder(built.model, slots, cache_len, built.forward), None
+    slots, cache_len = options.slots, options.cache_len
+    decoder = BatchDecoder(built.model, slots, cache_len, built.forward, options.prefix_cache)
+    keepalive = None
     if rank is not None:  # every other rank repeats this decoder's calls (follow)
         from runner.serve.ranks import Leader
 
@@ -125,16 +126,17 @@ def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, slo
     slot, _ = decoder.start(built.tokenizer.encode("Hello", bos=True), Sampling())
     decoder.step()
     decoder.finish(slot)
-    scheduler = Scheduler(decoder, built.tokenizer, queue, metrics, keepalive)
+    scheduler = Scheduler(decoder, built.tokenizer, options.queue, metrics, keepalive)
     scheduler.start()
     return scheduler
 
 
-def follow(rank: parallel.Rank, recipe: Recipe, recipe_path: str, slots: int, cache_len: int) -> None:
-    """A tensor-parallel rank other than 0: build the same decoder, then run rank 0's calls on it."""
+def follow(rank: parallel.Rank, recipe: Recipe, recipe_path: str, options: Options) -> None:
+    """A tensor-parallel rank other than 0: build the same decoder (its slots chosen alike, prefix
+    caching included), then run rank 0's calls on it."""
     from runner import pipeline
     from runner.decoders.batched import BatchDecoder
     from runner.serve.ranks import follow as follow_leader
 
     built = pipeline.build(recipe, recipe_path, rank=rank)
-    follow_leader(BatchDecoder(built.model, slots, cache_len, built.forward))
+    follow_leader(BatchDecoder(built.model, options.slots, options.cache_len, built.forward, options.prefix_cache))

@@ -194,3 +194,70 @@ def test_a_full_row_is_not_stepped_past_its_cache():
     other, _ = decoder.start([1], Sampling())
     assert set(decoder.step()) == {slot, other}
     assert set(decoder.step()) == {other}  # the first row's cache is full
+
+
+@st.composite
+def conversations(draw):
+    """A first prompt, then a second that resends a prefix of the first prompt and its answer
+    (a chat client's next turn) and adds tokens of its own."""
+    first = draw(st.lists(st.integers(0, 159), min_size=1, max_size=20))
+    kept = draw(st.integers(0, len(first) + 6))
+    new = draw(st.lists(st.integers(0, 159), min_size=1, max_size=12))
+    return first, kept, new
+
+
+def greedy_run(decoder: BatchDecoder, prompt: list[int], steps: int, busy: int | None = None):
+    """start(prompt) then `steps` steps: the slot, its tokens and the logits each came from."""
+    captured = []
+    hook = decoder.model.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        slot, token = decoder.start(prompt, Sampling())
+        logits, tokens = [captured[-1][0, -1].clone()], [token.id]
+        for _ in range(steps):
+            tokens.append(decoder.step()[slot].id)
+            logits.append(captured[-1][slot, -1].clone())
+    finally:
+        hook.remove()
+    return slot, tokens, torch.stack(logits)
+
+
+@settings(max_examples=25, deadline=None)
+@given(conversations(), st.sampled_from(["kernels", "torch", "int8 cache"]), st.booleans())
+def test_a_prompt_sharing_a_finished_slots_prefix_prefills_only_the_rest(conversation, ops, busy_beside):
+    # Prefix caching: the second prompt takes the slot that holds its prefix and prefills the
+    # rest only; its logits are a cold start's (within 1e-5 x max(1, |logits|): the prefill runs
+    # in other chunks) and so its greedy tokens, up to a near-tie, with or without another row
+    # decoding beside it (which runs the free slot along with the batch).
+    first, kept, new = conversation
+    model = INT8_CACHE if ops == "int8 cache" else MODELS[False, "torch" if ops == "torch" else "kernels"]
+    decoder = BatchDecoder(model, 3, CACHE)
+    slot, answer, _ = greedy_run(decoder, first, 5)
+    decoder.finish(slot)
+    if busy_beside:
+        decoder.start([7, 8, 9], Sampling())
+        for _ in range(3):
+            decoder.step()
+    second = (first + answer)[:kept] + new
+    held = first + answer[:-1]  # the last answer token was never fed
+    common = next((i for i, (a, b) in enumerate(zip(held, second)) if a != b), min(len(held), len(second)))
+    again, tokens, logits = greedy_run(decoder, second, 6)
+    assert decoder.reused == min(common, len(second) - 1) and (again == slot or decoder.reused == 0)
+    cold = BatchDecoder(model, 1, CACHE)
+    _, cold_tokens, cold_logits = greedy_run(cold, second, 6)
+    assert cold.reused == 0
+    same = next((i for i, (a, b) in enumerate(zip(tokens, cold_tokens)) if a != b), len(tokens))
+    bound = 1e-5 * cold_logits[:same + 1].abs().amax(-1, keepdim=True).clamp(min=1)
+    assert ((logits[:same + 1] - cold_logits[:same + 1]).abs() <= bound).all()
+    if same < len(tokens):  # only a near-tie in the cold run's logits may part them
+        top2 = cold_logits[same].topk(2).values
+        assert top2[0] - top2[1] <= 2 * bound[same]
+
+
+def test_without_prefix_caching_every_prompt_is_prefilled_whole():
+    model = MODELS[False, "kernels"]
+    decoder = BatchDecoder(model, 2, CACHE, prefix_cache=False)
+    slot, _ = decoder.start([1, 2, 3, 4], Sampling())
+    decoder.step()
+    decoder.finish(slot)
+    decoder.start([1, 2, 3, 4, 5], Sampling())
+    assert decoder.reused == 0

@@ -216,6 +216,19 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert after["runner_requests_running"] == 0 and after["runner_requests_waiting"] == 0
 
 
+def test_a_resent_conversation_is_served_from_the_cache_with_the_same_answer(server, client):
+    # A chat client's next turn: the last prompt and its answer, then more. The second request
+    # prefills only what follows the cached prefix (counted in /metrics) and answers what the CLI
+    # answers cold.
+    first = complete(client, prompt=PROMPT, max_tokens=8, temperature=0)
+    turn = PROMPT + first.choices[0].text + " And then"
+    before = server.metrics()
+    again = complete(client, prompt=turn, max_tokens=8, temperature=0)
+    cached = server.metrics()["runner_prompt_tokens_cached_total"] - before["runner_prompt_tokens_cached_total"]
+    assert 0 < cached < again.usage.prompt_tokens  # a merge across the old end may cost a token or two
+    assert again.choices[0].text == cli_greedy(RECIPE, turn, 8, "dtype=float32")
+
+
 def test_a_curl_style_body_is_read_as_json_whatever_its_content_type(server, client):
     """`curl -N URL -d '{...}'` sends application/x-www-form-urlencoded (the README's example)."""
     expected = complete(client, max_tokens=8, temperature=0).choices[0].text

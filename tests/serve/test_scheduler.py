@@ -30,7 +30,7 @@ class Scripted:
 
     def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0):
         self.slots, self.cache_len, self.scripts, self.delay = slots, cache_len, scripts, delay
-        self.rows, self.max_busy = {}, 0
+        self.rows, self.max_busy, self.reused = {}, 0, 0
 
     def start(self, prompt, sampling, seed=None, logprobs=0):
         slot = next(s for s in range(self.slots) if s not in self.rows)
