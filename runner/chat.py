@@ -15,6 +15,7 @@ import torch
 
 from runner import pipeline as pipelines
 from runner.config.schema import Recipe
+from runner.decoders.base import common_prefix
 from runner.text import TextStream
 from runner.tokenizers.chat import render_messages
 
@@ -76,9 +77,7 @@ class Conversation:
             return
         recipe = self.built.recipe
         budget = min(recipe.generate.max_new_tokens, self.limit - len(ids) - self.lookahead)
-        reuse = 0
-        while reuse < min(len(self.cached), len(ids)) and self.cached[reuse] == ids[reuse]:
-            reuse += 1
+        reuse = common_prefix(self.cached, ids)
         text = TextStream(self.built.tokenizer, recipe.generate.stop)
         out: list[int] = []
         answer: list[str] = []

@@ -12,6 +12,13 @@ from runner.decoders.stats import Stats
 OnToken = Callable[[int], "bool | None"]  # sees each new token; True ends generation there
 
 
+def common_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` a cache holding `held` (from position 0) already has:
+    prefix caching's measure, in runner chat and in the server's slots alike."""
+    n = min(len(held), len(prompt))
+    return next((i for i in range(n) if held[i] != prompt[i]), n)
+
+
 class Forward(Protocol):
     """One step of a model: the model itself, or its compiled steps (runner.transforms.compile)."""
 

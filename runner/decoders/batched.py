@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runner.decoders.base import Token
+from runner.decoders.base import Token, common_prefix
 from runner.decoders.sampling import Sampling, adjust, next_token
 
 
@@ -78,7 +78,7 @@ class BatchDecoder:
             raise ValueError(f"all {self.slots} slots are busy")
         # The free slot holding the longest prefix of the prompt (at least its last token runs, for
         # its logits), else the one least recently taken.
-        shared = {s: _common(self.held[s], prompt) if self.prefix_cache else 0 for s in free}
+        shared = {s: common_prefix(self.held[s], prompt) if self.prefix_cache else 0 for s in free}
         slot = max(free, key=lambda s: (min(shared[s], len(prompt) - 1), -self.taken[s]))
         reused = min(shared[slot], len(prompt) - 1)
         self.starts += 1
@@ -144,12 +144,3 @@ class BatchDecoder:
             values, ids = logp.topk(row.logprobs)
             top = tuple(zip(ids.tolist(), values.tolist()))
         return Token(token, float(logp[token]), top)
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """The length of the longest common prefix of a and b."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
