@@ -72,14 +72,14 @@ class Sampled(BaseModel):
     @classmethod
     def _unsupported(cls, value, info):
         if not any(value == neutral and type(value) is type(neutral) for neutral in UNSUPPORTED[info.field_name]):
-            raise ValueError("this server does not implement it; leave it out (the README lists what is served)")
+            raise ValueError("this server does not implement it; leave it out (docs/serving.md lists what is served)")
         return value
 
     @field_validator("logit_bias")
     @classmethod
     def _biases(cls, value):
         for token, bias in (value or {}).items():
-            if not (token.isdigit() and len(token) <= 12):
+            if not (token.isascii() and token.isdigit() and len(token) <= 12):
                 raise ValueError(f"keys must be token ids (non-negative integers as text), got {token!r}")
             if not -MAX_BIAS <= bias <= MAX_BIAS:
                 raise ValueError(f"biases must be between -{MAX_BIAS} and {MAX_BIAS}, got {bias} for token {token}")

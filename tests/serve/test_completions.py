@@ -149,6 +149,7 @@ BAD = [
     ("repetition_penalty", {"prompt": "x", "repetition_penalty": 0}, 400),
     ("min_p", {"prompt": "x", "min_p": 1.5}, 400),
     ("logit_bias key", {"prompt": "x", "logit_bias": {"dog": 1}}, 400),
+    ("logit_bias key of other digits", {"prompt": "x", "logit_bias": {"\u00b2": 1}}, 400),
     ("logit_bias value", {"prompt": "x", "logit_bias": {"5": 101}}, 400),
     ("logit_bias beyond the vocabulary", {"prompt": "x", "logit_bias": {"100000": 1}}, 400),
 ]
@@ -158,6 +159,7 @@ PARAMS = {"seed beyond 64 bits": "seed", "seed below 64 bits": "seed", "null use
           "tools not served": "tools", "best_of above 1": "best_of", "echo": "echo",
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
           "repetition_penalty": "repetition_penalty", "min_p": "min_p", "logit_bias key": "logit_bias",
+          "logit_bias key of other digits": "logit_bias",
           "logit_bias value": "logit_bias", "logit_bias beyond the vocabulary": "logit_bias"}
 
 
