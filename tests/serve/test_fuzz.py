@@ -29,6 +29,18 @@ FIELDS = {
     "stream": st.booleans() | JSON,
     "logprobs": st.integers(-1, 30) | EDGES | JSON,
     "model": st.just("tiny-random") | JSON,
+    "min_p": st.floats(-0.5, 1.5) | EDGES | JSON,
+    "repetition_penalty": st.floats(-1, 200) | EDGES | JSON,
+    "presence_penalty": st.floats(-3, 3) | EDGES | JSON,
+    "frequency_penalty": st.floats(-3, 3) | EDGES | JSON,
+    # Keys as JSON objects carry them: text, of digits (any script's), signs, spaces or none.
+    "logit_bias": st.dictionaries(st.text(max_size=6) | st.integers(-2, VOCAB + 2).map(str) | EDGES.map(str)
+                                  | st.sampled_from(["\u00b2", "\u0663", " 5", "+5", "05", "1e3"]),
+                                  st.floats(-150, 150) | EDGES | JSON, max_size=3) | JSON,
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]) | JSON,
+    "best_of": st.integers(-1, 3) | JSON,
+    "echo": st.booleans() | JSON,
+    "tools": st.just([]) | JSON,
 }
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "x"]) | JSON},
                                 optional={"content": st.none() | st.text(max_size=12) | JSON})
@@ -60,6 +72,7 @@ def server(serve):
 @given(case=bodies())
 @example(case=("/completions", {"prompt": "Once upon", "max_tokens": 2, "seed": 2**80}))  # held-out probes
 @example(case=("/chat/completions", {"messages": [{"role": "user", "content": None}]}))
+@example(case=("/completions", {"prompt": "Once upon", "max_tokens": 2, "logit_bias": {"\u00b2": 1}}))
 def test_no_body_gets_a_5xx_or_a_dropped_connection(server, case):
     route, body = case
     r = httpx.post(server.v1 + route, json=body, timeout=60)  # a dropped connection raises here
