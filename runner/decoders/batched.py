@@ -7,8 +7,10 @@ each busy slot, in one forward over all rows, each at its own position.
 
 A slot's cache rows outlive its request: the decoder remembers which tokens they hold, and a new
 prompt takes the free slot that already holds the longest prefix of it, prefilling only the rest
-(prefix caching: a chat client that resends the conversation each turn prefills only the new turn). Sampling is per row:
-temperature, top-k, top-p and a seed of its own, so a row draws the same tokens alone or batched.
+(prefix caching: a chat client that resends the conversation each turn prefills only the new turn).
+
+Sampling is per row: temperature, top-k, top-p, min-p, penalties, biases and a seed of its own,
+so a row draws the same tokens alone or batched.
 """
 from __future__ import annotations
 
