@@ -6,10 +6,17 @@ GGUF in the same run).
     python benchmarks/serve.py                      # smollm2-135m, dtype=bfloat16, --slots 8
     python benchmarks/serve.py --clients 1,4 --requests 2 --json out.json
     python benchmarks/serve.py --workload chat      # multi-turn chats, prefix caching on and off
+    python benchmarks/serve.py --workload long      # a 2000-token prompt arrives beside 4 streams
 
 The chat workload: each client holds a conversation of --turns turns through /v1/chat/completions,
 resending the whole history each turn as OpenAI-style clients do; it reports the median time to
 first token of each turn, for runner with prefix caching and with --no-prefix-cache.
+
+The long workload: --clients streams run (EOS banned), then a --long-prompt-token prompt arrives;
+it reports the streams' median time between tokens before it came, their p99 and longest gap
+among the gaps that overlap its prefill (from its sending to its first token), and its time to
+first token, for
+runner with its default --prefill-chunk and with --prefill-chunk 0 (each prompt whole).
 
 Both servers get the same plain-text prompt, greedy, through /v1/completions with stream=true.
 A request's tokens are its usage.completion_tokens where the server reports them
@@ -228,8 +235,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--no-llamacpp", action="store_true")
-    parser.add_argument("--workload", choices=["single", "chat"], default="single")
+    parser.add_argument("--workload", choices=["single", "chat", "long"], default="single")
     parser.add_argument("--turns", type=int, default=5, help="turns of each conversation (--workload chat)")
+    parser.add_argument("--long-prompt", type=int, default=2000, help="its tokens (--workload long)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     overrides = args.overrides.split()
@@ -243,6 +251,8 @@ def main() -> None:
               "--slots", str(args.slots), "--cache-len", str(args.cache_len), "--queue", "64"]
     if args.workload == "chat":
         return chat_report(args, overrides, runner, url, logs, threads)
+    if args.workload == "long":
+        return long_report(args, overrides, runner, url, logs, threads)
     rows += measure("runner", runner, url, "/health", Path(args.recipe).stem, args, logs / "bench-serve-runner.log",
                     {})
 
@@ -294,6 +304,97 @@ def chat_report(args, overrides: list[str], runner: list[str], url: str, logs: P
         print(f"| {r['server']} | " + " | ".join(f"{t:.0f}" for t in r["ttft_p50_ms"]) + " |")
     last = rows[0]["ttft_p50_ms"][-1] / rows[1]["ttft_p50_ms"][-1]
     print(f"turn {args.turns}: prefix caching's TTFT is {last:.2f}x of prefilling the whole history")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+
+
+def long_prompt(recipe: str, overrides: list[str], tokens: int) -> tuple[str, list[int]]:
+    """A prompt of about `tokens` tokens of the recipe's tokenizer, and the tokenizer's EOS ids."""
+    from runner.pipeline import build_tokenizer
+    from runner.recipes import load as resolve
+
+    tokenizer = build_tokenizer(resolve(recipe, overrides), recipe)
+    ids = tokenizer.encode((PROMPT + " ") * (tokens // 10 + 1), bos=False)[:tokens - 1]
+    return tokenizer.decode(ids), sorted(tokenizer.eos_ids)
+
+
+def gap_stats(url: str, model: str, clients: int, prompt: str, eos: list[int], budget: int) -> dict:
+    """`clients` streams, then `prompt` sent once every stream has 16 tokens: the streams' gaps
+    between tokens before it was sent and while it prefilled, and its time to first token."""
+    ban = {"logit_bias": {str(i): -100 for i in eos}}
+    arrivals: list[list[float]] = [[] for _ in range(clients)]
+    done = threading.Event()
+
+    def stream(i: int):
+        body = {"model": model, "prompt": f"{i}. {PROMPT}", "max_tokens": budget, "temperature": 0, "stream": True,
+                **ban}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals[i].append(time.perf_counter())
+                if done.is_set():
+                    return
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    while min(len(a) for a in arrivals) < 16:
+        if not any(t.is_alive() for t in threads):
+            raise RuntimeError("the streams ended early")
+        time.sleep(0.01)
+    sent = time.perf_counter()
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}
+    first = None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and first is None:
+                first = time.perf_counter()
+    time.sleep(1.0)
+    done.set()
+    for t in threads:
+        t.join()
+    before, during = [], []
+    for times in arrivals:
+        for a, b in zip(times, times[1:]):
+            if b <= sent:
+                before.append(b - a)
+            elif a < first:  # the gap overlaps its prefill
+                during.append(b - a)
+    during.sort()
+    p99 = during[min(len(during) - 1, round(0.99 * (len(during) - 1)))]
+    median = statistics.median(before)
+    return {"median_gap_ms": 1000 * median, "p99_gap_ms": 1000 * p99, "max_gap_ms": 1000 * during[-1],
+            "p99_over_median": p99 / median, "long_ttft_ms": 1000 * (first - sent), "gaps_during": len(during)}
+
+
+def long_report(args, overrides: list[str], runner: list[str], url: str, logs: Path, threads: int) -> None:
+    """The long workload on runner, prefill in chunks (the default) and whole, in one run."""
+    model = Path(args.recipe).stem
+    prompt, eos = long_prompt(args.recipe, overrides, args.long_prompt)
+    clients = args.clients[-1] if len(args.clients) == 1 else 4
+    budget = args.cache_len - 64
+    rows = []
+    for name, extra in (("runner", []), ("runner --prefill-chunk 0", ["--prefill-chunk", "0"])):
+        print(f"starting {name}", file=sys.stderr)
+        process = run_server(runner + extra, url, "/health", logs / "bench-serve-runner-long.log")
+        try:
+            one_request(url, model, 8, {})  # warm-up
+            row = {"server": name, **gap_stats(url, model, clients, prompt, eos, budget)}
+        finally:
+            stop(process)
+        print(f"{name}: {row}", file=sys.stderr)
+        rows.append(row)
+    print(f"{args.recipe} {' '.join(overrides)}, --slots {args.slots}, --cache-len {args.cache_len}, {clients} streams, "
+          f"a {args.long_prompt}-token prompt arriving, {threads} CPU threads, load average "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print("| server | median gap before (ms) | p99 gap while it prefills (ms) | longest gap (ms) | p99 / median "
+          "| its TTFT (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['median_gap_ms']:.0f} | {r['p99_gap_ms']:.0f} | {r['max_gap_ms']:.0f} | "
+              f"{r['p99_over_median']:.2f} | {r['long_ttft_ms']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 

@@ -81,11 +81,20 @@ class SlotDecoder(Protocol):
 
     slots: int
     cache_len: int
-    reused: int  # prompt tokens the last start() found in its slot's cache (prefix caching)
+    reused: int  # prompt tokens the last start() or admit() found in its slot's cache (prefix caching)
 
     def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
               logprobs: int = -1) -> tuple[int, Token]:
         """Prefill `prompt` into a free slot: (the slot, its first token)."""
+        ...
+
+    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1) -> int:
+        """Take a free slot for `prompt`, to be prefilled by prefill()."""
+        ...
+
+    def prefill(self, slot: int, limit: int) -> tuple[int, Token | None]:
+        """Run at most `limit` more tokens of the slot's prompt: (how many ran, its first token
+        once the whole prompt has run)."""
         ...
 
     def step(self) -> dict[int, Token]:

@@ -2,8 +2,9 @@
 between steps (iteration-level, "continuous" batching).
 
 The model holds one static KV cache with a row per slot. A request takes a free slot and is
-prefilled there while the other rows keep their caches; every step then decodes one token for
-each busy slot, in one forward over all rows, each at its own position.
+prefilled there while the other rows keep their caches, at once or a chunk at a time between
+steps (chunked prefill: a long prompt does not stall the running rows); every step then decodes
+one token for each slot done prefilling, in one forward over all rows, each at its own position.
 
 A slot's cache rows outlive its request: the decoder remembers which tokens they hold, and a new
 prompt takes the free slot that already holds the longest prefix of it, prefilling only the rest
@@ -27,7 +28,7 @@ class _Row:
     sampling: Sampling
     generator: torch.Generator | None
     logprobs: int  # -1: none; 0: the chosen token's; k: and the k most likely
-    position: int  # where its next token goes in the cache
+    position: int  # where its next token goes in the cache (a prompt token while it prefills)
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
 
@@ -35,8 +36,9 @@ class _Row:
 class BatchDecoder:
     """A SlotDecoder (runner.decoders.base): `slots` rows of `cache_len` positions each over one model.
 
-    start() prefills a prompt into a free slot and returns its first token; step() decodes one
-    token for every busy slot; finish() frees a slot at once. The caller (a scheduler) owns
+    start() prefills a prompt into a free slot and returns its first token (admit() then
+    prefill() in chunks does the same between steps); step() decodes one token for every slot done
+    prefilling; finish() frees a slot at once. The caller (a scheduler) owns
     stopping: EOS, stop strings, max_tokens, cancellation.
     """
 
@@ -67,10 +69,17 @@ class BatchDecoder:
 
     def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
               logprobs: int = -1) -> tuple[int, Token]:
-        """Prefill `prompt` into a free slot; (the slot, its first token). ValueError when no slot
-        is free or the prompt leaves no room in the cache for a new token. logprobs: -1 computes
-        none (a log-softmax over the vocabulary a row and step); 0 the chosen token's; k also the k
-        most likely."""
+        """Prefill `prompt` into a free slot at once; (the slot, its first token). See admit()."""
+        slot = self.admit(prompt, sampling, seed, logprobs)
+        _, token = self.prefill(slot, len(prompt))
+        return slot, token
+
+    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1) -> int:
+        """Take a free slot for `prompt` and return it; prefill() then runs the prompt into it, in
+        one call or in chunks, while step() goes on decoding the other slots. ValueError when no
+        slot is free or the prompt leaves no room in the cache for a new token. logprobs: -1
+        computes none (a log-softmax over the vocabulary a row and step); 0 the chosen token's; k
+        also the k most likely."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.cache_len:
@@ -86,20 +95,31 @@ class BatchDecoder:
         self.starts += 1
         self.taken[slot], self.reused = self.starts, reused
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        row = _Row(sampling, generator, logprobs, len(prompt), list(prompt))
-        self.held[slot] = self.held[slot][:reused]  # until the prefill has written the rest
+        self.held[slot] = self.held[slot][:reused]  # the cache holds these; prefill() writes the rest
+        self.rows[slot] = _Row(sampling, generator, logprobs, reused, list(prompt))
+        return slot
+
+    def prefill(self, slot: int, limit: int) -> tuple[int, Token | None]:
+        """Run at most `limit` more prompt tokens of `slot`'s admitted prompt: (how many ran, its
+        first token once the whole prompt has run, else None)."""
+        row = self.rows[slot]
+        if row.tokens:
+            raise ValueError(f"slot {slot} has run its whole prompt")
+        end = min(len(row.prompt), row.position + max(limit, 1))
         with torch.inference_mode():
-            tokens = torch.tensor([prompt[reused:]], device=self.device)  # [1, T]
-            positions = torch.arange(reused, len(prompt), device=self.device)[None]  # [1, T]
+            tokens = torch.tensor([row.prompt[row.position:end]], device=self.device)  # [1, T]
+            positions = torch.arange(row.position, end, device=self.device)[None]  # [1, T]
             logits = self.model(tokens, positions, last_only=True, row=slot)  # [1, 1, V]
-            self.held[slot] = list(prompt)
-            token = self._pick(row, logits[0, -1])
-        self.rows[slot] = row
-        return slot, token
+            ran, row.position = end - row.position, end
+            self.held[slot] = row.prompt[:end]
+            if end < len(row.prompt):
+                return ran, None
+            return ran, self._pick(row, logits[0, -1])
 
     def step(self) -> dict[int, Token]:
         """One new token for every busy slot (a slot whose cache is full is left out: finish it)."""
-        ready = [s for s in self.busy() if self.rows[s].position < self.cache_len]
+        # A slot still prefilling has no token to decode: it rides along like a free one.
+        ready = [s for s in self.busy() if self.rows[s].tokens and self.rows[s].position < self.cache_len]
         if not ready:
             return {}
         # Compiled steps run every slot (free ones just past their cached tokens, their output unused):

@@ -1,7 +1,7 @@
 """Serving a tensor-parallel recipe: rank 0 runs the HTTP side and the scheduler; every other rank
 repeats rank 0's decoder calls, so all ranks run the same forwards (and meet in the same all-reduces).
 
-Rank 0's scheduler holds a Leader in place of its BatchDecoder: each start / step / finish is
+Rank 0's scheduler holds a Leader in place of its BatchDecoder: each decoder call is
 broadcast (a small pickled tuple) before it runs. The other ranks sit in follow(), running each
 call as it comes. Sampling agrees across ranks because every sampled row has a seed (the scheduler
 draws one when a request names none) and greedy rows need none. While no request runs, the leader
@@ -37,10 +37,23 @@ class Leader:
         return self.decoder.reused
 
     def start(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0):
-        if seed is None and not sampling.greedy:
-            raise ValueError("a sampled row needs a seed under tensor parallelism (every rank draws alike)")
+        self._check(sampling, seed)
         _broadcast(("start", prompt, sampling, seed, logprobs))
         return self.decoder.start(prompt, sampling, seed, logprobs)
+
+    @staticmethod
+    def _check(sampling, seed: int | None) -> None:
+        if seed is None and not sampling.greedy:
+            raise ValueError("a sampled row needs a seed under tensor parallelism (every rank draws alike)")
+
+    def admit(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0) -> int:
+        self._check(sampling, seed)
+        _broadcast(("admit", prompt, sampling, seed, logprobs))
+        return self.decoder.admit(prompt, sampling, seed, logprobs)
+
+    def prefill(self, slot: int, limit: int):
+        _broadcast(("prefill", slot, limit))
+        return self.decoder.prefill(slot, limit)
 
     def step(self):
         _broadcast(("step",))

@@ -2,7 +2,8 @@
 between steps (continuous batching). It knows nothing of HTTP.
 
 A request waits in a queue for a free slot, is prefilled into it, then joins the next batched
-step. Each new token goes through the request's TextStream and is handed to the request's `emit`
+step. Prefill runs at most `prefill_chunk` prompt tokens between two steps (chunked prefill), so
+the running requests keep getting tokens while a long prompt arrives. Each new token goes through the request's TextStream and is handed to the request's `emit`
 callback as a Piece; the last event is Finished (or Failed). A finished or
 cancelled request frees its slot at once. Stopping (EOS, stop strings, max_tokens, a full cache,
 cancellation) is decided here: the decoder only decodes.
@@ -111,16 +112,21 @@ class _Running:
 
 class Scheduler:
     """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one; `keepalive` hears
-    from the loop while it waits for work, and when it ends."""
+    from the loop while it waits for work, and when it ends. prefill_chunk: prompt tokens prefilled
+    between two decode steps, at most (0: every admitted prompt whole)."""
 
     def __init__(self, decoder: SlotDecoder, tokenizer: Tokenizer, queue: int, metrics: Metrics | None = None,
-                 keepalive: KeepAlive | None = None):
+                 keepalive: KeepAlive | None = None, prefill_chunk: int = 0):
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: no chunks), got {prefill_chunk}")
         self.decoder, self.tokenizer, self.keepalive = decoder, tokenizer, keepalive
         self.slots, self.cache_len, self.queue = decoder.slots, decoder.cache_len, queue
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._waiting: deque[Handle] = deque()
-        self._running: dict[int, _Running] = {}  # slot -> its request
+        self._running: dict[int, _Running] = {}  # slot -> its request (prefilling or decoding)
+        self._prefilling: deque[int] = deque()  # slots whose prompts have not all run, oldest first
         self._inflight = 0  # submitted and not finished: waiting + running
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="runner-scheduler", daemon=True)
@@ -191,8 +197,9 @@ class Scheduler:
             for handle in gone:
                 self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
             for handle in admit:
-                self._prefill(handle)
-            if self._running:
+                self._admit(handle)
+            self._prefill()
+            if len(self._running) > len(self._prefilling):
                 self._step()
         for r in list(self._running.values()):
             self._end(r, "cancelled")
@@ -202,18 +209,34 @@ class Scheduler:
         if self.keepalive is not None:
             self.keepalive.close()
 
-    def _prefill(self, handle: Handle) -> None:
+    def _admit(self, handle: Handle) -> None:
         job = handle.job
         seed = job.seed if job.seed is not None or job.sampling.greedy else random.getrandbits(63)
         try:
-            slot, token = self.decoder.start(job.prompt, job.sampling, seed, job.logprobs)
+            slot = self.decoder.admit(job.prompt, job.sampling, seed, job.logprobs)
         except Exception as e:  # a prompt the HTTP layer should have refused, or a model fault
             self._finish_unstarted(handle, Failed(f"prefill failed: {e}"))
             return
         self.metrics.cached(self.decoder.reused)
-        r = _Running(handle, TextStream(self.tokenizer, job.stop))
-        self._running[slot] = r
-        self._advance(slot, r, token)
+        self._running[slot] = _Running(handle, TextStream(self.tokenizer, job.stop))
+        self._prefilling.append(slot)
+
+    def _prefill(self) -> None:
+        """Run prompts, oldest first, up to prefill_chunk tokens in all; a prompt that has all run
+        gives its request its first token."""
+        budget = self.prefill_chunk
+        while self._prefilling and (budget > 0 or not self.prefill_chunk):
+            slot = self._prefilling[0]
+            r = self._running[slot]
+            try:
+                ran, token = self.decoder.prefill(slot, budget if self.prefill_chunk else len(r.handle.job.prompt))
+            except Exception as e:  # a model fault: this request fails, the others go on
+                self._end(r, None, Failed(f"prefill failed: {e}"))
+                continue
+            budget -= ran
+            if token is not None:
+                self._prefilling.popleft()
+                self._advance(slot, r, token)
 
     def _step(self) -> None:
         try:
@@ -279,6 +302,8 @@ class Scheduler:
         slot = next(s for s, x in self._running.items() if x is r)
         self.decoder.finish(slot)
         del self._running[slot]
+        if slot in self._prefilling:
+            self._prefilling.remove(slot)
         prompt = len(r.handle.job.prompt)
         self.metrics.tokens(prompt, r.generated)
         with self._cond:

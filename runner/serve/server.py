@@ -28,6 +28,7 @@ class Options:
     api_key: str | None
     model_name: str
     prefix_cache: bool = True
+    prefill_chunk: int = 0  # prompt tokens between two decode steps, at most (0: whole prompts)
 
 
 def default_cache_len(recipe: Recipe) -> int:
@@ -126,7 +127,7 @@ def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, opt
     slot, _ = decoder.start(built.tokenizer.encode("Hello", bos=True), Sampling())
     decoder.step()
     decoder.finish(slot)
-    scheduler = Scheduler(decoder, built.tokenizer, options.queue, metrics, keepalive)
+    scheduler = Scheduler(decoder, built.tokenizer, options.queue, metrics, keepalive, options.prefill_chunk)
     scheduler.start()
     return scheduler
 

@@ -31,28 +31,39 @@ class Scripted:
     def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0):
         self.slots, self.cache_len, self.scripts, self.delay = slots, cache_len, scripts, delay
         self.rows, self.max_busy, self.reused = {}, 0, 0
+        self.calls = []  # ("admit", slot), ("prefill", slot, tokens run), ("step", the slots it decoded)
 
-    def start(self, prompt, sampling, seed=None, logprobs=0):
+    def admit(self, prompt, sampling, seed=None, logprobs=0):
         slot = next(s for s in range(self.slots) if s not in self.rows)
-        self.rows[slot] = [iter(self.scripts[prompt[0]]), len(prompt)]
+        self.rows[slot] = [iter(self.scripts[prompt[0]]), 0, len(prompt)]  # script, position, prompt length
         self.max_busy = max(self.max_busy, len(self.rows))
-        return slot, Token(next(self.rows[slot][0]), -0.5)
+        self.calls.append(("admit", slot))
+        return slot
+
+    def prefill(self, slot, limit):
+        time.sleep(self.delay)
+        row = self.rows[slot]
+        ran = min(limit, row[2] - row[1])
+        row[1] += ran
+        self.calls.append(("prefill", slot, ran))
+        return ran, Token(next(row[0]), -0.5) if row[1] == row[2] else None
 
     def step(self):
         time.sleep(self.delay)
         out = {}
         for slot, row in self.rows.items():
-            if row[1] < self.cache_len:
+            if row[2] <= row[1] < self.cache_len:
                 row[1] += 1
                 out[slot] = Token(next(row[0]), -0.5)
+        self.calls.append(("step", sorted(out)))
         return out
 
     def finish(self, slot):
         self.rows.pop(slot, None)
 
 
-def run(decoder, jobs, queue_places=4):
-    scheduler = Scheduler(decoder, Tokenizer(), queue_places)
+def run(decoder, jobs, queue_places=4, prefill_chunk=0):
+    scheduler = Scheduler(decoder, Tokenizer(), queue_places, prefill_chunk=prefill_chunk)
     scheduler.start()
     boxes = [queue.Queue() for _ in jobs]
     handles = scheduler.submit(jobs, [box.put for box in boxes])
@@ -121,6 +132,67 @@ def test_cancel_frees_the_slot_at_once_running_or_waiting():
         handles[0].cancel()  # running
         text, end = collect(boxes[0])
         assert end.reason == "cancelled" and end.completion_tokens < 10**5
+        assert scheduler.running == 0 and decoder.rows == {}
+    finally:
+        scheduler.close()
+
+
+def between_steps(calls) -> list[list[tuple]]:
+    """The decoder's prefill calls grouped by the steps that separate them."""
+    groups = [[]]
+    for call in calls:
+        if call[0] == "step":
+            groups.append([])
+        elif call[0] == "prefill":
+            groups[-1].append(call)
+    return groups
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(chunk):
+    scripts = {1: [1] * 1000, 2: [2, 3] * 500}
+    short, long = job(1, max_tokens=200), Job([2] * 25, Sampling(), 5)
+    decoder = Scripted(2, 1000, scripts, delay=0.001)
+    scheduler, _, boxes = run(decoder, [short], prefill_chunk=chunk)
+    try:
+        first = boxes[0].get(timeout=5)  # the short row runs
+        late = queue.Queue()
+        scheduler.submit([long], [late.put])
+        assert collect(late) == ("bcbcb", Finished("length", 25, 5))
+        text, end = collect(boxes[0])
+        assert (first.text + text, end) == ("a" * 200, Finished("length", 1, 200))
+    finally:
+        scheduler.close()
+    groups = between_steps(decoder.calls)
+    assert all(sum(call[2] for call in group) <= chunk for group in groups)
+    slot = next(call[1] for call in decoder.calls if call[0] == "admit" and call != decoder.calls[0])
+    runs = [call[2] for call in decoder.calls if call[0] == "prefill" and call[1] == slot]
+    assert sum(runs) == 25 and len(runs) == -(-25 // chunk)
+    # Every step while the long prompt prefilled decoded the short row.
+    mine = [i for i, call in enumerate(decoder.calls) if call[:2] == ("prefill", slot)]
+    steps = [call for call in decoder.calls[mine[0]:mine[-1]] if call[0] == "step"]
+    assert len(steps) == len(runs) - 1 and all(call[1] == [0] for call in steps)
+
+
+def test_without_chunks_a_prompt_is_prefilled_whole_before_the_next_step():
+    decoder = Scripted(2, 1000, {1: [1] * 1000, 2: [2] * 1000})
+    scheduler, _, boxes = run(decoder, [job(1, max_tokens=5), Job([2] * 40, Sampling(), 5)])
+    try:
+        assert collect(boxes[1]) == ("bbbbb", Finished("length", 40, 5))
+        collect(boxes[0])
+    finally:
+        scheduler.close()
+    assert ("prefill", 1, 40) in decoder.calls
+
+
+def test_cancelling_a_request_while_it_prefills_frees_its_slot():
+    decoder = Scripted(1, 10**6, {1: [1] * 10}, delay=0.001)
+    scheduler, handles, boxes = run(decoder, [Job([1] * 10**5, Sampling(), 5)], prefill_chunk=1)
+    try:
+        while not any(call[0] == "prefill" for call in decoder.calls):
+            time.sleep(0.001)
+        handles[0].cancel()
+        assert collect(boxes[0]) == ("", Finished("cancelled", 10**5, 0))
         assert scheduler.running == 0 and decoder.rows == {}
     finally:
         scheduler.close()
