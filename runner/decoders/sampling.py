@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures below it are greedy
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0: greedy
@@ -35,7 +38,9 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below GREEDY_BELOW a draw is the argmax anyway, and dividing by it overflows fp32
+        # (inf - inf: NaN probabilities); vLLM draws the same line.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts(self) -> bool:
