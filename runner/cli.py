@@ -261,9 +261,9 @@ def eval_(recipe_path, overrides, tasks, limit, include, json_path, batch_size):
 @click.option("--model-name", default=None, help="The model's id in /v1/models [default: the recipe's file stem].")
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Prefill only what a free slot's cache does not already hold of a prompt.")
-@click.option("--prefill-chunk", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Prompt tokens prefilled between two decode steps, at most: running requests keep streaming "
-                   "while a long prompt arrives (0: each prompt whole).")
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Prompt tokens run inside each decode step, at most, while requests stream: they keep "
+                   "streaming while a long prompt arrives (0: each prompt whole).")
 def serve(recipe_path, overrides, cache_len, model_name, **options):
     """Serve RECIPE's model over an OpenAI-compatible HTTP API (needs the serve extra).
 

@@ -158,7 +158,8 @@ def generate_batch(built: pipelines.Pipeline, prompts: list[list[int]],
         while waiting and decoder.free():  # new rows join between steps
             index = waiting.pop(0)
             ids, sample = sequences[index]
-            slot, token = decoder.start(ids, sampling, g.seed + sample)
+            constraint = None if built.grammar is None else built.grammar.matcher()
+            slot, token = decoder.start(ids, sampling, g.seed + sample, constraint=constraint)
             owner[slot] = index
             first = first or time.perf_counter()
             take(index, slot, token.id)

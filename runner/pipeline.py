@@ -18,6 +18,7 @@ from runner.transforms.runner_ops import use_runner_ops
 from runner.config.errors import ConfigError, problem
 from runner.config.schema import DraftKind, ModelSection, ModelSpec, QuantKVCache, QuantMode, QuantSection, Recipe, TokenizerKind, tp_problems
 from runner.decoders import Decoder, Forward, threads
+from runner.decoders.grammar import Grammar, GrammarTokenizer
 from runner.tokenizers.base import Tokenizer
 
 
@@ -29,6 +30,7 @@ class Pipeline:
     decoder: Decoder
     forward: Forward | None = None  # the model, or its compiled steps (the decoder may call them at adaptive threads)
     draft_forward: Forward | None = None  # what the draft model's proposer calls, likewise
+    grammar: Grammar | None = None  # generate.json_schema compiled: each sequence draws only what it allows
 
 
 # The file a source directory (an HF snapshot) holds for each tokenizer kind.
@@ -90,8 +92,20 @@ def build(recipe: Recipe, recipe_path: str, note: Callable[[str], None] | None =
         # under compile: a compiled step is guarded on the thread count, so each change recompiles it.
         steps = threads.adaptive(forward)
         draft_steps = None if draft_forward is None else threads.adaptive(draft_forward)
-    decoder = decoders.build(recipe, model, draft_model, steps, draft_steps)
-    return Pipeline(recipe, tokenizer, model, decoder, forward, draft_forward)
+    grammar = json_grammar(recipe, recipe_path, tokenizer, model.spec.vocab_size)
+    decoder = decoders.build(recipe, model, draft_model, steps, draft_steps, grammar)
+    return Pipeline(recipe, tokenizer, model, decoder, forward, draft_forward, grammar)
+
+
+def json_grammar(recipe: Recipe, recipe_path: str, tokenizer: Tokenizer, vocab_size: int) -> Grammar | None:
+    """generate.json_schema compiled for the tokenizer and the model's logits, or None when unset."""
+    schema = recipe.generate.json_schema
+    if schema is None:
+        return None
+    try:
+        return Grammar.from_json_schema(schema, GrammarTokenizer(tokenizer, vocab_size))
+    except ValueError as e:
+        raise ConfigError([problem(recipe_path, "generate.json_schema", str(e), schema)]) from None
 
 
 def model_path(model: ModelSection, section: QuantSection, recipe_path: str, note: Callable[[str], None] | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -425,6 +425,9 @@ class GenerateSection:
     chat: bool = False  # wrap the prompt in the tokenizer's chat template as a user message
     system: Optional[str] = None  # a system message before the user's (chat template; `runner chat`)
     stop: list[str] = field(default_factory=list)  # generation ends where the text contains one (not printed)
+    # Structured output: every sample is JSON this schema accepts (a mapping, or its JSON text;
+    # {type: object} for any object). Checked when the tokenizer is built (runner.decoders.grammar).
+    json_schema: Optional[Any] = None
     cache_len: Optional[int] = None  # None: prompt + max_new_tokens, capped at arch.max_seq_len
     # Several prompts decoded together, one batch row each (with num_samples rows per prompt);
     # empty: the one `prompt`.

@@ -63,6 +63,8 @@ def container_problems(schema, data: dict, source: str, prefix: str = "") -> lis
         full = f"{prefix}{key}"
         if hint is None or value is None or (isinstance(value, str) and "${" in value):
             continue  # unknown keys, nulls and interpolations are judged once merged
+        if typing.Any in (hint, *typing.get_args(hint)):
+            continue  # any shape (generate.json_schema: a JSON schema), judged where it is used
         inner = dataclass_of(hint)
         listed = any(typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
         mapped = any(typing.get_origin(t) is dict for t in (hint, *typing.get_args(hint)))

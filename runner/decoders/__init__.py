@@ -5,6 +5,7 @@ import torch
 
 from runner.config.schema import DraftKind, Recipe
 from runner.decoders.base import Decoder, Forward, SlotDecoder
+from runner.decoders.grammar import Grammar
 from runner.decoders.plain import PlainDecoder
 from runner.decoders.proposers import DraftModelProposer, NGramProposer
 from runner.decoders.sampling import Sampling
@@ -25,18 +26,19 @@ __all__ = ["DECODERS", "Decoder", "Forward", "SlotDecoder", "build", "sampling_o
 
 
 def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
-          forward: Forward | None = None, draft_forward: Forward | None = None) -> Decoder:
+          forward: Forward | None = None, draft_forward: Forward | None = None, grammar: Grammar | None = None) -> Decoder:
     """The decoder the recipe's draft section selects; draft_model is required for draft.kind: model.
 
     forward: what the decoder calls instead of model(tokens, input_pos), e.g. its compiled steps;
-    draft_forward: the same for the draft model.
+    draft_forward: the same for the draft model; grammar: generate.json_schema compiled.
     """
     sampling, draft = sampling_of(recipe), recipe.draft
     cache_len = recipe.generate.cache_len
     if draft.kind is DraftKind.none:
-        return PlainDecoder(model, sampling, cache_len=cache_len, forward=forward)
+        return PlainDecoder(model, sampling, cache_len=cache_len, forward=forward, grammar=grammar)
     if draft.kind is DraftKind.model:
         proposer = DraftModelProposer(draft_model, sampling, draft_forward)  # top-k / top-p shape q as they shape p
     else:
         proposer = NGramProposer(model.spec.vocab_size, draft.ngram.max_n, draft.ngram.min_n)
-    return SpeculativeDecoder(model, proposer, sampling, draft.speculate_k, cache_len=cache_len, forward=forward)
+    return SpeculativeDecoder(model, proposer, sampling, draft.speculate_k, cache_len=cache_len, forward=forward,
+                              grammar=grammar)

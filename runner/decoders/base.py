@@ -19,6 +19,23 @@ def common_prefix(held: list[int], prompt: list[int]) -> int:
     return next((i for i in range(n) if held[i] != prompt[i]), n)
 
 
+class Constraint(Protocol):
+    """Structured output's state for one sequence (runner.decoders.grammar.Matcher): which ids
+    its grammar allows next."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` [V] with the ids the grammar forbids at -inf."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past `token`."""
+        ...
+
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` accepted tokens."""
+        ...
+
+
 class Forward(Protocol):
     """One step of a model: the model itself, or its compiled steps (runner.transforms.compile)."""
 
@@ -83,22 +100,20 @@ class SlotDecoder(Protocol):
     cache_len: int
     reused: int  # prompt tokens the last start() or admit() found in its slot's cache (prefix caching)
 
-    def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
-              logprobs: int = -1) -> tuple[int, Token]:
+    def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1,
+              constraint: Constraint | None = None) -> tuple[int, Token]:
         """Prefill `prompt` into a free slot: (the slot, its first token)."""
         ...
 
-    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1) -> int:
-        """Take a free slot for `prompt`, to be prefilled by prefill()."""
+    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1,
+              constraint: Constraint | None = None) -> int:
+        """Take a free slot for `prompt`, to be prefilled by step(chunks=...); `constraint` masks its draws."""
         ...
 
-    def prefill(self, slot: int, limit: int) -> tuple[int, Token | None]:
-        """Run at most `limit` more tokens of the slot's prompt: (how many ran, its first token
-        once the whole prompt has run)."""
-        ...
-
-    def step(self) -> dict[int, Token]:
-        """One new token for every busy slot."""
+    def step(self, chunks: dict[int, int] | None = None) -> dict[int, Token]:
+        """One new token for every slot done prefilling; chunks {slot: n}: the next n tokens of
+        those slots' prompts run in the same forward, and a slot whose prompt is then done gets
+        its first token too."""
         ...
 
     def finish(self, slot: int) -> None:

@@ -10,8 +10,8 @@ A slot's cache rows outlive its request: the decoder remembers which tokens they
 prompt takes the free slot that already holds the longest prefix of it, prefilling only the rest
 (prefix caching: a chat client that resends the conversation each turn prefills only the new turn).
 
-Sampling is per row: temperature, top-k, top-p, min-p, penalties, biases and a seed of its own,
-so a row draws the same tokens alone or batched.
+Sampling is per row: temperature, top-k, top-p, min-p, penalties, biases, a structured-output
+grammar and a seed of its own, so a row draws the same tokens alone or batched.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runner.decoders.base import Token, common_prefix
+from runner.decoders.base import Constraint, Token, common_prefix
 from runner.decoders.sampling import Sampling, adjust, next_token
+from runner.model.llama import Part
 
 
 @dataclass
@@ -30,6 +31,7 @@ class _Row:
     logprobs: int  # -1: none; 0: the chosen token's; k: and the k most likely
     position: int  # where its next token goes in the cache (a prompt token while it prefills)
     prompt: list[int]
+    constraint: Constraint | None = None  # structured output: the ids its grammar allows next
     tokens: list[int] = field(default_factory=list)
 
 
@@ -67,19 +69,20 @@ class BatchDecoder:
     def busy(self) -> list[int]:
         return sorted(self.rows)
 
-    def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
-              logprobs: int = -1) -> tuple[int, Token]:
+    def start(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1,
+              constraint: Constraint | None = None) -> tuple[int, Token]:
         """Prefill `prompt` into a free slot at once; (the slot, its first token). See admit()."""
-        slot = self.admit(prompt, sampling, seed, logprobs)
+        slot = self.admit(prompt, sampling, seed, logprobs, constraint)
         _, token = self.prefill(slot, len(prompt))
         return slot, token
 
-    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1) -> int:
+    def admit(self, prompt: list[int], sampling: Sampling, seed: int | None = None, logprobs: int = -1,
+              constraint: Constraint | None = None) -> int:
         """Take a free slot for `prompt` and return it; prefill() then runs the prompt into it, in
         one call or in chunks, while step() goes on decoding the other slots. ValueError when no
         slot is free or the prompt leaves no room in the cache for a new token. logprobs: -1
         computes none (a log-softmax over the vocabulary a row and step); 0 the chosen token's; k
-        also the k most likely."""
+        also the k most likely. constraint: the row's own structured-output matcher, if any."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.cache_len:
@@ -96,58 +99,95 @@ class BatchDecoder:
         self.taken[slot], self.reused = self.starts, reused
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.held[slot] = self.held[slot][:reused]  # the cache holds these; prefill() writes the rest
-        self.rows[slot] = _Row(sampling, generator, logprobs, reused, list(prompt))
+        self.rows[slot] = _Row(sampling, generator, logprobs, reused, list(prompt), constraint)
         return slot
 
     def prefill(self, slot: int, limit: int) -> tuple[int, Token | None]:
-        """Run at most `limit` more prompt tokens of `slot`'s admitted prompt: (how many ran, its
-        first token once the whole prompt has run, else None)."""
-        row = self.rows[slot]
-        if row.tokens:
-            raise ValueError(f"slot {slot} has run its whole prompt")
-        end = min(len(row.prompt), row.position + max(limit, 1))
+        """Run at most `limit` more prompt tokens of `slot`'s admitted prompt, alone: (how many
+        ran, its first token once the whole prompt has run, else None). step(chunks=...) runs
+        chunks along with a decode step instead."""
+        tokens, positions, ran = self._chunk(slot, limit)
         with torch.inference_mode():
-            tokens = torch.tensor([row.prompt[row.position:end]], device=self.device)  # [1, T]
-            positions = torch.arange(row.position, end, device=self.device)[None]  # [1, T]
             logits = self.model(tokens, positions, last_only=True, row=slot)  # [1, 1, V]
-            ran, row.position = end - row.position, end
-            self.held[slot] = row.prompt[:end]
-            if end < len(row.prompt):
-                return ran, None
-            return ran, self._pick(row, logits[0, -1])
+            return ran, self._prefilled(slot, ran, logits[0, -1])
 
-    def step(self) -> dict[int, Token]:
-        """One new token for every busy slot (a slot whose cache is full is left out: finish it)."""
+    def step(self, chunks: dict[int, int] | None = None) -> dict[int, Token]:
+        """One new token for every slot done prefilling (a slot whose cache is full is left out:
+        finish it). chunks {slot: n}: the next n prompt tokens of those prefilling slots run in
+        the same forward, through each linear with the decode rows (each weight read once for
+        all); a slot whose prompt is then done gets its first token too."""
+        chunks = dict(chunks or {})
         # A slot still prefilling has no token to decode: it rides along like a free one.
         ready = [s for s in self.busy() if self.rows[s].tokens and self.rows[s].position < self.cache_len]
-        if not ready:
+        if not (ready or chunks):
             return {}
-        # Compiled steps run every slot (free ones just past their cached tokens, their output unused):
-        # one shape for every step, so they never recompile as requests come and go. Eager ones run
-        # the slots up to the last busy one only.
-        rows = self.slots if self.forward is not self.model else ready[-1] + 1
+        with torch.inference_mode():
+            if chunks:  # eager: a mixed forward has a shape of its own each time
+                rows = ready[-1] + 1 if ready else 0
+                parts = [Part(*self._step_inputs(rows, ready), slice(0, rows))] if ready else []
+                ran = {}
+                for slot, limit in chunks.items():
+                    tokens, positions, ran[slot] = self._chunk(slot, limit)
+                    parts.append(Part(tokens, positions, slot, last_only=True))
+                # The step's part comes first: its rows along for the shape write where a chunk
+                # then writes its real tokens.
+                logits = self.model.forward_parts(parts)
+                step_logits, chunk_logits = (logits[0], logits[1:]) if ready else (None, logits)
+            else:
+                # Compiled steps run every slot (free ones just past their cached tokens, their output
+                # unused): one shape for every step, so they never recompile as requests come and go.
+                # Eager ones run the slots up to the last busy one only.
+                rows = self.slots if self.forward is not self.model else ready[-1] + 1
+                tokens, positions = self._step_inputs(rows, ready)
+                if rows == self.slots:
+                    step_logits = self.forward(tokens, positions)  # [B, 1, V]
+                else:
+                    step_logits = self.model(tokens, positions, row=slice(0, rows))  # [rows, 1, V]
+            out = {}
+            for s in ready:
+                row = self.rows[s]
+                self.held[s].append(row.tokens[-1])
+                row.position += 1
+                out[s] = self._pick(row, step_logits[s, -1])
+            if chunks:
+                for slot, logits in zip(chunks, chunk_logits):
+                    token = self._prefilled(slot, ran[slot], logits[0, -1])
+                    if token is not None:
+                        out[slot] = token
+        return out
+
+    def _step_inputs(self, rows: int, ready: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's tokens and positions [rows, 1]: each ready slot's last token at its position;
+        every other row along for the shape, writing just past the tokens its cache holds."""
         tokens = torch.zeros(rows, 1, dtype=torch.long)
         positions = torch.zeros(rows, 1, dtype=torch.long)
         for s in range(rows):
             if s in ready:
                 row = self.rows[s]
                 tokens[s, 0], positions[s, 0] = row.tokens[-1], row.position
-            else:  # a row along for the shape: it writes just past the tokens its cache holds
+            else:
                 positions[s, 0] = min(len(self.held[s]), self.cache_len - 1)
                 del self.held[s][positions[s, 0]:]
-        with torch.inference_mode():
-            tokens, positions = tokens.to(self.device), positions.to(self.device)
-            if rows == self.slots:
-                logits = self.forward(tokens, positions)  # [B, 1, V]
-            else:
-                logits = self.model(tokens, positions, row=slice(0, rows))  # [rows, 1, V]
-            out = {}
-            for s in ready:
-                row = self.rows[s]
-                self.held[s].append(row.tokens[-1])
-                row.position += 1
-                out[s] = self._pick(row, logits[s, -1])
-        return out
+        return tokens.to(self.device), positions.to(self.device)
+
+    def _chunk(self, slot: int, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The next chunk of at most `limit` tokens of a prefilling slot's prompt: tokens and
+        positions [1, T], and T."""
+        row = self.rows.get(slot)
+        if row is None or row.tokens:
+            raise ValueError(f"slot {slot} has no prompt left to prefill")
+        end = min(len(row.prompt), row.position + max(limit, 1))
+        tokens = torch.tensor([row.prompt[row.position:end]], device=self.device)
+        positions = torch.arange(row.position, end, device=self.device)[None]
+        return tokens, positions, end - row.position
+
+    def _prefilled(self, slot: int, ran: int, logits: torch.Tensor) -> Token | None:
+        """After a chunk of `ran` tokens of the slot's prompt has run (logits [V]: its last one's):
+        the slot's first token once the whole prompt has."""
+        row = self.rows[slot]
+        row.position += ran
+        self.held[slot] = row.prompt[:row.position]
+        return self._pick(row, logits) if row.position == len(row.prompt) else None
 
     def finish(self, slot: int) -> None:
         """Free `slot` for the next request (its cache rows are overwritten by the next prefill)."""
@@ -156,7 +196,12 @@ class BatchDecoder:
     def _pick(self, row: _Row, logits: torch.Tensor) -> Token:
         if row.sampling.adjusts:
             logits = adjust(logits, row.sampling, row.prompt, row.tokens)
-        token = int(next_token(logits, row.sampling, row.generator))
+        # The grammar's mask: after penalties and biases, before temperature and top-k/p. Log-
+        # probabilities are the unmasked distribution's, as vLLM reports them.
+        drawn = logits if row.constraint is None else row.constraint.mask(logits)
+        token = int(next_token(drawn, row.sampling, row.generator))
+        if row.constraint is not None:
+            row.constraint.accept(token)
         row.tokens.append(token)
         if row.logprobs < 0:
             return Token(token, None)

@@ -5,19 +5,22 @@ import time
 
 import torch
 
-from runner.decoders.base import Decoder, Forward, OnToken
+from runner.decoders.base import Constraint, Decoder, Forward, OnToken
+from runner.decoders.grammar import Grammar
 from runner.decoders.sampling import Sampling, adjust, next_token
 from runner.decoders.stats import Stats, peak_memory
 
 
 class PlainDecoder(Decoder):
-    """Greedy or sampled decoding of one sequence over the model's static KV cache."""
+    """Greedy or sampled decoding of one sequence over the model's static KV cache; with a
+    grammar, each call's tokens are a document it accepts (a new matcher per call)."""
 
     reuses_cache = True
 
     def __init__(self, model: torch.nn.Module, sampling: Sampling, cache_len: int | None = None,
-                 forward: Forward | None = None):
+                 forward: Forward | None = None, grammar: Grammar | None = None):
         self.model = model
+        self.grammar = grammar
         self.forward = forward or model
         self.sampling = sampling
         self.cache_len = cache_len
@@ -44,11 +47,12 @@ class PlainDecoder(Decoder):
         cached = max(0, min(cached, len(prompt) - 1))  # at least the last prompt token runs: its logits
 
         out: list[int] = []
+        constraint = None if self.grammar is None else self.grammar.matcher()
         start = time.perf_counter()
         with torch.inference_mode():
             tokens = torch.tensor([prompt[cached:]], device=self.device)  # [1, T]
             logits = self.forward(tokens, torch.arange(cached, len(prompt), device=self.device), last_only=True)  # [1, 1, V]
-            token = self._next(logits[0, -1], prompt, out, generator)
+            token = self._next(logits[0, -1], prompt, out, generator, constraint)
             first = time.perf_counter()
             pos = torch.tensor([len(prompt)], device=self.device)
             while True:
@@ -57,7 +61,7 @@ class PlainDecoder(Decoder):
                 if stop or out[-1] in eos_ids or len(out) == max_new_tokens:
                     break
                 logits = self.forward(token.view(1, 1), pos)  # [1, 1, V]
-                token = self._next(logits[0, -1], prompt, out, generator)
+                token = self._next(logits[0, -1], prompt, out, generator, constraint)
                 pos += 1
         end = time.perf_counter()
         stats = Stats(
@@ -66,8 +70,12 @@ class PlainDecoder(Decoder):
         )
         return out, stats
 
-    def _next(self, logits: torch.Tensor, prompt: list[int], out: list[int],
-              generator: torch.Generator | None) -> torch.Tensor:
+    def _next(self, logits: torch.Tensor, prompt: list[int], out: list[int], generator: torch.Generator | None,
+              constraint: Constraint | None) -> torch.Tensor:
         if self.sampling.adjusts:
             logits = adjust(logits, self.sampling, prompt, out)
-        return next_token(logits, self.sampling, generator)
+        if constraint is None:
+            return next_token(logits, self.sampling, generator)
+        token = next_token(constraint.mask(logits), self.sampling, generator)  # after penalties, before top-k/p
+        constraint.accept(int(token))
+        return token

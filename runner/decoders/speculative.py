@@ -5,6 +5,10 @@ target's distribution whatever the proposer: draft token d ~ q is kept with prob
 min(1, p(d) / q(d)); on the first rejection the token is drawn from normalize(max(p - q, 0)); when
 all k are kept, a bonus token is drawn from the target's next distribution. Greedy is the limit
 case where p and q are one-hot: a draft token is kept iff it is the target's argmax.
+
+With a grammar (structured output) p at each verified position is the target's masked by the
+grammar after the drafts before it; a draft the grammar forbids has p = 0 and is rejected, so the
+output stays an exact draw from the masked target, whatever the proposer drafts.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Protocol
 
 import torch
 
-from runner.decoders.base import Decoder, Forward, OnToken
+from runner.decoders.base import Constraint, Decoder, Forward, OnToken
+from runner.decoders.grammar import Grammar
 from runner.decoders.sampling import Sampling, logits_to_probs, sample
 from runner.decoders.stats import Stats, peak_memory
 
@@ -51,6 +56,20 @@ def verify(drafted: list[int], q: torch.Tensor, p: torch.Tensor, generator: torc
         out.append(token)
     out.append(int(sample(p[len(drafted)], generator)))  # every draft kept: the bonus token
     return out
+
+
+def masked(logits: torch.Tensor, drafted: list[int], constraint: Constraint) -> tuple[torch.Tensor, int]:
+    """logits [1 + k, V] of a verify forward, each position masked by the grammar after the drafts
+    before it, and how many drafts the constraint accepted on the way (roll them back). Positions
+    past a draft the grammar forbids are left as they are: verification rejects that draft first."""
+    rows = [constraint.mask(logits[0])]
+    for i, token in enumerate(drafted):
+        try:
+            constraint.accept(token)
+        except ValueError:  # p(token) = 0 here
+            return torch.cat([torch.stack(rows), logits[len(rows):]]), i
+        rows.append(constraint.mask(logits[i + 1]))
+    return torch.stack(rows), len(drafted)
 
 
 class Proposer(Protocol):
@@ -91,8 +110,9 @@ class SpeculativeDecoder(Decoder):
     """
 
     def __init__(self, model: torch.nn.Module, proposer: Proposer, sampling: Sampling, speculate_k: int,
-                 cache_len: int | None = None, forward: Forward | None = None):
+                 cache_len: int | None = None, forward: Forward | None = None, grammar: Grammar | None = None):
         self.model = model
+        self.grammar = grammar
         self.forward = forward or model
         self.proposer = proposer
         self.sampling = sampling
@@ -119,6 +139,7 @@ class SpeculativeDecoder(Decoder):
         spec = SpeculativeStats(self.speculate_k)
 
         sequence, out = list(prompt), []
+        constraint = None if self.grammar is None else self.grammar.matcher()
         start = time.perf_counter()
         first = None
         with torch.inference_mode():
@@ -134,9 +155,16 @@ class SpeculativeDecoder(Decoder):
                 tokens = torch.tensor([sequence[-1:] + drafted], device=self.device)  # [1, 1 + k]
                 positions = torch.arange(pending, pending + 1 + len(drafted), device=self.device)
                 logits = self.forward(tokens, positions)[0]  # [1 + k, V]
+                walked = 0
+                if constraint is not None:
+                    logits, walked = masked(logits, drafted, constraint)
                 p = logits_to_probs(logits, self.sampling)
                 spec.target_forwards += 1
                 new = verify(drafted, q.to(p.device), p, generator) if drafted else [int(sample(p[0], generator))]
+                if constraint is not None:  # back to the round's start, then through what it produced
+                    constraint.rollback(walked)
+                    for token in new:
+                        constraint.accept(token)
                 appended, stop = 0, False
                 for token in new:
                     appended += 1

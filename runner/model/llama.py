@@ -25,6 +25,8 @@ weight is the multiplier itself (Gemma's checkpoints store it less spec.norm_off
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -163,17 +165,30 @@ class Attention(nn.Module):
         self.softcap = spec.attn_logit_softcap
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
-        cache = self.kv_cache if row is None else self.kv_cache.row(row)
+    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None,
+                parts: list[LayerPart] | None = None):
         qkv = self.wqkv(x)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
         if self.q_norm is not None:
             qkv = self.ops.norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.n_heads,
                                       self.n_kv_heads)
-        y = self.ops.attend(qkv, cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window,
-                            self.scale, self.softcap)
+        if parts is None:
+            y = self._attend(qkv, cos_sin, mask, input_pos, row)
+        else:  # a mixed forward (Transformer.forward_parts): each part attends over its own cache rows
+            ys, start = [], 0
+            for part in parts:
+                rows, tokens = part.tokens.shape
+                piece = qkv[:, start:start + rows * tokens].reshape(rows, tokens, -1)
+                ys.append(self._attend(piece, part.cos_sin, part.mask, part.input_pos, part.row).reshape(1, rows * tokens, -1))
+                start += rows * tokens
+            y = torch.cat(ys, dim=1)
         return self.wo(y)
+
+    def _attend(self, qkv, cos_sin, mask, input_pos, row: int | slice | None):
+        cache = self.kv_cache if row is None else self.kv_cache.row(row)
+        return self.ops.attend(qkv, cos_sin, cache, input_pos, mask, self.n_heads, self.n_kv_heads, self.window,
+                               self.scale, self.softcap)
 
     @property
     def plain(self) -> bool:
@@ -259,8 +274,9 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(spec.dim, spec.norm_eps) if sandwich else None
         self.post_ffn_norm = RMSNorm(spec.dim, spec.norm_eps) if sandwich else None
 
-    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None):
-        y = self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row)
+    def forward(self, x, cos_sin, mask, input_pos, row: int | slice | None = None,
+                parts: list[LayerPart] | None = None):
+        y = self.attention(self.attention_norm(x), cos_sin, mask, input_pos, row, parts)
         h = x + (y if self.post_attention_norm is None else self.post_attention_norm(y))
         y = self.feed_forward(self.ffn_norm(h))
         return h + (y if self.post_ffn_norm is None else self.post_ffn_norm(y))
@@ -327,10 +343,36 @@ class Transformer(nn.Module):
                 x = layer(x, layer_cos_sin, mask, input_pos, row)
         if last_only:
             x = x[:, -1:]  # [B, 1, dim]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] from the last layer's output x [..., dim]."""
         x = self.norm(x)
         logits = self.ops.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)
         cap = self.spec.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def forward_parts(self, parts: list[Part]) -> list[torch.Tensor]:
+        """Several calls of forward() in one: each part's tokens [B, T] at its positions into its
+        cache rows, as forward(part.tokens, part.input_pos, part.last_only, part.row) would run them,
+        but every part's tokens go through each linear together (each weight read once for all:
+        a prompt's chunk rides along with the decode step of the other rows). Each part's logits:
+        [B, T, vocab], or [B, 1, vocab] with last_only."""
+        x = torch.cat([self.embed(part.tokens).reshape(1, -1, self.spec.dim) for part in parts], dim=1)  # [1, N, dim]
+        inputs = [self.layer_inputs(part.input_pos, self.cache_len) for part in parts]  # per part, per layer
+        for i, layer in enumerate(self.layers):
+            layer_parts = [LayerPart(part.tokens, inputs[j][i][0], inputs[j][i][1], part.input_pos, part.row)
+                           for j, part in enumerate(parts)]
+            x = layer(x, None, None, None, parts=layer_parts)
+        outs, start = [], 0
+        for part in parts:
+            rows, tokens = part.tokens.shape
+            y = x[0, start:start + rows * tokens].reshape(rows, tokens, -1)
+            outs.append(y[:, -1:] if part.last_only else y)
+            start += rows * tokens
+        sizes = [y.shape[0] * y.shape[1] for y in outs]
+        logits = self.head(torch.cat([y.reshape(1, -1, self.spec.dim) for y in outs], dim=1))  # [1, M, vocab]
+        return [piece.reshape(*y.shape[:2], -1) for piece, y in zip(logits[0].split(sizes), outs)]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The first layer's input [B, T, dim] for tokens [B, T]."""
@@ -377,6 +419,28 @@ class Transformer(nn.Module):
         changed: ops that keep tensors gathered from the model (KernelOps' fused decode step)
         gather them again. Whatever replaces them after the ops are chosen calls this."""
         self.ops.operands_changed()
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a mixed forward (Transformer.forward_parts): tokens [B, T] at input_pos ([T]
+    or [B, T]) into cache row(s) `row`; last_only: its logits for the last token only."""
+
+    tokens: torch.Tensor
+    input_pos: torch.Tensor
+    row: int | slice | None
+    last_only: bool = False
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """A Part as one layer's attention sees it: with that layer's RoPE table and mask."""
+
+    tokens: torch.Tensor
+    cos_sin: torch.Tensor
+    mask: torch.Tensor
+    input_pos: torch.Tensor
+    row: int | slice | None
 
 
 def ropes(spec: ModelSpec) -> tuple[Rope, Rope | None]:

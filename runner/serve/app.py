@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
+from runner.decoders.grammar import Grammar
 from runner.decoders.sampling import Sampling
 from runner.serve.metrics import Metrics
 from runner.serve.scheduler import Busy, Failed, Finished, Job, Piece, Scheduler, TokenInfo
@@ -229,7 +230,8 @@ def _sampling(settings: Settings, body: Sampled) -> Sampling:
     return dataclasses.replace(settings.sampling, **given)
 
 
-def _jobs(settings: Settings, body: Sampled, prompts: list[list[int]], logprobs: int) -> list[Job]:
+def _jobs(settings: Settings, body: Sampled, prompts: list[list[int]], logprobs: int,
+          grammar: Grammar | None = None) -> list[Job]:
     """n Jobs per prompt, choice i seeded with seed + i; refuses what cannot fit."""
     if body.n * len(prompts) > settings.slots:
         raise ApiError(400, f"n: {body.n * len(prompts)} choices need as many slots; this server has {settings.slots}",
@@ -252,13 +254,25 @@ def _jobs(settings: Settings, body: Sampled, prompts: list[list[int]], logprobs:
         max_tokens = requested if requested is not None else min(settings.max_tokens, room)
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            jobs.append(Job(ids, sampling, max_tokens, body.stops(), seed, logprobs))
+            jobs.append(Job(ids, sampling, max_tokens, body.stops(), seed, logprobs, grammar))
     return jobs
+
+
+def _grammar(scheduler: Scheduler, body: Sampled) -> Grammar | None:
+    """The request's response_format compiled (None: plain text); a 400 naming what is wrong."""
+    try:
+        return scheduler.grammar(body.response_format)
+    except ValueError as e:
+        field = str(e).split(":", 1)[0]
+        raise ApiError(400, str(e), param=field if field.startswith("response_format") else "response_format",
+                       code="invalid_value") from None
 
 
 async def _answer(state: State, request: Request, body: Sampled, prompts: list[list[int]], logprobs: int,
                   chat: bool):
-    jobs = _jobs(state.settings, body, prompts, logprobs)
+    # Off the event loop: a large schema compiles for a while, and the other streams go on meanwhile.
+    grammar = None if body.response_format is None else await asyncio.to_thread(_grammar, state.scheduler, body)
+    jobs = _jobs(state.settings, body, prompts, logprobs, grammar)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     emits = [lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event)) for i in range(len(jobs))]

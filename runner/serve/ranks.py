@@ -46,18 +46,16 @@ class Leader:
         if seed is None and not sampling.greedy:
             raise ValueError("a sampled row needs a seed under tensor parallelism (every rank draws alike)")
 
-    def admit(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0) -> int:
+    def admit(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0, constraint=None) -> int:
         self._check(sampling, seed)
+        if constraint is not None:  # its state lives on this rank only; app.py refuses such requests first
+            raise ValueError("structured output is not served under tensor parallelism")
         _broadcast(("admit", prompt, sampling, seed, logprobs))
         return self.decoder.admit(prompt, sampling, seed, logprobs)
 
-    def prefill(self, slot: int, limit: int):
-        _broadcast(("prefill", slot, limit))
-        return self.decoder.prefill(slot, limit)
-
-    def step(self):
-        _broadcast(("step",))
-        return self.decoder.step()
+    def step(self, chunks: dict[int, int] | None = None):
+        _broadcast(("step", chunks))
+        return self.decoder.step(chunks)
 
     def finish(self, slot: int) -> None:
         _broadcast(("finish", slot))

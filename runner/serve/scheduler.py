@@ -1,15 +1,17 @@
 """The scheduler: one thread owns the BatchDecoder and the model loop; requests come and go
 between steps (continuous batching). It knows nothing of HTTP.
 
-A request waits in a queue for a free slot, is prefilled into it, then joins the next batched
-step. Prefill runs at most `prefill_chunk` prompt tokens between two steps (chunked prefill), so
-the running requests keep getting tokens while a long prompt arrives. Each new token goes through the request's TextStream and is handed to the request's `emit`
+A request waits in a queue for a free slot and is admitted to it; its prompt runs inside the next
+steps, at most `prefill_chunk` prompt tokens a step over all prompts (chunked prefill), so the
+running requests keep getting tokens while a long prompt arrives; then it decodes with them.
+Each new token goes through the request's TextStream and is handed to the request's `emit`
 callback as a Piece; the last event is Finished (or Failed). A finished or
 cancelled request frees its slot at once. Stopping (EOS, stop strings, max_tokens, a full cache,
 cancellation) is decided here: the decoder only decodes.
 """
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -19,6 +21,7 @@ from typing import Callable, Protocol
 
 from runner.config.errors import ConfigError
 from runner.decoders.base import SlotDecoder, Token
+from runner.decoders.grammar import Grammar, GrammarTokenizer
 from runner.decoders.sampling import Sampling
 from runner.serve.metrics import Metrics
 from runner.text import TextStream
@@ -36,6 +39,7 @@ class Job:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # None: a fresh random seed (sampling) - the row is still independent of its batch
     logprobs: int = -1  # -1: none; 0: the chosen token's; k: and the k most likely
+    grammar: Grammar | None = None  # structured output (response_format): each row matches it on its own
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class KeepAlive(Protocol):
 class _Running:
     handle: Handle
     text: TextStream
+    prefilled: int = 0  # prompt tokens in its slot's cache
     generated: int = 0
     last: float = 0.0  # when its latest token came
     ended: bool = field(default=False)
@@ -113,15 +118,22 @@ class _Running:
 class Scheduler:
     """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one; `keepalive` hears
     from the loop while it waits for work, and when it ends. prefill_chunk: prompt tokens prefilled
-    between two decode steps, at most (0: every admitted prompt whole)."""
+    between two decode steps, at most (0: every admitted prompt whole). vocab_size: the model's
+    logits per row (structured output masks them all), the tokenizer's by default."""
+
+    GRAMMARS = 32  # compiled response formats kept for the next request that sends one again
 
     def __init__(self, decoder: SlotDecoder, tokenizer: Tokenizer, queue: int, metrics: Metrics | None = None,
-                 keepalive: KeepAlive | None = None, prefill_chunk: int = 0):
+                 keepalive: KeepAlive | None = None, prefill_chunk: int = 0, vocab_size: int | None = None):
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0: no chunks), got {prefill_chunk}")
         self.decoder, self.tokenizer, self.keepalive = decoder, tokenizer, keepalive
         self.slots, self.cache_len, self.queue = decoder.slots, decoder.cache_len, queue
         self.prefill_chunk = prefill_chunk
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        self._grammar_tokens: GrammarTokenizer | None = None  # built on first use: it indexes the vocabulary
+        self._grammars: dict[str, Grammar | None] = {}  # by response format, oldest first
+        self._grammar_lock = threading.Lock()
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._waiting: deque[Handle] = deque()
@@ -142,6 +154,26 @@ class Scheduler:
         except ConfigError as e:
             raise ValueError(e.problems[0].message) from None
         return self.tokenizer.encode(text, bos=False, allow_special=True)
+
+    def grammar(self, response_format: object) -> Grammar | None:
+        """OpenAI's response_format compiled for this model (None: plain text); ValueError naming
+        the field for one that cannot be served."""
+        key = json.dumps(response_format, sort_keys=True)
+        with self._grammar_lock:  # requests compile theirs in threads of their own
+            if key in self._grammars:
+                self._grammars[key] = self._grammars.pop(key)  # the most recently used now
+                return self._grammars[key]
+            if self._grammar_tokens is None:
+                self._grammar_tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
+            tokens = self._grammar_tokens
+        grammar = Grammar.from_response_format(response_format, tokens)
+        if grammar is not None and self.keepalive is not None:
+            raise ValueError("response_format: structured output is not served under tensor parallelism")
+        with self._grammar_lock:
+            self._grammars[key] = grammar
+            if len(self._grammars) > self.GRAMMARS:
+                del self._grammars[next(iter(self._grammars))]
+        return grammar
 
     # ---- the queue
     @property
@@ -198,8 +230,7 @@ class Scheduler:
                 self._finish_unstarted(handle, Finished("cancelled", len(handle.job.prompt), 0))
             for handle in admit:
                 self._admit(handle)
-            self._prefill()
-            if len(self._running) > len(self._prefilling):
+            if self._running:
                 self._step()
         for r in list(self._running.values()):
             self._end(r, "cancelled")
@@ -213,41 +244,44 @@ class Scheduler:
         job = handle.job
         seed = job.seed if job.seed is not None or job.sampling.greedy else random.getrandbits(63)
         try:
-            slot = self.decoder.admit(job.prompt, job.sampling, seed, job.logprobs)
+            constraint = None if job.grammar is None else job.grammar.matcher()
+            slot = self.decoder.admit(job.prompt, job.sampling, seed, job.logprobs, constraint)
         except Exception as e:  # a prompt the HTTP layer should have refused, or a model fault
             self._finish_unstarted(handle, Failed(f"prefill failed: {e}"))
             return
         self.metrics.cached(self.decoder.reused)
-        self._running[slot] = _Running(handle, TextStream(self.tokenizer, job.stop))
+        self._running[slot] = _Running(handle, TextStream(self.tokenizer, job.stop), prefilled=self.decoder.reused)
         self._prefilling.append(slot)
 
-    def _prefill(self) -> None:
-        """Run prompts, oldest first, up to prefill_chunk tokens in all; a prompt that has all run
-        gives its request its first token."""
-        budget = self.prefill_chunk
-        while self._prefilling and (budget > 0 or not self.prefill_chunk):
-            slot = self._prefilling[0]
+    def _chunks(self) -> dict[int, int]:
+        """This step's prompt tokens per prefilling slot: oldest first, prefill_chunk in all while
+        some row decodes (whole prompts while none does, or with prefill_chunk 0)."""
+        budget, chunks = self.prefill_chunk, {}
+        whole = not self.prefill_chunk or len(self._running) == len(self._prefilling)  # no stream to keep going
+        for slot in self._prefilling:
             r = self._running[slot]
-            try:
-                ran, token = self.decoder.prefill(slot, budget if self.prefill_chunk else len(r.handle.job.prompt))
-            except Exception as e:  # a model fault: this request fails, the others go on
-                self._end(r, None, Failed(f"prefill failed: {e}"))
-                continue
-            budget -= ran
-            if token is not None:
-                self._prefilling.popleft()
-                self._advance(slot, r, token)
+            left = len(r.handle.job.prompt) - r.prefilled
+            n = left if whole else min(left, budget)
+            if n <= 0:
+                break
+            chunks[slot] = n
+            r.prefilled += n
+            budget -= n
+        return chunks
 
     def _step(self) -> None:
+        chunks = self._chunks()
         try:
-            tokens = self.decoder.step()
+            tokens = self.decoder.step(chunks)
         except Exception as e:  # a model fault: every running request fails, the server goes on
             for slot, r in list(self._running.items()):
-                self._end(r, None, Failed(f"decode step failed: {e}"))
+                self._end(r, None, Failed(f"{'prefill' if slot in chunks else 'decode step'} failed: {e}"))
             return
         for slot, token in tokens.items():
             r = self._running.get(slot)
             if r is not None:
+                if slot in self._prefilling:  # its prompt has all run: this is its first token
+                    self._prefilling.remove(slot)
                 self._advance(slot, r, token)
 
     def _advance(self, slot: int, r: _Running, token: Token) -> None:

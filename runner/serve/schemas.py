@@ -17,7 +17,6 @@ MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 # request may send those); any other value is a 400 naming the field. Fields that change nothing
 # about the output (user, metadata, store, service_tier, ...) are ignored as unknown fields are.
 UNSUPPORTED = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True),
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
@@ -51,9 +50,11 @@ class Sampled(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}: checked
+    # when compiled (runner.decoders.grammar), which names the part that is wrong.
+    response_format: Any = None
 
     # Declared so that they can be refused by name (see UNSUPPORTED).
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

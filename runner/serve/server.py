@@ -28,7 +28,7 @@ class Options:
     api_key: str | None
     model_name: str
     prefix_cache: bool = True
-    prefill_chunk: int = 0  # prompt tokens between two decode steps, at most (0: whole prompts)
+    prefill_chunk: int = 0  # prompt tokens inside each decode step, at most (0: whole prompts)
 
 
 def default_cache_len(recipe: Recipe) -> int:
@@ -127,7 +127,8 @@ def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, opt
     slot, _ = decoder.start(built.tokenizer.encode("Hello", bos=True), Sampling())
     decoder.step()
     decoder.finish(slot)
-    scheduler = Scheduler(decoder, built.tokenizer, options.queue, metrics, keepalive, options.prefill_chunk)
+    scheduler = Scheduler(decoder, built.tokenizer, options.queue, metrics, keepalive, options.prefill_chunk,
+                          built.model.spec.vocab_size)
     scheduler.start()
     return scheduler
 

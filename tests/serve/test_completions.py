@@ -140,7 +140,7 @@ BAD = [
     ("token id lists as floats", {"prompt": [[1, 2], [3.5]]}, 400),
     ("null user content", {"messages": [{"role": "user", "content": None}]}, 400),
     ("null system content", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]}, 400),
-    ("response_format not served", {"prompt": "x", "response_format": {"type": "json_object"}}, 400),
+    ("response_format of an unknown type", {"prompt": "x", "response_format": {"type": "xml"}}, 400),
     ("tools not served", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
     ("best_of above 1", {"prompt": "x", "best_of": 3}, 400),
     ("echo", {"prompt": "x", "echo": True}, 400),
@@ -155,7 +155,7 @@ BAD = [
 ]
 # The field a 400 names (error.param), where the request got past neither schema nor checks.
 PARAMS = {"seed beyond 64 bits": "seed", "seed below 64 bits": "seed", "null user content": "messages.0",
-          "null system content": "messages.0", "response_format not served": "response_format",
+          "null system content": "messages.0", "response_format of an unknown type": "response_format.type",
           "tools not served": "tools", "best_of above 1": "best_of", "echo": "echo",
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
           "repetition_penalty": "repetition_penalty", "min_p": "min_p", "logit_bias key": "logit_bias",

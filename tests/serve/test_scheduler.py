@@ -31,31 +31,29 @@ class Scripted:
     def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0):
         self.slots, self.cache_len, self.scripts, self.delay = slots, cache_len, scripts, delay
         self.rows, self.max_busy, self.reused = {}, 0, 0
-        self.calls = []  # ("admit", slot), ("prefill", slot, tokens run), ("step", the slots it decoded)
+        self.calls = []  # ("admit", slot), ("step", the slots it decoded, {slot: prompt tokens it ran})
 
-    def admit(self, prompt, sampling, seed=None, logprobs=0):
+    def admit(self, prompt, sampling, seed=None, logprobs=0, constraint=None):
         slot = next(s for s in range(self.slots) if s not in self.rows)
         self.rows[slot] = [iter(self.scripts[prompt[0]]), 0, len(prompt)]  # script, position, prompt length
         self.max_busy = max(self.max_busy, len(self.rows))
         self.calls.append(("admit", slot))
         return slot
 
-    def prefill(self, slot, limit):
-        time.sleep(self.delay)
-        row = self.rows[slot]
-        ran = min(limit, row[2] - row[1])
-        row[1] += ran
-        self.calls.append(("prefill", slot, ran))
-        return ran, Token(next(row[0]), -0.5) if row[1] == row[2] else None
-
-    def step(self):
+    def step(self, chunks=None):
         time.sleep(self.delay)
         out = {}
         for slot, row in self.rows.items():
             if row[2] <= row[1] < self.cache_len:
                 row[1] += 1
                 out[slot] = Token(next(row[0]), -0.5)
-        self.calls.append(("step", sorted(out)))
+        for slot, n in (chunks or {}).items():
+            row = self.rows[slot]
+            assert 0 < n <= row[2] - row[1]
+            row[1] += n
+            if row[1] == row[2]:
+                out[slot] = Token(next(row[0]), -0.5)
+        self.calls.append(("step", sorted(s for s in out if s not in (chunks or {})), dict(chunks or {})))
         return out
 
     def finish(self, slot):
@@ -137,17 +135,6 @@ def test_cancel_frees_the_slot_at_once_running_or_waiting():
         scheduler.close()
 
 
-def between_steps(calls) -> list[list[tuple]]:
-    """The decoder's prefill calls grouped by the steps that separate them."""
-    groups = [[]]
-    for call in calls:
-        if call[0] == "step":
-            groups.append([])
-        elif call[0] == "prefill":
-            groups[-1].append(call)
-    return groups
-
-
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(chunk):
     scripts = {1: [1] * 1000, 2: [2, 3] * 500}
@@ -163,15 +150,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(chun
         assert (first.text + text, end) == ("a" * 200, Finished("length", 1, 200))
     finally:
         scheduler.close()
-    groups = between_steps(decoder.calls)
-    assert all(sum(call[2] for call in group) <= chunk for group in groups)
-    slot = next(call[1] for call in decoder.calls if call[0] == "admit" and call != decoder.calls[0])
-    runs = [call[2] for call in decoder.calls if call[0] == "prefill" and call[1] == slot]
+    steps = [call for call in decoder.calls if call[0] == "step"]
+    assert all(sum(call[2].values()) <= chunk for call in steps)
+    slot = [call[1] for call in decoder.calls if call[0] == "admit"][1]
+    runs = [call[2][slot] for call in steps if slot in call[2]]
     assert sum(runs) == 25 and len(runs) == -(-25 // chunk)
-    # Every step while the long prompt prefilled decoded the short row.
-    mine = [i for i, call in enumerate(decoder.calls) if call[:2] == ("prefill", slot)]
-    steps = [call for call in decoder.calls[mine[0]:mine[-1]] if call[0] == "step"]
-    assert len(steps) == len(runs) - 1 and all(call[1] == [0] for call in steps)
+    # Every step that ran a chunk of the long prompt decoded the short row too.
+    assert all(call[1] == [0] for call in steps if slot in call[2])
+
+
+def test_a_prompt_runs_whole_while_no_row_decodes():
+    decoder = Scripted(2, 1000, {2: [2] * 1000})
+    scheduler, _, boxes = run(decoder, [Job([2] * 40, Sampling(), 5)], prefill_chunk=4)
+    try:
+        assert collect(boxes[0]) == ("bbbbb", Finished("length", 40, 5))
+    finally:
+        scheduler.close()
+    assert ("step", [], {0: 40}) in decoder.calls  # no stream to keep going: no chunks
 
 
 def test_without_chunks_a_prompt_is_prefilled_whole_before_the_next_step():
@@ -182,17 +177,23 @@ def test_without_chunks_a_prompt_is_prefilled_whole_before_the_next_step():
         collect(boxes[0])
     finally:
         scheduler.close()
-    assert ("prefill", 1, 40) in decoder.calls
+    assert ("step", [], {0: 1, 1: 40}) in decoder.calls  # both prompts whole, in the first step
 
 
 def test_cancelling_a_request_while_it_prefills_frees_its_slot():
-    decoder = Scripted(1, 10**6, {1: [1] * 10}, delay=0.001)
-    scheduler, handles, boxes = run(decoder, [Job([1] * 10**5, Sampling(), 5)], prefill_chunk=1)
+    decoder = Scripted(2, 10**6, {1: [1] * 10**6, 2: [2] * 10}, delay=0.001)
+    scheduler, handles, boxes = run(decoder, [job(1, max_tokens=10**5)], prefill_chunk=1)
     try:
-        while not any(call[0] == "prefill" for call in decoder.calls):
+        assert isinstance(boxes[0].get(timeout=5), Piece)  # a row decodes: prompts now run in chunks
+        late = queue.Queue()
+        handle, = scheduler.submit([Job([2] * 10**5, Sampling(), 5)], [late.put])
+        while not any(call[0] == "step" and call[2] for call in decoder.calls):
             time.sleep(0.001)
+        handle.cancel()
+        assert collect(late) == ("", Finished("cancelled", 10**5, 0))
+        assert set(decoder.rows) == {0}  # the prefilling row's slot is free; the decoding one runs on
         handles[0].cancel()
-        assert collect(boxes[0]) == ("", Finished("cancelled", 10**5, 0))
+        collect(boxes[0])
         assert scheduler.running == 0 and decoder.rows == {}
     finally:
         scheduler.close()

@@ -3,10 +3,12 @@ equal the CLI's, chat logprobs, and, since a request lasts long enough here to a
 middle: disconnects free slots, and a request beyond slots + queue gets 429."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -58,6 +60,22 @@ def test_chat_logprobs(client):
         assert len(entry.top_logprobs) == 2 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
     assert "".join(e.token for e in content) == out.choices[0].message.content
+
+
+def test_chat_json_schema_answers_an_object_the_schema_accepts(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+              "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 40},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                             "city": {"type": "string", "minLength": 1, "maxLength": 40}}}
+    request = {"model": "smollm2-135m", "max_tokens": 100, "temperature": 0,
+               "messages": [{"role": "user", "content": "Describe a person as a JSON object with their name, age "
+                                                        "and the city they live in."}],
+               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}}
+    whole = client.chat.completions.create(**request)
+    assert whole.choices[0].finish_reason == "stop", whole.choices[0].message.content
+    jsonschema.validate(json.loads(whole.choices[0].message.content), schema)
+    chunks = list(client.chat.completions.create(stream=True, **request))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
 
 
 def wait_for(server, check, seconds: float = 20) -> dict:
