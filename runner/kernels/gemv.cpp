@@ -8,8 +8,9 @@
 namespace runner {
 namespace {
 
-// W: the weights' type (fp32, bf16, int8: weight-only int8 takes this loop on every target; on
-// AVX-512 it beat a hand-written loop of masked 16-byte steps, 20 against 17 GB/s); X: x's.
+// Row by row, kChains sums each. W: the weights' type (int8: weight-only int8 takes this loop on
+// every target; on AVX-512 it beat a hand-written loop of masked 16-byte steps, 20 against 17 GB/s);
+// X: x's. Float weights take the tiles below, except bf16 on AVX512-BF16.
 template <typename W, typename X = W>
 void dot_rows(const X* x, const W* w, int64_t K, int64_t rows, float* out) {
   constexpr int64_t step = kChains * kLanes;
@@ -27,43 +28,15 @@ void dot_rows(const X* x, const W* w, int64_t K, int64_t rows, float* out) {
   }
 }
 
-#if !defined(__AVX512BF16__)
-// bf16 rows without bf16 arithmetic: each 32-bit lane of the loaded bytes holds two neighbours,
-// the even one in its low half. A shift and a mask make both fp32 (a bf16 is an fp32's top half),
-// with no widening shuffle: the 49152 x 576 output layer went from 0.58x to above torch on AVX2.
-inline void even_odd(const BFloat16* p, vf& even, vf& odd) {
-  vu u;
-  std::memcpy(&u, p, sizeof u);
-  even = (vf)(u << 16);
-  odd = (vf)(u & 0xFFFF0000u);
-}
-
-template <>
-void dot_rows<BFloat16>(const BFloat16* x, const BFloat16* w, int64_t K, int64_t rows, float* out) {
-  constexpr int64_t pair = 2 * kLanes, step = kChains * pair;
-  vf xe, xo, we, wo;
-  for (int64_t r = 0; r < rows; ++r, w += K) {
-    vf a[kChains] = {};
-    int64_t k = 0;
-    for (; k + step <= K; k += step) {
-      ahead(w + k, step * 2);
-      for (int c = 0; c < kChains; ++c) {
-        even_odd(x + k + c * pair, xe, xo);
-        even_odd(w + k + c * pair, we, wo);
-        a[c] += we * xe + wo * xo;
-      }
-    }
-    for (; k + pair <= K; k += pair) {
-      even_odd(x + k, xe, xo);
-      even_odd(w + k, we, wo);
-      a[0] += we * xe + wo * xo;
-    }
-    float total = hsum((a[0] + a[1]) + (a[2] + a[3]));
-    for (; k < K; ++k) total += widen(w[k]) * widen(x[k]);
-    out[r] = total;
-  }
-}
+// Whether bf16 weights meet x through AVX512-BF16's dot products (dot_rows) rather than the tiles.
+template <typename T>
+constexpr bool bf16_dots() {
+#if defined(__AVX512BF16__)
+  return std::is_same_v<T, BFloat16>;
+#else
+  return false;
 #endif
+}
 
 #if defined(__AVX512BF16__)
 template <>
@@ -81,25 +54,6 @@ void dot_rows<BFloat16>(const BFloat16* x, const BFloat16* w, int64_t K, int64_t
       a = _mm512_dpbf16_ps(a, load_bh(w + k, m), load_bh(x + k, m));
     }
     out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-  }
-}
-#endif
-
-#if defined(__AVX512F__)
-template <>
-void dot_rows<float>(const float* x, const float* w, int64_t K, int64_t rows, float* out) {
-  for (int64_t r = 0; r < rows; ++r, w += K) {
-    __m512 a = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {  // 16 floats: one cache line
-      ahead(w + k);
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a);
-    }
-    if (k < K) {
-      __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a);
-    }
-    out[r] = _mm512_reduce_add_ps(a);
   }
 }
 #endif
@@ -142,6 +96,105 @@ inline void dot_row_i8_q8(const int8_t* q, const float* d, const int8_t* w, int6
 #endif
 }
 
+// --- float weights: register-blocked rows -------------------------------------------------------
+//
+// A chunk is 2 * kLanes weights, met as two vectors: a bf16 chunk's even and odd values (a shift and
+// a mask, no shuffle), an fp32 chunk's two halves. x's rows are laid out the same way once per Gemv
+// (parts()), so each weight chunk, loaded and split once, meets up to kTile rows of x held side by
+// side: a load per two multiply-adds instead of two. Each (weight row, x row) pair keeps the same two
+// sums whatever rows share its tile, so a row's output does not depend on the batch, bit for bit.
+constexpr int64_t kChunk = 2 * kLanes;
+constexpr int64_t kTile = 4;  // x rows a weight chunk meets: 2 * kTile sums, the two parts, two of x
+
+static inline vf fma_(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+static inline void parts(const float* w, vf& a, vf& b) {
+  a = vload(w);
+  b = vload(w + kLanes);
+}
+
+static inline void parts(const BFloat16* w, vf& a, vf& b) {
+  vu u;
+  std::memcpy(&u, w, sizeof u);
+  a = (vf)(u << 16);
+  b = (vf)(u & 0xFFFF0000u);
+}
+
+// x's K values as the chunks' parts (fp32), then the tail past the last whole chunk as it is.
+template <typename T>
+void chunk_parts(const T* x, int64_t K, float* out) {
+  const int64_t whole = K / kChunk * kChunk;
+  for (int64_t k = 0; k < whole; k += kChunk) {
+    vf a, b;
+    parts(x + k, a, b);
+    vstore(out + k, a);
+    vstore(out + k + kLanes, b);
+  }
+  for (int64_t k = whole; k < K; ++k) out[k] = widen(x[k]);
+}
+
+// The tail past the last whole chunk: one function for every pair, so its rounding is the same.
+template <typename W>
+__attribute__((noinline)) float tail_dot(const float* x, const W* w, int64_t k, int64_t K, float total) {
+  for (; k < K; ++k) total = std::fma(widen(w[k]), x[k], total);
+  return total;
+}
+
+// The sums of v[0..count): a tree of horizontal adds four vectors at a time where there is one, each
+// vector's sum the same tree whatever vectors share it.
+static inline void sums(const vf* v, int count, float* out) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  for (int i = 0; i < count; i += 4) {
+    __m256 four[4] = {};
+    for (int j = 0; j < 4 && i + j < count; ++j) four[j] = (__m256)v[i + j];
+    float total[4] = {};
+    hsum4(four, total);
+    for (int j = 0; j < 4 && i + j < count; ++j) out[i + j] = total[j];
+  }
+#else
+  for (int i = 0; i < count; ++i) out[i] = hsum(v[i]);
+#endif
+}
+
+// One weight row against MB rows of x (as parts, K apart): out[m] for each.
+template <int MB, typename W>
+void tile(const W* w, const float* x, int64_t K, bool stream, float* out) {
+  vf s[MB][2] = {};
+  const int64_t whole = K / kChunk * kChunk;
+  for (int64_t k = 0; k < whole; k += kChunk) {
+    if (stream) ahead(w + k, kChunk * sizeof(W));
+    vf a, b;
+    parts(w + k, a, b);
+    for (int m = 0; m < MB; ++m) {
+      s[m][0] = fma_(a, vload(x + m * K + k), s[m][0]);
+      s[m][1] = fma_(b, vload(x + m * K + k + kLanes), s[m][1]);
+    }
+  }
+  vf both[MB];
+  for (int m = 0; m < MB; ++m) both[m] = s[m][0] + s[m][1];
+  sums(both, MB, out);
+  if (whole < K)
+    for (int m = 0; m < MB; ++m) out[m] = tail_dot(x + m * K, w, whole, K, out[m]);
+}
+
+template <typename W>
+void tile_of(int64_t rows, const W* w, const float* x, int64_t K, bool stream, float* out) {
+  switch (rows) {
+    case 1: return tile<1>(w, x, K, stream, out);
+    case 2: return tile<2>(w, x, K, stream, out);
+    case 3: return tile<3>(w, x, K, stream, out);
+    default: return tile<kTile>(w, x, K, stream, out);
+  }
+}
+
 template <typename T>
 std::vector<float> widened(const T* x, int64_t n) {
   std::vector<float> out(n);
@@ -161,6 +214,10 @@ Gemv<T>::Gemv(const Weights<T>& wt, const T* x, int64_t M) : wt_(wt), x_(x), M_(
     quantize_blocks();
   else if (wt.scales != nullptr)
     xf_ = widened(x, M * wt.K);  // int8's float loop takes fp32 x
+  else if (!bf16_dots<T>()) {
+    xf_.resize(M * wt.K);  // float weights: x as the chunks' parts
+    for (int64_t m = 0; m < M; ++m) chunk_parts(x + m * wt.K, wt.K, xf_.data() + m * wt.K);
+  }
 }
 
 template <typename T>
@@ -184,17 +241,30 @@ void Gemv<T>::all(T* y) const {
                    [&](int64_t begin, int64_t end) { rows(begin * kRows, std::min(N, end * kRows), y); });
 }
 
-// Block by block, each block's rows kept in L1 across the M inputs.
+// Block by block: the block's rows come from memory for the first tile of x's rows, from L1 after.
 template <typename T>
 void Gemv<T>::float_rows(int64_t n0, int64_t n1, T* y) const {
   const T* w = static_cast<const T*>(wt_.w);
   const int64_t N = wt_.N, K = wt_.K;
   float acc[kRows];
+  if (bf16_dots<T>()) {
+    for (int64_t n = n0; n < n1; n += kRows) {
+      const int64_t rows = std::min(kRows, n1 - n);
+      for (int64_t m = 0; m < M_; ++m) {
+        dot_rows<T>(x_ + m * K, w + n * K, K, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r]);
+      }
+    }
+    return;
+  }
   for (int64_t n = n0; n < n1; n += kRows) {
     const int64_t rows = std::min(kRows, n1 - n);
-    for (int64_t m = 0; m < M_; ++m) {
-      dot_rows<T>(x_ + m * K, w + n * K, K, rows, acc);
-      for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<T>(acc[r]);
+    for (int64_t m = 0; m < M_; m += kTile) {
+      const int64_t tile_rows = std::min(kTile, M_ - m);
+      for (int64_t r = 0; r < rows; ++r) {
+        tile_of(tile_rows, w + (n + r) * K, xf_.data() + m * K, K, m == 0, acc);
+        for (int64_t i = 0; i < tile_rows; ++i) y[(m + i) * N + n + r] = static_cast<T>(acc[i]);
+      }
     }
   }
 }
