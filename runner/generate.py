@@ -163,8 +163,10 @@ def generate_batch(built: pipelines.Pipeline, prompts: list[list[int]],
             owner[slot] = index
             first = first or time.perf_counter()
             take(index, slot, token.id)
-        for slot, token in decoder.step().items():
-            take(owner[slot], slot, token.id)
+        for slot, tokens in decoder.step().items():
+            for token in tokens:
+                if slot in owner:  # take() frees the slot once its sequence stops
+                    take(owner[slot], slot, token.id)
     end = time.perf_counter()
     stats = Stats(prompt_tokens=sum(len(ids) for ids, _ in sequences), new_tokens=sum(map(len, out)),
                   time_to_first_token=(first or end) - start, decode_seconds=end - (first or end),

@@ -110,10 +110,10 @@ class SlotDecoder(Protocol):
         """Take a free slot for `prompt`, to be prefilled by step(chunks=...); `constraint` masks its draws."""
         ...
 
-    def step(self, chunks: dict[int, int] | None = None) -> dict[int, Token]:
-        """One new token for every slot done prefilling; chunks {slot: n}: the next n tokens of
-        those slots' prompts run in the same forward, and a slot whose prompt is then done gets
-        its first token too."""
+    def step(self, chunks: dict[int, int] | None = None) -> dict[int, list[Token]]:
+        """The next tokens of every slot done prefilling (one each, or more where drafts were
+        kept); chunks {slot: n}: the next n tokens of those slots' prompts run in the same
+        forward, and a slot whose prompt is then done gets its first token too."""
         ...
 
     def finish(self, slot: int) -> None:

@@ -12,6 +12,12 @@ prompt takes the free slot that already holds the longest prefix of it, prefilli
 
 Sampling is per row: temperature, top-k, top-p, min-p, penalties, biases, a structured-output
 grammar and a seed of its own, so a row draws the same tokens alone or batched.
+
+With n-gram drafts (prompt lookup), a step also feeds each row the tokens that followed the latest
+earlier match of its context's last n-gram, and keeps them as long as the row's own draws agree:
+the row draws at each position in turn, exactly as plain decoding would (the same logits, the same
+generator), and stops at the first draw that differs from the draft. So each row's tokens are its
+plain decoding's, greedy or sampled, and a step gives a row one token or up to k + 1.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runner.decoders.base import Constraint, Token, common_prefix
+from runner.decoders.proposers import NGramProposer
 from runner.decoders.sampling import Sampling, adjust, next_token
 from runner.model.llama import Part
 
@@ -39,14 +46,17 @@ class BatchDecoder:
     """A SlotDecoder (runner.decoders.base): `slots` rows of `cache_len` positions each over one model.
 
     start() prefills a prompt into a free slot and returns its first token (admit() then
-    prefill() in chunks does the same between steps); step() decodes one token for every slot done
-    prefilling; finish() frees a slot at once. The caller (a scheduler) owns
-    stopping: EOS, stop strings, max_tokens, cancellation.
+    prefill() in chunks does the same between steps); step() decodes the next tokens of every slot
+    done prefilling; finish() frees a slot at once. The caller (a scheduler) owns
+    stopping: EOS, stop strings, max_tokens, cancellation. drafts: an n-gram proposer and
+    speculate_k (tokens drafted per row and step), or None.
     """
 
-    def __init__(self, model: torch.nn.Module, slots: int, cache_len: int, forward=None, prefix_cache: bool = True):
+    def __init__(self, model: torch.nn.Module, slots: int, cache_len: int, forward=None, prefix_cache: bool = True,
+                 drafts: tuple[NGramProposer, int] | None = None):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        self.drafts = drafts
         if cache_len > model.spec.max_seq_len:
             raise ValueError(f"cache_len {cache_len} exceeds the model's max_seq_len {model.spec.max_seq_len}")
         self.model, self.forward = model, forward or model
@@ -111,28 +121,35 @@ class BatchDecoder:
             logits = self.model(tokens, positions, last_only=True, row=slot)  # [1, 1, V]
             return ran, self._prefilled(slot, ran, logits[0, -1])
 
-    def step(self, chunks: dict[int, int] | None = None) -> dict[int, Token]:
-        """One new token for every slot done prefilling (a slot whose cache is full is left out:
-        finish it). chunks {slot: n}: the next n prompt tokens of those prefilling slots run in
-        the same forward, through each linear with the decode rows (each weight read once for
-        all); a slot whose prompt is then done gets its first token too."""
+    def step(self, chunks: dict[int, int] | None = None) -> dict[int, list[Token]]:
+        """The next tokens of every slot done prefilling (a slot whose cache is full is left out:
+        finish it): one each, or up to speculate_k + 1 with drafts. chunks {slot: n}: the next n
+        prompt tokens of those prefilling slots run in the same forward, through each linear with
+        the decode rows (each weight read once for all); a slot whose prompt is then done gets its
+        first token too."""
         chunks = dict(chunks or {})
         # A slot still prefilling has no token to decode: it rides along like a free one.
         ready = [s for s in self.busy() if self.rows[s].tokens and self.rows[s].position < self.cache_len]
         if not (ready or chunks):
             return {}
+        drafted = self._drafted(ready)
         with torch.inference_mode():
-            if chunks:  # eager: a mixed forward has a shape of its own each time
+            if chunks or drafted:  # eager: a mixed forward has a shape of its own each time
                 rows = ready[-1] + 1 if ready else 0
                 parts = [Part(*self._step_inputs(rows, ready), slice(0, rows))] if ready else []
+                for slot, tokens in drafted.items():  # each at the positions after its step token
+                    start = self.rows[slot].position + 1
+                    parts.append(Part(torch.tensor([tokens], device=self.device),
+                                      torch.arange(start, start + len(tokens), device=self.device)[None], slot))
                 ran = {}
                 for slot, limit in chunks.items():
                     tokens, positions, ran[slot] = self._chunk(slot, limit)
                     parts.append(Part(tokens, positions, slot, last_only=True))
-                # The step's part comes first: its rows along for the shape write where a chunk
-                # then writes its real tokens.
+                # The step's part comes first: its rows along for the shape write where a draft or
+                # a chunk then writes its real tokens.
                 logits = self.model.forward_parts(parts)
-                step_logits, chunk_logits = (logits[0], logits[1:]) if ready else (None, logits)
+                step_logits, logits = (logits[0], logits[1:]) if ready else (None, logits)
+                draft_logits, chunk_logits = logits[:len(drafted)], logits[len(drafted):]
             else:
                 # Compiled steps run every slot (free ones just past their cached tokens, their output
                 # unused): one shape for every step, so they never recompile as requests come and go.
@@ -145,15 +162,41 @@ class BatchDecoder:
                     step_logits = self.model(tokens, positions, row=slice(0, rows))  # [rows, 1, V]
             out = {}
             for s in ready:
-                row = self.rows[s]
-                self.held[s].append(row.tokens[-1])
-                row.position += 1
-                out[s] = self._pick(row, step_logits[s, -1])
+                out[s] = self._decoded(s, step_logits[s, -1], drafted.get(s, []),
+                                       draft_logits[list(drafted).index(s)][0] if s in drafted else None)
             if chunks:
                 for slot, logits in zip(chunks, chunk_logits):
                     token = self._prefilled(slot, ran[slot], logits[0, -1])
                     if token is not None:
-                        out[slot] = token
+                        out[slot] = [token]
+        return out
+
+    def _drafted(self, ready: list[int]) -> dict[int, list[int]]:
+        """Each ready row's n-gram drafts, where its context has a match (room left in its cache)."""
+        if self.drafts is None:
+            return {}
+        proposer, k = self.drafts
+        out = {}
+        for s in ready:
+            row = self.rows[s]
+            tokens = proposer.draft(row.prompt + row.tokens, min(k, self.cache_len - 1 - row.position))
+            if tokens:
+                out[s] = tokens
+        return out
+
+    def _decoded(self, slot: int, logits: torch.Tensor, drafted: list[int], draft_logits: torch.Tensor | None) -> list[Token]:
+        """A ready row's new tokens: its draw after its pending token (logits [V]), then, while
+        each draw equals the draft at its place, the draw after that draft (draft_logits [n, V])."""
+        row = self.rows[slot]
+        self.held[slot].append(row.tokens[-1])
+        row.position += 1
+        out = [self._pick(row, logits)]
+        for i, token in enumerate(drafted):
+            if out[-1].id != token:
+                break
+            self.held[slot].append(token)  # the draft's cache entry is the sequence's now
+            row.position += 1
+            out.append(self._pick(row, draft_logits[i]))
         return out
 
     def _step_inputs(self, rows: int, ready: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,8 +60,12 @@ class NGramProposer:
     def reset(self, cache_len: int) -> None:
         pass
 
+    def draft(self, sequence: list[int], k: int) -> list[int]:
+        """Up to k tokens continuing `sequence` (none without a match)."""
+        return _lookup(sequence, k, self.max_n, self.min_n) if k > 0 else []
+
     def propose(self, sequence: list[int], k: int, generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
-        drafted = _lookup(sequence, k, self.max_n, self.min_n)
+        drafted = self.draft(sequence, k)
         q = torch.zeros(len(drafted), self.vocab_size)
         q[torch.arange(len(drafted)), torch.tensor(drafted, dtype=torch.long)] = 1.0
         return drafted, q

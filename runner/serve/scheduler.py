@@ -277,11 +277,15 @@ class Scheduler:
             for slot, r in list(self._running.items()):
                 self._end(r, None, Failed(f"{'prefill' if slot in chunks else 'decode step'} failed: {e}"))
             return
-        for slot, token in tokens.items():
+        for slot, new in tokens.items():
             r = self._running.get(slot)
-            if r is not None:
-                if slot in self._prefilling:  # its prompt has all run: this is its first token
-                    self._prefilling.remove(slot)
+            if r is None:
+                continue
+            if slot in self._prefilling:  # its prompt has all run: this is its first token
+                self._prefilling.remove(slot)
+            for token in new:  # several where drafts were kept; the request may stop at any
+                if r.ended:
+                    break
                 self._advance(slot, r, token)
 
     def _advance(self, slot: int, r: _Running, token: Token) -> None:

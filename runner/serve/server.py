@@ -40,9 +40,9 @@ def check(recipe: Recipe, recipe_path: str, cache_len: int | None) -> int:
     """The cache length per slot (--cache-len, or the recipe's default), once the recipe is one
     the server runs; a ConfigError names every problem."""
     problems = []
-    if recipe.draft.kind is not DraftKind.none:
-        problems.append(problem(recipe_path, "draft.kind", "runner serve decodes without a draft (speculative serving "
-                                "is not built); use none", recipe.draft.kind.value))
+    if recipe.draft.kind is DraftKind.model:
+        problems.append(problem(recipe_path, "draft.kind", "runner serve drafts by n-gram lookup only (a draft "
+                                "model is not served); use ngram or none", recipe.draft.kind.value))
     cache_len = cache_len or default_cache_len(recipe)
     if cache_len > recipe.model.arch.max_seq_len:
         problems.append(problem("command line", "--cache-len", f"must be at most model.arch.max_seq_len "
@@ -109,6 +109,16 @@ def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options:
         raise OSError(f"could not listen on {host}:{port}")
 
 
+def drafts(recipe: Recipe, vocab_size: int):
+    """The batched decoder's n-gram drafts for a recipe with draft.kind ngram, else None."""
+    from runner.decoders.proposers import NGramProposer
+
+    d = recipe.draft
+    if d.kind is not DraftKind.ngram:
+        return None
+    return NGramProposer(vocab_size, d.ngram.max_n, d.ngram.min_n), d.speculate_k
+
+
 def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options: Options, metrics, note, bar):
     from runner import pipeline
     from runner.decoders.batched import BatchDecoder
@@ -117,7 +127,8 @@ def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, opt
 
     built = pipeline.build(recipe, recipe_path, note, bar, rank=rank)
     slots, cache_len = options.slots, options.cache_len
-    decoder = BatchDecoder(built.model, slots, cache_len, built.forward, options.prefix_cache)
+    decoder = BatchDecoder(built.model, slots, cache_len, built.forward, options.prefix_cache,
+                           drafts(recipe, built.model.spec.vocab_size))
     keepalive = None
     if rank is not None:  # every other rank repeats this decoder's calls (follow)
         from runner.serve.ranks import Leader
@@ -141,4 +152,5 @@ def follow(rank: parallel.Rank, recipe: Recipe, recipe_path: str, options: Optio
     from runner.serve.ranks import follow as follow_leader
 
     built = pipeline.build(recipe, recipe_path, rank=rank)
-    follow_leader(BatchDecoder(built.model, options.slots, options.cache_len, built.forward, options.prefix_cache))
+    follow_leader(BatchDecoder(built.model, options.slots, options.cache_len, built.forward, options.prefix_cache,
+                               drafts(recipe, built.model.spec.vocab_size)))

@@ -187,13 +187,13 @@ def test_batched_decoding_through_the_compiled_step_equals_eager_with_no_recompi
         for i, prompt in enumerate(([1, 2, 3], [4] * 7, [5, 6])):
             slot, first = decoder.start(prompt, Sampling())
             out[slot] = [first.id]
-            for s, token in decoder.step().items():
+            for s, (token,) in decoder.step().items():
                 out[s].append(token.id)
             if i == 1:
                 decoder.finish(0)  # a row leaves mid-batch
                 out["left"] = out.pop(0)
         for _ in range(8):
-            for s, token in decoder.step().items():
+            for s, (token,) in decoder.step().items():
                 out[s].append(token.id)
         return out
 

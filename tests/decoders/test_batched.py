@@ -78,7 +78,7 @@ def run_batched(model, prompts, joins, sampling=Sampling(), seeds=None, slots=5)
             if join == step and i not in tokens:
                 slot, first = decoder.start(prompt, sampling, None if seeds is None else seeds[i])
                 slot_of[slot], tokens[i], logits[i] = i, [first.id], []
-        for slot, token in decoder.step().items():
+        for slot, (token,) in decoder.step().items():
             i = slot_of[slot]
             if len(tokens[i]) < STEPS:
                 tokens[i].append(token.id)
@@ -214,7 +214,7 @@ def greedy_run(decoder: BatchDecoder, prompt: list[int], steps: int, busy: int |
         slot, token = decoder.start(prompt, Sampling())
         logits, tokens = [captured[-1][0, -1].clone()], [token.id]
         for _ in range(steps):
-            tokens.append(decoder.step()[slot].id)
+            tokens.append(decoder.step()[slot][0].id)
             logits.append(captured[-1][slot, -1].clone())
     finally:
         hook.remove()

@@ -37,16 +37,16 @@ def chunked_run(decoder: BatchDecoder, prompt: list[int], chunks: list[int], bes
             if mixed:
                 out = decoder.step({slot: size})
                 n = decoder.rows[slot].position - ran
-                token = out.pop(slot, None)
+                token = out.pop(slot, [None])[0]
                 if beside is not None:
-                    beside_tokens.append(out[beside].id)
+                    beside_tokens.append(out[beside][0].id)
                     beside_logits.append(captured[-1][0][beside, -1].clone())
             else:
                 n, token = decoder.prefill(slot, size)
                 if token is None and beside is not None:
                     out = decoder.step()
                     assert slot not in out  # a row still prefilling draws no token
-                    beside_tokens.append(out[beside].id)
+                    beside_tokens.append(out[beside][0].id)
                     beside_logits.append(captured[-1][beside, -1].clone())
             assert n == min(size, len(prompt) - ran) and n > 0
             ran, i = ran + n, i + 1
@@ -55,10 +55,10 @@ def chunked_run(decoder: BatchDecoder, prompt: list[int], chunks: list[int], bes
         logits, tokens = [last[0, -1].clone()], [token.id]
         for _ in range(STEPS):
             out = decoder.step()
-            tokens.append(out[slot].id)
+            tokens.append(out[slot][0].id)
             logits.append(captured[-1][slot, -1].clone())
             if beside is not None:
-                beside_tokens.append(out[beside].id)
+                beside_tokens.append(out[beside][0].id)
                 beside_logits.append(captured[-1][beside, -1].clone())
     finally:
         hook.remove()

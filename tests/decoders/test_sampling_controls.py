@@ -115,12 +115,12 @@ def test_a_batch_row_with_controls_decodes_as_it_does_alone():
     for prompt, sampling in zip(prompts, controls):
         decoder = BatchDecoder(model, 1, 32)
         slot, first = decoder.start(prompt, sampling, seed=11)
-        alone.append([first.id] + [decoder.step()[slot].id for _ in range(9)])
+        alone.append([first.id] + [decoder.step()[slot][0].id for _ in range(9)])
     batch = BatchDecoder(model, len(controls), 32)
     slots = [batch.start(prompt, sampling, seed=11) for prompt, sampling in zip(prompts, controls)]
     together = {slot: [first.id] for slot, first in slots}
     for _ in range(9):
-        for slot, token in batch.step().items():
+        for slot, (token,) in batch.step().items():
             together[slot].append(token.id)
     assert [together[slot] for slot, _ in slots] == alone
     assert alone[0] != alone[1] and alone[0] != alone[2]  # the controls change greedy decoding here

@@ -26,10 +26,12 @@ class Tokenizer:
 
 
 class Scripted:
-    """A SlotDecoder whose slot s produces the token ids of the script its prompt names."""
+    """A SlotDecoder whose slot s produces the token ids of the script its prompt names, per_step
+    of them a step."""
 
-    def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0):
+    def __init__(self, slots: int, cache_len: int, scripts: dict[int, list[int]], delay: float = 0.0, per_step: int = 1):
         self.slots, self.cache_len, self.scripts, self.delay = slots, cache_len, scripts, delay
+        self.per_step = per_step
         self.rows, self.max_busy, self.reused = {}, 0, 0
         self.calls = []  # ("admit", slot), ("step", the slots it decoded, {slot: prompt tokens it ran})
 
@@ -45,14 +47,15 @@ class Scripted:
         out = {}
         for slot, row in self.rows.items():
             if row[2] <= row[1] < self.cache_len:
-                row[1] += 1
-                out[slot] = Token(next(row[0]), -0.5)
+                n = min(self.per_step, self.cache_len - row[1])  # as drafts kept: several tokens a step
+                row[1] += n
+                out[slot] = [Token(next(row[0], EOS), -0.5) for _ in range(n)]  # past its script: EOS
         for slot, n in (chunks or {}).items():
             row = self.rows[slot]
             assert 0 < n <= row[2] - row[1]
             row[1] += n
             if row[1] == row[2]:
-                out[slot] = Token(next(row[0]), -0.5)
+                out[slot] = [Token(next(row[0]), -0.5)]
         self.calls.append(("step", sorted(s for s in out if s not in (chunks or {})), dict(chunks or {})))
         return out
 
@@ -82,8 +85,10 @@ def job(script: int, max_tokens: int = 10, stop=()) -> Job:
     return Job([script], Sampling(), max_tokens, tuple(stop))
 
 
-def test_eos_max_tokens_split_character_and_stop_across_tokens():
-    decoder = Scripted(4, 64, {1: [1, 4, 5, 2, EOS], 2: [1, 2, 3] * 10, 3: [1, 2, 3, 1, 2], 4: [4, 5, 1, 2]})
+@pytest.mark.parametrize("per_step", [1, 3])  # 3: steps that keep drafts end requests mid-step
+def test_eos_max_tokens_split_character_and_stop_across_tokens(per_step):
+    decoder = Scripted(4, 64, {1: [1, 4, 5, 2, EOS], 2: [1, 2, 3] * 10, 3: [1, 2, 3, 1, 2], 4: [4, 5, 1, 2]},
+                       per_step=per_step)
     scheduler, _, boxes = run(decoder, [job(1), job(2, max_tokens=5), job(3, stop=["ca"]), job(4, stop=["€a"])])
     try:
         assert collect(boxes[0]) == ("a€b", Finished("stop", 1, 5))
@@ -95,8 +100,9 @@ def test_eos_max_tokens_split_character_and_stop_across_tokens():
         scheduler.close()
 
 
-def test_a_full_cache_ends_with_length():
-    decoder = Scripted(1, 4, {1: [1] * 100})  # prompt of 1: tokens at positions 1..3, then full
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_a_full_cache_ends_with_length(per_step):
+    decoder = Scripted(1, 4, {1: [1] * 100}, per_step=per_step)  # prompt of 1: tokens at positions 1..3, then full
     scheduler, _, boxes = run(decoder, [job(1, max_tokens=100)])
     try:
         assert collect(boxes[0]) == ("aaaa", Finished("length", 1, 4))
