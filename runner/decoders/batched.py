@@ -28,6 +28,7 @@ import torch
 from runner.decoders.base import Constraint, Token, common_prefix
 from runner.decoders.proposers import NGramProposer
 from runner.decoders.sampling import Sampling, adjust, next_token
+from runner.kernels import MAX_ROWS
 from runner.model.llama import Part
 
 
@@ -132,10 +133,10 @@ class BatchDecoder:
         ready = [s for s in self.busy() if self.rows[s].tokens and self.rows[s].position < self.cache_len]
         if not (ready or chunks):
             return {}
-        drafted = self._drafted(ready)
+        rows = ready[-1] + 1 if ready else 0
+        drafted = self._drafted(ready, MAX_ROWS - rows - sum(chunks.values()))
         with torch.inference_mode():
             if chunks or drafted:  # eager: a mixed forward has a shape of its own each time
-                rows = ready[-1] + 1 if ready else 0
                 parts = [Part(*self._step_inputs(rows, ready), slice(0, rows))] if ready else []
                 for slot, tokens in drafted.items():  # each at the positions after its step token
                     start = self.rows[slot].position + 1
@@ -171,9 +172,11 @@ class BatchDecoder:
                         out[slot] = [token]
         return out
 
-    def _drafted(self, ready: list[int]) -> dict[int, list[int]]:
-        """Each ready row's n-gram drafts, where its context has a match (room left in its cache)."""
-        if self.drafts is None:
+    def _drafted(self, ready: list[int], budget: int) -> dict[int, list[int]]:
+        """Each ready row's n-gram drafts, where its context has a match and its cache has room:
+        `budget` in all, each row's cut to the same length at most so that they fit (a forward of
+        more rows than runner's GEMV kernels take would go to torch's slower matmuls)."""
+        if self.drafts is None or budget <= 0:
             return {}
         proposer, k = self.drafts
         out = {}
@@ -182,7 +185,10 @@ class BatchDecoder:
             tokens = proposer.draft(row.prompt + row.tokens, min(k, self.cache_len - 1 - row.position))
             if tokens:
                 out[s] = tokens
-        return out
+        longest = max(map(len, out.values()), default=0)
+        while sum(min(len(t), longest) for t in out.values()) > budget:
+            longest -= 1
+        return {s: t[:longest] for s, t in out.items() if longest > 0}
 
     def _decoded(self, slot: int, logits: torch.Tensor, drafted: list[int], draft_logits: torch.Tensor | None) -> list[Token]:
         """A ready row's new tokens: its draw after its pending token (logits [V]), then, while

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from runner.decoders.batched import BatchDecoder
 from runner.decoders.proposers import NGramProposer
 from runner.decoders.sampling import Sampling
+from runner.kernels import MAX_ROWS
 from tests.decoders.test_batched import CACHE, MODELS, logits_alone
 
 STEPS = 16
@@ -97,3 +98,23 @@ def test_drafts_stop_at_the_end_of_the_cache():
     assert decoder.rows[slot].position == 12
     with torch.inference_mode():
         assert decoder.held[slot] == [5, 6, 5, 6, 5, 6, 5] + tokens[:-1]
+
+
+def test_a_steps_drafts_keep_its_forward_within_the_kernels_rows():
+    # Four rows drafting 8 each would make a forward of 4 + 32 rows, past what runner's GEMV
+    # kernels take: the drafts are cut to one length so that the forward fits MAX_ROWS.
+    model = MODELS[False, "kernels"]
+    decoder = BatchDecoder(model, 4, CACHE, drafts=(NGramProposer(model.spec.vocab_size), 8))
+    for i in range(4):
+        slot, _ = decoder.start(list(range(10 * i, 10 * i + 10)) * 2, Sampling())
+        decoder.rows[slot].tokens = [10 * i]  # its context ends with a trigram seen before: 8 drafts follow
+    assert {s: len(t) for s, t in decoder._drafted(decoder.busy(), 100).items()} == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert [len(t) for t in decoder._drafted(decoder.busy(), MAX_ROWS - 4).values()] == [3, 3, 3, 3]
+    sizes = []
+    whole = model.forward_parts
+    model.forward_parts = lambda parts: sizes.append(sum(p.tokens.numel() for p in parts)) or whole(parts)
+    try:
+        decoder.step()
+    finally:
+        del model.forward_parts
+    assert sizes == [4 + 12]
