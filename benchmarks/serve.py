@@ -95,6 +95,8 @@ def chat_turn(url: str, model: str | None, messages: list[dict], tokens: int) ->
         body["model"] = model
     start, first, text = time.perf_counter(), None, []
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code >= 400:
+            r.read()  # the error's body, for the message
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -112,6 +114,7 @@ def chat_load(url: str, model: str | None, clients: int, turns: int, tokens: int
     """`clients` threads, each holding one conversation of `turns` turns: the median time to first
     token of each turn over the clients."""
     ttft: list[list[float]] = [[] for _ in range(turns)]
+    failures: list[str] = []
     lock = threading.Lock()
 
     def client(i: int):
@@ -119,7 +122,12 @@ def chat_load(url: str, model: str | None, clients: int, turns: int, tokens: int
         for turn in range(turns):
             messages.append({"role": "user", "content": f"Question {turn + 1}: tell me more about lighthouses, "
                                                         f"their keepers and the sea, part {turn + 1}."})
-            first, answer = chat_turn(url, model, messages, tokens)
+            try:
+                first, answer = chat_turn(url, model, messages, tokens)
+            except httpx.HTTPStatusError as e:  # e.g. 400 context_length_exceeded: the history outgrew --cache-len
+                with lock:
+                    failures.append(f"turn {turn + 1}: {e.response.status_code} {e.response.text[:200]}")
+                return
             messages.append({"role": "assistant", "content": answer})
             with lock:
                 ttft[turn].append(first)
@@ -129,6 +137,8 @@ def chat_load(url: str, model: str | None, clients: int, turns: int, tokens: int
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} conversations failed, e.g. {failures[0]} (a larger --cache-len?)")
     return {"clients": clients, "ttft_p50_ms": [1000 * statistics.median(t) for t in ttft]}
 
 
@@ -299,7 +309,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/smollm2-135m.yaml")
     parser.add_argument("--overrides", default="dtype=bfloat16", help="key=value ... for the recipe (one string)")
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--cache-len", type=int, default=512)
+    parser.add_argument("--cache-len", type=int, default=None,
+                        help="positions per slot (default 512; 1024 for --workload chat, whose histories grow)")
     parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--tokens", type=int, default=128)
@@ -312,6 +323,7 @@ def main() -> None:
                         help="--prefill-chunk values to compare (--workload long; 0: each prompt whole)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.cache_len = args.cache_len or (1024 if args.workload == "chat" else 512)
     overrides = args.overrides.split()
     threads = len(os.sched_getaffinity(0))
     logs = Path(os.environ.get("TMPDIR", "/tmp"))

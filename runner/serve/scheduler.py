@@ -117,8 +117,8 @@ class _Running:
 
 class Scheduler:
     """Runs jobs on `decoder`'s slots, at most `queue` more waiting for one; `keepalive` hears
-    from the loop while it waits for work, and when it ends. prefill_chunk: prompt tokens prefilled
-    between two decode steps, at most (0: every admitted prompt whole). vocab_size: the model's
+    from the loop while it waits for work, and when it ends. prefill_chunk: prompt tokens run inside
+    each decode step while some row decodes, at most (0: every admitted prompt whole). vocab_size: the model's
     logits per row (structured output masks them all), the tokenizer's by default."""
 
     GRAMMARS = 32  # compiled response formats kept for the next request that sends one again
