@@ -22,7 +22,12 @@ def sampling_of(recipe: Recipe) -> Sampling:
                     frequency_penalty=g.frequency_penalty, logit_bias=tuple(sorted(g.logit_bias.items())))
 
 
-__all__ = ["DECODERS", "Decoder", "Forward", "SlotDecoder", "build", "sampling_of"]
+def ngram_proposer(recipe: Recipe, vocab_size: int) -> NGramProposer:
+    """The prompt-lookup proposer of a recipe with draft.kind ngram."""
+    return NGramProposer(vocab_size, recipe.draft.ngram.max_n, recipe.draft.ngram.min_n)
+
+
+__all__ = ["DECODERS", "Decoder", "Forward", "SlotDecoder", "build", "ngram_proposer", "sampling_of"]
 
 
 def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module | None = None,
@@ -39,6 +44,6 @@ def build(recipe: Recipe, model: torch.nn.Module, draft_model: torch.nn.Module |
     if draft.kind is DraftKind.model:
         proposer = DraftModelProposer(draft_model, sampling, draft_forward)  # top-k / top-p shape q as they shape p
     else:
-        proposer = NGramProposer(model.spec.vocab_size, draft.ngram.max_n, draft.ngram.min_n)
+        proposer = ngram_proposer(recipe, model.spec.vocab_size)
     return SpeculativeDecoder(model, proposer, sampling, draft.speculate_k, cache_len=cache_len, forward=forward,
                               grammar=grammar)

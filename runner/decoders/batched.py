@@ -150,7 +150,8 @@ class BatchDecoder:
                 # a chunk then writes its real tokens.
                 logits = self.model.forward_parts(parts)
                 step_logits, logits = (logits[0], logits[1:]) if ready else (None, logits)
-                draft_logits, chunk_logits = logits[:len(drafted)], logits[len(drafted):]
+                draft_logits = dict(zip(drafted, logits[:len(drafted)]))
+                chunk_logits = logits[len(drafted):]
             else:
                 # Compiled steps run every slot (free ones just past their cached tokens, their output
                 # unused): one shape for every step, so they never recompile as requests come and go.
@@ -164,7 +165,7 @@ class BatchDecoder:
             out = {}
             for s in ready:
                 out[s] = self._decoded(s, step_logits[s, -1], drafted.get(s, []),
-                                       draft_logits[list(drafted).index(s)][0] if s in drafted else None)
+                                       draft_logits[s][0] if s in drafted else None)
             if chunks:
                 for slot, logits in zip(chunks, chunk_logits):
                     token = self._prefilled(slot, ran[slot], logits[0, -1])

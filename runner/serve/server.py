@@ -111,12 +111,11 @@ def serve(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options:
 
 def drafts(recipe: Recipe, vocab_size: int):
     """The batched decoder's n-gram drafts for a recipe with draft.kind ngram, else None."""
-    from runner.decoders.proposers import NGramProposer
+    from runner.decoders import ngram_proposer
 
-    d = recipe.draft
-    if d.kind is not DraftKind.ngram:
+    if recipe.draft.kind is not DraftKind.ngram:
         return None
-    return NGramProposer(vocab_size, d.ngram.max_n, d.ngram.min_n), d.speculate_k
+    return ngram_proposer(recipe, vocab_size), recipe.draft.speculate_k
 
 
 def _scheduler(rank: parallel.Rank | None, recipe: Recipe, recipe_path: str, options: Options, metrics, note, bar):
