@@ -100,11 +100,11 @@ inline void dot_row_i8_q8(const int8_t* q, const float* d, const int8_t* w, int6
 //
 // A chunk is 2 * kLanes weights, met as two vectors: a bf16 chunk's even and odd values (a shift and
 // a mask, no shuffle), an fp32 chunk's two halves. x's rows are laid out the same way once per Gemv
-// (parts()), so each weight chunk, loaded and split once, meets up to kTile rows of x held side by
+// (chunk_parts()), so each weight chunk, loaded and split once, meets up to kTile rows of x held side by
 // side: a load per two multiply-adds instead of two. Each (weight row, x row) pair keeps the same two
 // sums whatever rows share its tile, so a row's output does not depend on the batch, bit for bit.
 constexpr int64_t kChunk = 2 * kLanes;
-constexpr int64_t kTile = 4;  // x rows a weight chunk meets: 2 * kTile sums, the two parts, two of x
+constexpr int64_t kTile = 4;  // x rows a weight row streamed from memory meets
 
 static inline vf fma_(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
@@ -164,35 +164,41 @@ static inline void sums(const vf* v, int count, float* out) {
 #endif
 }
 
-// One weight row against MB rows of x (as parts, K apart): out[m] for each.
-template <int MB, typename W>
+// NB weight rows (K apart) against MB rows of x (as parts, K apart): out[r * MB + m] for each pair.
+// Each weight chunk is loaded and split once for the MB rows, each x chunk loaded once for the NB.
+template <int NB, int MB, typename W>
 void tile(const W* w, const float* x, int64_t K, bool stream, float* out) {
-  vf s[MB][2] = {};
+  vf s[NB][MB][2] = {};
   const int64_t whole = K / kChunk * kChunk;
   for (int64_t k = 0; k < whole; k += kChunk) {
-    if (stream) ahead(w + k, kChunk * sizeof(W));
-    vf a, b;
-    parts(w + k, a, b);
+    vf a[NB], b[NB];
+    for (int r = 0; r < NB; ++r) {
+      if (stream) ahead(w + r * K + k, kChunk * sizeof(W));
+      parts(w + r * K + k, a[r], b[r]);
+    }
     for (int m = 0; m < MB; ++m) {
-      s[m][0] = fma_(a, vload(x + m * K + k), s[m][0]);
-      s[m][1] = fma_(b, vload(x + m * K + k + kLanes), s[m][1]);
+      const vf xa = vload(x + m * K + k), xb = vload(x + m * K + k + kLanes);
+      for (int r = 0; r < NB; ++r) {
+        s[r][m][0] = fma_(a[r], xa, s[r][m][0]);
+        s[r][m][1] = fma_(b[r], xb, s[r][m][1]);
+      }
     }
   }
-  vf both[MB];
-  for (int m = 0; m < MB; ++m) both[m] = s[m][0] + s[m][1];
-  sums(both, MB, out);
+  vf both[NB * MB];
+  for (int r = 0; r < NB; ++r)
+    for (int m = 0; m < MB; ++m) both[r * MB + m] = s[r][m][0] + s[r][m][1];
+  sums(both, NB * MB, out);
   if (whole < K)
-    for (int m = 0; m < MB; ++m) out[m] = tail_dot(x + m * K, w, whole, K, out[m]);
+    for (int r = 0; r < NB; ++r)
+      for (int m = 0; m < MB; ++m) out[r * MB + m] = tail_dot(x + m * K, w + r * K, whole, K, out[r * MB + m]);
 }
 
-template <typename W>
+// The tile for NB weight rows and `rows` (1 to MB) rows of x.
+template <int NB, int MB = kTile, typename W>
 void tile_of(int64_t rows, const W* w, const float* x, int64_t K, bool stream, float* out) {
-  switch (rows) {
-    case 1: return tile<1>(w, x, K, stream, out);
-    case 2: return tile<2>(w, x, K, stream, out);
-    case 3: return tile<3>(w, x, K, stream, out);
-    default: return tile<kTile>(w, x, K, stream, out);
-  }
+  if constexpr (MB > 1)
+    if (rows < MB) return tile_of<NB, MB - 1>(rows, w, x, K, stream, out);
+  tile<NB, MB>(w, x, K, stream, out);
 }
 
 template <typename T>
@@ -246,7 +252,7 @@ template <typename T>
 void Gemv<T>::float_rows(int64_t n0, int64_t n1, T* y) const {
   const T* w = static_cast<const T*>(wt_.w);
   const int64_t N = wt_.N, K = wt_.K;
-  float acc[kRows];
+  float acc[std::max(kRows, 2 * kTile)];
   if (bf16_dots<T>()) {
     for (int64_t n = n0; n < n1; n += kRows) {
       const int64_t rows = std::min(kRows, n1 - n);
@@ -257,13 +263,25 @@ void Gemv<T>::float_rows(int64_t n0, int64_t n1, T* y) const {
     }
     return;
   }
+  // The first kTile rows of x meet each weight row as it streams in, one row at a time (a single
+  // stream through memory); the rest meet the block's rows from L1 two by two, two x rows at a time.
+  const int64_t first = std::min(kTile, M_);
   for (int64_t n = n0; n < n1; n += kRows) {
     const int64_t rows = std::min(kRows, n1 - n);
-    for (int64_t m = 0; m < M_; m += kTile) {
-      const int64_t tile_rows = std::min(kTile, M_ - m);
-      for (int64_t r = 0; r < rows; ++r) {
-        tile_of(tile_rows, w + (n + r) * K, xf_.data() + m * K, K, m == 0, acc);
-        for (int64_t i = 0; i < tile_rows; ++i) y[(m + i) * N + n + r] = static_cast<T>(acc[i]);
+    for (int64_t r = 0; r < rows; ++r) {
+      tile_of<1>(first, w + (n + r) * K, xf_.data(), K, true, acc);
+      for (int64_t i = 0; i < first; ++i) y[i * N + n + r] = static_cast<T>(acc[i]);
+    }
+    for (int64_t m = first; m < M_; m += 2) {
+      const int64_t xs = std::min<int64_t>(2, M_ - m);
+      for (int64_t r = 0; r < rows; r += 2) {
+        const int64_t ws = std::min<int64_t>(2, rows - r);
+        if (ws == 2)
+          tile_of<2, 2>(xs, w + (n + r) * K, xf_.data() + m * K, K, false, acc);
+        else
+          tile_of<1, 2>(xs, w + (n + r) * K, xf_.data() + m * K, K, false, acc);
+        for (int64_t j = 0; j < ws; ++j)
+          for (int64_t i = 0; i < xs; ++i) y[(m + i) * N + n + r + j] = static_cast<T>(acc[j * xs + i]);
       }
     }
   }
