@@ -101,6 +101,7 @@ class Grammar:
     def __init__(self, tokens: GrammarTokenizer, grammar: str):
         """`grammar` is llguidance's serialized grammar; raises ValueError saying why it cannot be used."""
         self.tokens = tokens
+        self.source = grammar  # what another process compiles to the same grammar (tensor-parallel ranks)
         self._start = llguidance.LLMatcher(tokens.ll, grammar, log_level=0, limits=_limits())
         if self._start.is_error():  # an unsupported or unsatisfiable schema
             raise ValueError(self._start.get_error())
@@ -154,7 +155,7 @@ class Grammar:
 
     def matcher(self) -> Matcher:
         """A new row's state, at the start of the document."""
-        return Matcher(self._start.deep_copy(), self.tokens)
+        return Matcher(self._start.deep_copy(), self.tokens, self.source)
 
 
 class Matcher:
@@ -168,9 +169,10 @@ class Matcher:
     token alike, whether or not the grammar could have gone on.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, tokens: GrammarTokenizer):
+    def __init__(self, matcher: llguidance.LLMatcher, tokens: GrammarTokenizer, source: str):
         self._ll = matcher
         self.tokens = tokens
+        self.source = source  # its grammar's (Grammar.source)
         self._bitmask = torch.empty(tokens.words, dtype=torch.int32)
         self._fresh = False  # _bitmask is the current state's
         self._held = 0  # tokens llguidance has consumed

@@ -4,8 +4,9 @@ repeats rank 0's decoder calls, so all ranks run the same forwards (and meet in 
 Rank 0's scheduler holds a Leader in place of its BatchDecoder: each decoder call is
 broadcast (a small pickled tuple) before it runs. The other ranks sit in follow(), running each
 call as it comes. Sampling agrees across ranks because every sampled row has a seed (the scheduler
-draws one when a request names none) and greedy rows need none. While no request runs, the leader
-sends a heartbeat now and then: a collective waits at most parallel.TIMEOUT.
+draws one when a request names none) and greedy rows need none; a structured-output row's grammar
+travels as its source, which every rank compiles to the same masks. While no request runs, the
+leader sends a heartbeat now and then: a collective waits at most parallel.TIMEOUT.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from runner.decoders.batched import BatchDecoder
+from runner.decoders.grammar import Grammar, GrammarTokenizer
+from runner.tokenizers.base import Tokenizer
 
 HEARTBEAT_SECONDS = 10.0  # well inside parallel.TIMEOUT
 
@@ -48,10 +51,8 @@ class Leader:
 
     def admit(self, prompt: list[int], sampling, seed: int | None = None, logprobs: int = 0, constraint=None) -> int:
         self._check(sampling, seed)
-        if constraint is not None:  # its state lives on this rank only; app.py refuses such requests first
-            raise ValueError("structured output is not served under tensor parallelism")
-        _broadcast(("admit", prompt, sampling, seed, logprobs))
-        return self.decoder.admit(prompt, sampling, seed, logprobs)
+        _broadcast(("admit", prompt, sampling, seed, logprobs, None if constraint is None else constraint.source))
+        return self.decoder.admit(prompt, sampling, seed, logprobs, constraint)
 
     def step(self, chunks: dict[int, int] | None = None):
         _broadcast(("step", chunks))
@@ -72,14 +73,38 @@ class Leader:
             pass
 
 
-def follow(decoder: BatchDecoder) -> None:
+class _Grammars:
+    """A follower's grammars by source, compiled on first use; the few most recent kept."""
+
+    KEEP = 16
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.tokens: GrammarTokenizer | None = None
+        self.compiled: dict[str, Grammar] = {}
+
+    def matcher(self, source: str):
+        if self.tokens is None:
+            self.tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
+        grammar = self.compiled.pop(source, None) or Grammar(self.tokens, source)
+        self.compiled[source] = grammar  # the most recently used last
+        if len(self.compiled) > self.KEEP:
+            del self.compiled[next(iter(self.compiled))]
+        return grammar.matcher()
+
+
+def follow(decoder: BatchDecoder, tokenizer: Tokenizer, vocab_size: int) -> None:
     """Run rank 0's decoder calls on this rank until it closes."""
+    grammars = _Grammars(tokenizer, vocab_size)
     while True:
         name, *args = _broadcast(None)
         if name == "close":
             return
         if name == "idle":
             continue
+        if name == "admit":
+            *args, source = args
+            args.append(None if source is None else grammars.matcher(source))
         try:
             with torch.inference_mode():
                 getattr(decoder, name)(*args)

@@ -167,8 +167,6 @@ class Scheduler:
                 self._grammar_tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
             tokens = self._grammar_tokens
         grammar = Grammar.from_response_format(response_format, tokens)
-        if grammar is not None and self.keepalive is not None:
-            raise ValueError("response_format: structured output is not served under tensor parallelism")
         with self._grammar_lock:
             self._grammars[key] = grammar
             if len(self._grammars) > self.GRAMMARS:

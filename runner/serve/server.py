@@ -151,5 +151,6 @@ def follow(rank: parallel.Rank, recipe: Recipe, recipe_path: str, options: Optio
     from runner.serve.ranks import follow as follow_leader
 
     built = pipeline.build(recipe, recipe_path, rank=rank)
+    vocab_size = built.model.spec.vocab_size
     follow_leader(BatchDecoder(built.model, options.slots, options.cache_len, built.forward, options.prefix_cache,
-                               drafts(recipe, built.model.spec.vocab_size)))
+                               drafts(recipe, vocab_size)), built.tokenizer, vocab_size)
