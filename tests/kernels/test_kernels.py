@@ -193,13 +193,19 @@ def test_model_on_kernels_matches_hf_in_chunks(case, data):
 def test_model_on_kernels_in_bf16_stays_with_the_reference_ops(case):
     spec, seed, tokens = case
     _, ours = build_twins(spec, seed)
-    ours = ours.to(torch.bfloat16)
     length = tokens.shape[1]
+    exact = run_chunks(ours, tokens, list(range(1, length)), length)  # fp32: the math both approximate
+    ours = ours.to(torch.bfloat16)
     reference = run_chunks(ours, tokens, list(range(1, length)), length).float()
     ours.use_ops(kernels.KernelOps())
     logits = run_chunks(ours, tokens, list(range(1, length)), length).float()
-    # Each layer may round differently by one bf16 step; over <= 3 layers that stays small.
-    assert (logits - reference).abs().max().item() <= 0.1 * max(1.0, reference.abs().max().item())
+    # Both round to bf16, at different places (the kernels keep fp32 inside a fused op), so neither
+    # is the other's reference: the kernels' error against fp32 stays within a small multiple of
+    # torch's ops' own. A fixed share of the logits' size failed on tiny widths (dim 5), where a
+    # norm's bf16 rounding alone moves the logits by 10%.
+    ops_error = (reference - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
+    assert (logits - exact).abs().max().item() <= 2 * ops_error + 0.02 * scale
 
 
 SMALL = ModelSpec(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, intermediate_size=40, max_seq_len=64)
