@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import llguidance
 import torch
@@ -156,6 +157,34 @@ class Grammar:
     def matcher(self) -> Matcher:
         """A new row's state, at the start of the document."""
         return Matcher(self._start.deep_copy(), self.tokens, self.source)
+
+
+class Grammars:
+    """Compiled grammars for one tokenizer by key, the `keep` most recently used kept. The
+    GrammarTokenizer is built on first use (it indexes the vocabulary). Safe across threads:
+    compiling runs outside the lock, so one request's schema does not hold up another's."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, keep: int):
+        self.tokenizer, self.vocab_size, self.keep = tokenizer, vocab_size, keep
+        self._tokens: GrammarTokenizer | None = None
+        self._compiled: dict[str, Grammar | None] = {}  # oldest first
+        self._lock = threading.Lock()
+
+    def get(self, key: str, compile: Callable[[GrammarTokenizer], Grammar | None]) -> Grammar | None:
+        """The grammar kept under `key`, else compile(tokens)'s (its errors propagate, nothing kept)."""
+        with self._lock:
+            if key in self._compiled:
+                self._compiled[key] = self._compiled.pop(key)  # the most recently used now
+                return self._compiled[key]
+            if self._tokens is None:
+                self._tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
+            tokens = self._tokens
+        grammar = compile(tokens)
+        with self._lock:
+            self._compiled[key] = grammar
+            if len(self._compiled) > self.keep:
+                del self._compiled[next(iter(self._compiled))]
+        return grammar
 
 
 class Matcher:

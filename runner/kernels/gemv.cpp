@@ -252,7 +252,7 @@ template <typename T>
 void Gemv<T>::float_rows(int64_t n0, int64_t n1, T* y) const {
   const T* w = static_cast<const T*>(wt_.w);
   const int64_t N = wt_.N, K = wt_.K;
-  float acc[std::max(kRows, 2 * kTile)];
+  float acc[std::max({kRows, kTile, int64_t{2 * 2}})];  // a block's rows, the first pass's, a 2 x 2 tile's
   if (bf16_dots<T>()) {
     for (int64_t n = n0; n < n1; n += kRows) {
       const int64_t rows = std::min(kRows, n1 - n);

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from runner.decoders.batched import BatchDecoder
-from runner.decoders.grammar import Grammar, GrammarTokenizer
+from runner.decoders.grammar import Grammar, Grammars
 from runner.tokenizers.base import Tokenizer
 
 HEARTBEAT_SECONDS = 10.0  # well inside parallel.TIMEOUT
@@ -73,29 +73,9 @@ class Leader:
             pass
 
 
-class _Grammars:
-    """A follower's grammars by source, compiled on first use; the few most recent kept."""
-
-    KEEP = 16
-
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.tokens: GrammarTokenizer | None = None
-        self.compiled: dict[str, Grammar] = {}
-
-    def matcher(self, source: str):
-        if self.tokens is None:
-            self.tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
-        grammar = self.compiled.pop(source, None) or Grammar(self.tokens, source)
-        self.compiled[source] = grammar  # the most recently used last
-        if len(self.compiled) > self.KEEP:
-            del self.compiled[next(iter(self.compiled))]
-        return grammar.matcher()
-
-
 def follow(decoder: BatchDecoder, tokenizer: Tokenizer, vocab_size: int) -> None:
     """Run rank 0's decoder calls on this rank until it closes."""
-    grammars = _Grammars(tokenizer, vocab_size)
+    grammars = Grammars(tokenizer, vocab_size, keep=16)  # by source: rank 0 sent each one compiled
     while True:
         name, *args = _broadcast(None)
         if name == "close":
@@ -104,7 +84,8 @@ def follow(decoder: BatchDecoder, tokenizer: Tokenizer, vocab_size: int) -> None
             continue
         if name == "admit":
             *args, source = args
-            args.append(None if source is None else grammars.matcher(source))
+            grammar = None if source is None else grammars.get(source, lambda tokens: Grammar(tokens, source))
+            args.append(None if grammar is None else grammar.matcher())
         try:
             with torch.inference_mode():
                 getattr(decoder, name)(*args)

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from runner.config.errors import ConfigError
 from runner.decoders.base import SlotDecoder, Token
-from runner.decoders.grammar import Grammar, GrammarTokenizer
+from runner.decoders.grammar import Grammar, Grammars
 from runner.decoders.sampling import Sampling
 from runner.serve.metrics import Metrics
 from runner.text import TextStream
@@ -131,9 +131,7 @@ class Scheduler:
         self.slots, self.cache_len, self.queue = decoder.slots, decoder.cache_len, queue
         self.prefill_chunk = prefill_chunk
         self.vocab_size = vocab_size or tokenizer.vocab_size
-        self._grammar_tokens: GrammarTokenizer | None = None  # built on first use: it indexes the vocabulary
-        self._grammars: dict[str, Grammar | None] = {}  # by response format, oldest first
-        self._grammar_lock = threading.Lock()
+        self._grammars = Grammars(tokenizer, self.vocab_size, self.GRAMMARS)  # by response format
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._waiting: deque[Handle] = deque()
@@ -158,20 +156,8 @@ class Scheduler:
     def grammar(self, response_format: object) -> Grammar | None:
         """OpenAI's response_format compiled for this model (None: plain text); ValueError naming
         the field for one that cannot be served."""
-        key = json.dumps(response_format, sort_keys=True)
-        with self._grammar_lock:  # requests compile theirs in threads of their own
-            if key in self._grammars:
-                self._grammars[key] = self._grammars.pop(key)  # the most recently used now
-                return self._grammars[key]
-            if self._grammar_tokens is None:
-                self._grammar_tokens = GrammarTokenizer(self.tokenizer, self.vocab_size)
-            tokens = self._grammar_tokens
-        grammar = Grammar.from_response_format(response_format, tokens)
-        with self._grammar_lock:
-            self._grammars[key] = grammar
-            if len(self._grammars) > self.GRAMMARS:
-                del self._grammars[next(iter(self._grammars))]
-        return grammar
+        return self._grammars.get(json.dumps(response_format, sort_keys=True),
+                                  lambda tokens: Grammar.from_response_format(response_format, tokens))
 
     # ---- the queue
     @property
