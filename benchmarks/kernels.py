@@ -39,6 +39,7 @@ def cases(dtype, cache_len: int):
     import torch.nn.functional as F
     from runner.model import functional as fn
     from runner.model.llama import KVCache
+    from runner.model.rope import Rope
     from runner.quant import int4, int8
     from runner.quant.matmuls import INT4_KERNELS, INT8_KERNELS
 
@@ -60,6 +61,9 @@ def cases(dtype, cache_len: int):
         out.append((f"int4 {name}", lambda p=packed, s=s4.to(dtype), z=z4.to(dtype), xk=xk:
                     torch.ops.runner.int4_linear(xk, p, s, z, 32),
                     lambda w=w, xk=xk, p=packed, s=s4, z=z4: _torch_int4(xk, p, s, z, dtype)))
+        out.append((f"int4 x int8 {name}", lambda p=packed, s=s4.to(dtype), z=z4.to(dtype), xk=xk:  # quant.activations: int8
+                    torch.ops.runner.int4_linear(xk, p, s, z, 32, True),
+                    lambda w=w, xk=xk, p=packed, s=s4, z=z4: _torch_int4(xk, p, s, z, dtype)))
     h = torch.randn(1, 1, DIM, generator=g).to(dtype)
     nw = torch.randn(DIM, generator=g).to(dtype)
     out.append(("rms_norm", lambda: torch.ops.runner.rms_norm(h, nw, 1e-5), lambda: fn.rms_norm(h, nw, 1e-5)))
@@ -69,7 +73,9 @@ def cases(dtype, cache_len: int):
     cache.k.normal_(generator=g), cache.v.normal_(generator=g)
     qkv = torch.randn(1, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g).to(dtype)
     pos = torch.tensor([cache_len - 1])
-    cos_sin = fn.rope_cache(fn.rope_frequencies(HEAD_DIM, 10000.0), cache_len)[cache_len - 1:]
+    rope = Rope(HEAD_DIM, 10000.0, None, cache_len)
+    rope.setup(cache_len, "cpu")
+    cos_sin = rope(pos)
     mask = fn.causal_mask(pos, cache_len)
     out.append((f"attend over {cache_len}", lambda: torch.ops.runner.attend(qkv, cos_sin, cache.k, cache.v, pos, HEADS, KV_HEADS),
                 lambda: fn.attend(qkv, cos_sin, cache, pos, mask, HEADS, KV_HEADS)))

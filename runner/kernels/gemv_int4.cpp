@@ -180,53 +180,70 @@ void dot_rows_i4_q8(const Int8X& x, const uint8_t* w, const T* scales, const T* 
 
 #if defined(__AVX2__)
 // A step's scales for AVX2's eight lanes: lanes 0-3 take group g's scale, lanes 4-7 group g + 1's
-// where a step of 64 columns holds two groups (`two`), else g's too.
-inline __m256 step_scales(const float* s, bool two, __m256i pick) {
-  const __m128 v = two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)s)) : _mm_set1_ps(s[0]);
+// where a step of 64 columns holds two groups (TWO), else g's too.
+template <bool TWO>
+inline __m256 step_scales(const float* s, __m256i pick) {
+  const __m128 v = TWO ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)s)) : _mm_set1_ps(s[0]);
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), pick);
 }
-inline __m256 step_scales(const BFloat16* s, bool two, __m256i pick) {
-  uint32_t bits;  // the two bf16 side by side, the first low; each becomes an fp32's top half
-  if (two)
-    std::memcpy(&bits, s, 4);
-  else
-    bits = (uint32_t)s[0].x * 0x10001u;
-  const __m128i v = _mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128((int)bits));
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(v)), pick);
+// bf16: the step's one or two scales broadcast to every 32-bit lane, then one in-lane byte shuffle
+// (`spread`) moves the lane's bf16 into its fp32's top half.
+template <bool TWO>
+inline __m256 step_scales(const BFloat16* s, __m256i spread) {
+  uint32_t bits = s[0].x * 0x10001u;  // the two bf16 side by side, the first low (one group: g's twice)
+  if constexpr (TWO) std::memcpy(&bits, s, 4);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread));
 }
 
 // AVX2 (and AVX-512 without VNNI): R rows side by side, 64 columns (32 bytes of levels) a step on
 // vpmaddubsw, whose pair sums stay within int16 (2 x 15 x 127), and vpmaddwd into eight lanes of
 // eight columns, summed onto `starts`; the step's x, d and starts are loaded once for the R rows.
-// The z d Q terms are summed eight groups at a time after the steps.
+// The z d Q terms are summed eight groups at a time after the steps. A step's group is a shift
+// away (gs is a power of two), and whole steps and a row's last half step (16 bytes, one group of
+// 32) are separate loops: a division or a branch a step costs as much as a row's multiply-adds.
 template <int R, typename T>
 void dot_rows_i4_q8_avx2(const Int8X& x, const uint8_t* w, const T* scales, const T* zeros, int64_t K, int64_t gs,
                          float* out) {
-  const int64_t bytes = K / 2, G = K / gs;
+  const int64_t bytes = K / 2, G = K / gs, whole = bytes / 32 * 32;
+  const int shift = __builtin_ctzll(gs);
   const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
-  const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  // fp32: the scales' lanes; bf16: bytes 0-1 (group g) into lanes 0-3, bytes 2-3 (g + 1) into 4-7.
+  const __m256i pick = std::is_same_v<T, float> ? _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0)
+                                                : _mm256_set_epi8(3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1, 3, 2, -1, -1,
+                                                                  1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1, 1, 0, -1, -1);
   __m256 a[R];
   for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < bytes; b += 32) {  // a row is a whole number of 16-byte groups; x is padded
-    const bool full = bytes - b >= 32;
+  // One step of R rows from byte b; FULL: 32 bytes, else the row's last 16; TWO: two groups in it.
+  const auto step = [&](int64_t b, auto full, auto two) __attribute__((always_inline)) {
     const __m256i e = _mm256_loadu_si256((const __m256i*)(x.even + b)), o = _mm256_loadu_si256((const __m256i*)(x.odd + b));
     const __m256i start = _mm256_loadu_si256((const __m256i*)(x.starts + b / 4));
     const __m256 d = _mm256_loadu_ps(x.dl + b / 4);
-    const int64_t g = 2 * b / gs;
-    const bool two = gs == 32 && g + 1 < G;
+    const int64_t g = (2 * b) >> shift;
+    const bool fetch = (b & 63) == 0;
     for (int r = 0; r < R; ++r) {
       const uint8_t* row = w + r * bytes + b;
-      if (b % 64 == 0) {
+      if (fetch) {
         if constexpr (R == 1) ahead(row); else __builtin_prefetch(row + 2 * R * bytes, 0, 3);  // this line of the block after next
       }
-      const __m256i q = full ? _mm256_loadu_si256((const __m256i*)row)
-                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)row));
+      __m256i q;
+      if constexpr (decltype(full)::value)
+        q = _mm256_loadu_si256((const __m256i*)row);
+      else
+        q = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)row));
       const __m256i low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
       const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, e), _mm256_maddubs_epi16(high, o));
       const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), start);
-      a[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), d), step_scales(scales + r * G + g, two, pick), a[r]);
+      a[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), d),
+                             step_scales<decltype(two)::value>(scales + r * G + g, pick), a[r]);
     }
-  }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (gs == 32)
+    for (int64_t b = 0; b < whole; b += 32) step(b, yes{}, yes{});
+  else
+    for (int64_t b = 0; b < whole; b += 32) step(b, yes{}, no{});
+  if (whole < bytes) step(whole, no{}, no{});  // x is padded to whole steps
   for (int r = 0; r < R; ++r) {
     vf8 z{};
     int64_t g = 0;
