@@ -170,6 +170,75 @@ void int8_row(const uint8_t* w, int64_t blocks, const Q8Row* x, float* out) {
   for (int r = 0; r < R; ++r) out[r] = hsum8(acc[r][0] + acc[r][1]) + (offsets[r][0] + offsets[r][1]);
 }
 
+#if defined(__AVX2__)
+// Q4_0 and Q4_1 (16 bytes of nibbles after d, and Q4_1's m) against one row of int8 x, W weight
+// rows side by side, two blocks (64 values) a step: a row's two blocks' nibbles in one register
+// (lanes 0-3 the first block, 4-7 the second) meet x's matching halves on vpmaddubsw, as the int4
+// kernel's steps do, where int8_row takes a block at a time with its scales in scalar code. The
+// step's x, its d and Q4_0's -8 sum(q) (in each block's first lane) are loaded once for the W
+// rows; the blocks' fp16 d and m become fp32 (exactly) four at a time; Q4_1's m d_x sum(q) terms
+// gather in a four-lane sum of their own. A row's result does not depend on W.
+template <typename Q, int W>
+void nibble_rows(const uint8_t* w, int64_t row_bytes, int64_t blocks, const Q8Row& x, float* out) {
+  constexpr int64_t kHead = Q::kBytes - 16;  // d, and m for Q4_1
+  const __m256i nibble = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+  const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), pick_d = _mm256_set_epi32(2, 2, 2, 2, 0, 0, 0, 0);
+  __m256 acc[W];
+  __m128 mins[W];
+  for (int r = 0; r < W; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
+  const auto step = [&](int64_t b, auto two) __attribute__((always_inline)) {
+    constexpr bool kTwo = decltype(two)::value;
+    __m256i lo, hi;  // x's values 0-15 and 16-31 of each block: the low and high nibbles' columns
+    __m256 dx;
+    if constexpr (kTwo) {
+      const __m256i a = _mm256_loadu_si256((const __m256i*)(x.q + 32 * b));
+      const __m256i c = _mm256_loadu_si256((const __m256i*)(x.q + 32 * b + 32));
+      lo = _mm256_permute2x128_si256(a, c, 0x20), hi = _mm256_permute2x128_si256(a, c, 0x31);
+      dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)))), pick);
+    } else {  // a row's last, odd block: lanes 4-7 are zeros
+      lo = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(x.q + 32 * b)));
+      hi = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(x.q + 32 * b + 16)));
+      dx = _mm256_set1_ps(x.d[b]);
+    }
+    __m256i start = _mm256_setzero_si256();
+    if constexpr (Q::kBias != 0) {
+      const int32_t q0 = x.halves[8 * b] + x.halves[8 * b + 4];
+      const int32_t q1 = kTwo ? x.halves[8 * b + 8] + x.halves[8 * b + 12] : 0;
+      start = _mm256_set_epi32(0, 0, 0, -Q::kBias * q1, 0, 0, 0, -Q::kBias * q0);
+    }
+    __m128 dsum = _mm_setzero_ps();
+    if constexpr (Q::kOffset) dsum = _mm_set_ps(kTwo ? x.dsum[b + 1] : 0.f, 0.f, x.dsum[b], 0.f);
+    for (int r = 0; r < W; ++r) {
+      const uint8_t* at = w + r * row_bytes + b * Q::kBytes;
+      ahead(at);
+      __m256i q;
+      uint32_t second = 0;
+      if constexpr (kTwo) {
+        q = _mm256_loadu2_m128i((const __m128i*)(at + Q::kBytes + kHead), (const __m128i*)(at + kHead));
+        second = gguf::word(at + Q::kBytes);
+      } else {
+        q = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(at + kHead)));
+      }
+      const __m256i low = _mm256_and_si256(q, nibble), high = _mm256_and_si256(_mm256_srli_epi16(q, 4), nibble);
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, lo), _mm256_maddubs_epi16(high, hi));
+      __m256i p = _mm256_madd_epi16(pairs, ones);
+      if constexpr (Q::kBias != 0) p = _mm256_add_epi32(p, start);
+      // [d0, m0, d1, m1] in fp32 (Q4_0: the words after d are levels, never read)
+      uint32_t first = Q::kOffset ? gguf::word(at) : (uint32_t)at[0] | (uint32_t)at[1] << 8;
+      if constexpr (!Q::kOffset) second &= 0xFFFFu;
+      const __m128 dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)second, (int)first));
+      const __m256 dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(dm), pick_d);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), dx), dw, acc[r]);
+      if constexpr (Q::kOffset) mins[r] = _mm_fmadd_ps(dm, dsum, mins[r]);
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) step(b, std::true_type{});
+  if (b < blocks) step(b, std::false_type{});
+  for (int r = 0; r < W; ++r) out[r] = hsum8((v8f)acc[r]) + (mins[r][1] + mins[r][3]);
+}
+#endif
+
 // --- the linear (Gemv's GGUF path) -----------------------------------------------------------------
 
 // x's rows as a part's loops read them (Gemv::prepare_gguf makes them): fp32 in FloatRow's order
@@ -193,6 +262,26 @@ void part_rows(const uint8_t* w, int64_t n0, int64_t n1, const GgufX& x, int64_t
   float acc[4];
   FloatRow xf[4];
   Q8Row xq[4];
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Q, gguf::Q4_0> || std::is_same_v<Q, gguf::Q4_1>) {
+    if (x.q != nullptr) {
+      for (int64_t m = 0; m < M; ++m) {
+        const Q8Row xm = x.q8_row(m);
+        T* ym = y + m * N + column;
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) {
+          nibble_rows<Q, 4>(w + n * row_bytes, row_bytes, blocks, xm, acc);
+          for (int r = 0; r < 4; ++r) ym[n + r] = static_cast<T>(acc[r]);
+        }
+        for (; n < n1; ++n) {
+          nibble_rows<Q, 1>(w + n * row_bytes, row_bytes, blocks, xm, acc);
+          ym[n] = static_cast<T>(acc[0]);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     for (int64_t m = 0; m < M; m += 4) {
