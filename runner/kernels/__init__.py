@@ -294,6 +294,14 @@ class LayersPlan:
     n_kv_heads: int
     window: int
     shared: ShmGroup | None  # under tensor parallelism: sums wo's and w2's outputs over the ranks
+    # The operands above in one torch object (runner::LayerOperands), made at the first eager step:
+    # a step that passes it converts four arguments from Python, not several hundred tensors.
+    held: object | None = None
+
+    def operands(self) -> tuple:
+        """The operands decode_layers takes after x, cos_sin and input_pos, in the op's order."""
+        return (self.norms, self.eps, self.weights, self.parts, self.groupsizes, self.k_caches, self.v_caches,
+                self.k_scales, self.v_scales, self.n_heads, self.n_kv_heads, self.window, self.int8_x)
 
 
 def _shared(module) -> ShmGroup | None:
@@ -345,6 +353,10 @@ class KernelOps:
 
     def __init__(self):
         self._plans: dict[tuple[int, torch.dtype], LayersPlan | None] = {}
+
+    def __deepcopy__(self, memo) -> KernelOps:
+        # A copied model gathers its own operands (the held ones are a torch object, not copyable).
+        return type(self)()
 
     def operands_changed(self) -> None:
         """Forget the gathered operands; the next decode step gathers them again."""
@@ -413,6 +425,12 @@ class KernelOps:
                 k_scales, v_scales = [r.k_scales for r in rows], [r.v_scales for r in rows]
         if not (k_caches[0].shape[0] == x.shape[0] and k_caches[0].is_contiguous()):
             return None
+        if row is None and plan.shared is None and not torch.compiler.is_compiling():
+            # Eager steps on the whole cache pass the held operands. A traced step keeps the op
+            # whose schema names the caches it writes; a row's caches are views made per step.
+            if plan.held is None:
+                plan.held = torch.classes.runner.LayerOperands(*plan.operands())
+            return torch.ops.runner.decode_layers.held(x, plan.held, cos_sin, input_pos)
         operands = (x, plan.norms, plan.eps, plan.weights, plan.parts, plan.groupsizes, cos_sin, k_caches, v_caches,
                     k_scales, v_scales, input_pos, plan.n_heads, plan.n_kv_heads, plan.window, plan.int8_x)
         if plan.shared is None:

@@ -8,6 +8,8 @@
 //                                                        the same on one tensor-parallel rank: wo's
 //                                                        and w2's outputs summed over the ranks
 //                                                        through shared memory (shm_reduce.cpp)
+//   decode_layers.held(x, operands, cos_sin, input_pos)  the same with every other operand in one
+//                                                        LayerOperands object, made once (eager steps)
 //
 // The step is a list of stages (a layer's norm, its linears, its attention, ...), each a number of
 // independent work items. Every thread of one parallel region takes the next item from one counter,
@@ -20,6 +22,7 @@
 // may be the one that lost its core.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/custom_class.h>
 
 #include <array>
 #include <atomic>
@@ -282,10 +285,43 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms, double eps, 
                                   v_scales, input_pos, n_heads, n_kv_heads, window, int8_x, std::nullopt, 0, 1);
 }
 
+// decode_layers' operands that stay the same from one step to the next (every tensor but x,
+// cos_sin and input_pos), held by a torch object made once: a step then passes four arguments
+// where it passed several hundred tensors, each converted from Python on every call.
+struct LayerOperands : torch::CustomClassHolder {
+  std::vector<at::Tensor> norms, weights, k_caches, v_caches, k_scales, v_scales;
+  std::vector<int64_t> parts, groupsizes, int8_x;
+  double eps;
+  int64_t n_heads, n_kv_heads, window;
+
+  LayerOperands(std::vector<at::Tensor> norms, double eps, std::vector<at::Tensor> weights, std::vector<int64_t> parts,
+                std::vector<int64_t> groupsizes, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
+                std::vector<at::Tensor> k_scales, std::vector<at::Tensor> v_scales, int64_t n_heads,
+                int64_t n_kv_heads, int64_t window, std::vector<int64_t> int8_x)
+      : norms(std::move(norms)), weights(std::move(weights)), k_caches(std::move(k_caches)),
+        v_caches(std::move(v_caches)), k_scales(std::move(k_scales)), v_scales(std::move(v_scales)),
+        parts(std::move(parts)), groupsizes(std::move(groupsizes)), int8_x(std::move(int8_x)), eps(eps),
+        n_heads(n_heads), n_kv_heads(n_kv_heads), window(window) {}
+};
+
+at::Tensor decode_layers_held(const at::Tensor& x, const c10::intrusive_ptr<LayerOperands>& held,
+                              const at::Tensor& cos_sin, const at::Tensor& input_pos) {
+  const LayerOperands& o = *held;
+  return decode_layers(x, o.norms, o.eps, o.weights, o.parts, o.groupsizes, cos_sin, o.k_caches, o.v_caches,
+                       o.k_scales, o.v_scales, input_pos, o.n_heads, o.n_kv_heads, o.window, o.int8_x);
+}
+
 }  // namespace runner
 
-// ops.cpp defines decode_layers; the overload with a segment is this file's own.
+// ops.cpp defines decode_layers; the overloads with a segment and with held operands are this file's own.
 TORCH_LIBRARY_FRAGMENT(runner, m) {
+  m.class_<runner::LayerOperands>("LayerOperands")
+      .def(torch::init<std::vector<at::Tensor>, double, std::vector<at::Tensor>, std::vector<int64_t>,
+                       std::vector<int64_t>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t, int64_t,
+                       std::vector<int64_t>>());
+  m.def("decode_layers.held(Tensor x, __torch__.torch.classes.runner.LayerOperands operands, Tensor cos_sin, "
+        "Tensor input_pos) -> Tensor");
   m.def("decode_layers.all_reduce(Tensor x, Tensor[] norms, float eps, Tensor[] weights, int[] parts, "
         "int[] groupsizes, Tensor cos_sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor(c!)[] k_scales, "
         "Tensor(d!)[] v_scales, Tensor input_pos, int n_heads, int n_kv_heads, int window, int[] int8_x, "
@@ -294,4 +330,5 @@ TORCH_LIBRARY_FRAGMENT(runner, m) {
 
 TORCH_LIBRARY_IMPL(runner, CPU, m) {
   m.impl("decode_layers.all_reduce", &runner::decode_layers_all_reduce);
+  m.impl("decode_layers.held", &runner::decode_layers_held);
 }

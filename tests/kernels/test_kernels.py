@@ -2,6 +2,7 @@
 (runner.model.functional) and, through the whole model, HF's LlamaForCausalLM."""
 import copy
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -592,6 +593,40 @@ def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
     model.to(torch.bfloat16)
     assert torch.equal(steps(model), one_by_one())
     assert model.ops.plan(model, torch.bfloat16) is not None  # int8 in bf16 still takes decode_layers
+
+
+@torch.no_grad()
+def test_an_eager_step_passes_the_held_operands_and_gets_the_listed_ops_result():
+    # Eager whole-cache steps call decode_layers.held with one LayerOperands object made at the
+    # first step and kept with the plan; its result and cache writes are the listed op's, bit for bit.
+    torch.manual_seed(0)
+    model = Transformer(SMALL)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    model.setup_cache(1, 16)
+    held = torch.ops.runner.decode_layers.held
+    with mock.patch.object(torch.ops.runner.decode_layers, "held", wraps=held) as called:
+        model(torch.tensor([[3]]), torch.arange(0, 1))
+        model(torch.tensor([[4]]), torch.arange(1, 2))
+    assert called.call_count == 2
+    plan = model.ops.plan(model, torch.float32)
+    assert plan.held is not None and called.call_args_list[0].args[1] is called.call_args_list[1].args[1] is plan.held
+    x = torch.randn(1, 1, SMALL.dim)
+    pos = torch.tensor([2])
+    caches = [t.clone() for t in plan.k_caches + plan.v_caches]
+    ours = held(x, plan.held, model.rope(pos), pos)
+    written = [t.clone() for t in plan.k_caches + plan.v_caches]
+    for t, c in zip(plan.k_caches + plan.v_caches, caches):
+        t.copy_(c)
+    norms, eps, weights, parts, groupsizes, k, v, ks, vs, heads, kv_heads, window, int8_x = plan.operands()
+    listed = torch.ops.runner.decode_layers(x, norms, eps, weights, parts, groupsizes, model.rope(pos), k, v, ks, vs,
+                                            pos, heads, kv_heads, window, int8_x)
+    assert torch.equal(ours, listed)
+    assert all(torch.equal(a, b) for a, b in zip(written, plan.k_caches + plan.v_caches))
+    model.setup_cache(1, 16)  # new caches: a new plan, and a new held object at its first step
+    model(torch.tensor([[3]]), torch.arange(0, 1))
+    assert model.ops.plan(model, torch.float32).held is not plan.held
 
 
 def test_an_unreadable_record_is_refused_before_loading(fresh_load):
