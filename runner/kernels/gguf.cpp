@@ -237,46 +237,6 @@ void nibble_rows(const uint8_t* w, int64_t row_bytes, int64_t blocks, const Q8Ro
   if (b < blocks) step(b, std::false_type{});
   for (int r = 0; r < W; ++r) out[r] = hsum8((v8f)acc[r]) + (mins[r][1] + mins[r][3]);
 }
-
-// Q8_0 (d, then 32 int8) against one row of int8 x, W weight rows side by side, two blocks a step,
-// as nibble_rows: signed levels on vpmaddubsw by |level| against x with the level's sign, each
-// block's eight lanes scaled by its d d_x (the two blocks' d converted together) into one sum a row.
-template <int W>
-void q8_0_rows(const uint8_t* w, int64_t row_bytes, int64_t blocks, const Q8Row& x, float* out) {
-  constexpr int64_t kBytes = gguf::Q8_0::kBytes;
-  const __m256i ones = _mm256_set1_epi16(1), second_lane = _mm256_set1_epi32(1);
-  __m256 acc[W];
-  for (int r = 0; r < W; ++r) acc[r] = _mm256_setzero_ps();
-  const auto dot = [&](__m256i q, __m256i xv) __attribute__((always_inline)) {
-    return _mm256_cvtepi32_ps(
-        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones));
-  };
-  int64_t b = 0;
-  for (; b + 2 <= blocks; b += 2) {
-    const __m256i a = _mm256_loadu_si256((const __m256i*)(x.q + 32 * b));
-    const __m256i c = _mm256_loadu_si256((const __m256i*)(x.q + 32 * b + 32));
-    const __m128 dx = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(x.d + b)));
-    for (int r = 0; r < W; ++r) {
-      const uint8_t* at = w + r * row_bytes + b * kBytes;
-      ahead(at);
-      const uint32_t d0 = (uint32_t)at[0] | (uint32_t)at[1] << 8, d1 = (uint32_t)at[kBytes] | (uint32_t)at[kBytes + 1] << 8;
-      const __m256 s = _mm256_castps128_ps256(_mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)(d0 | d1 << 16))), dx));
-      const __m256 p0 = dot(_mm256_loadu_si256((const __m256i*)(at + 2)), a);
-      const __m256 p1 = dot(_mm256_loadu_si256((const __m256i*)(at + kBytes + 2)), c);
-      acc[r] = _mm256_fmadd_ps(p0, _mm256_broadcastss_ps(_mm256_castps256_ps128(s)), acc[r]);
-      acc[r] = _mm256_fmadd_ps(p1, _mm256_permutevar8x32_ps(s, second_lane), acc[r]);
-    }
-  }
-  if (b < blocks) {  // a row's last, odd block
-    const __m256i a = _mm256_loadu_si256((const __m256i*)(x.q + 32 * b));
-    for (int r = 0; r < W; ++r) {
-      const uint8_t* at = w + r * row_bytes + b * kBytes;
-      acc[r] = _mm256_fmadd_ps(dot(_mm256_loadu_si256((const __m256i*)(at + 2)), a), _mm256_set1_ps(gguf::half(at) * x.d[b]),
-                               acc[r]);
-    }
-  }
-  for (int r = 0; r < W; ++r) out[r] = hsum8((v8f)acc[r]);
-}
 #endif
 
 // --- the linear (Gemv's GGUF path) -----------------------------------------------------------------
@@ -303,24 +263,18 @@ void part_rows(const uint8_t* w, int64_t n0, int64_t n1, const GgufX& x, int64_t
   FloatRow xf[4];
   Q8Row xq[4];
 #if defined(__AVX2__)
-  if constexpr (std::is_same_v<Q, gguf::Q4_0> || std::is_same_v<Q, gguf::Q4_1> || std::is_same_v<Q, gguf::Q8_0>) {
+  if constexpr (std::is_same_v<Q, gguf::Q4_0> || std::is_same_v<Q, gguf::Q4_1>) {
     if (x.q != nullptr) {
-      const auto rows = [&](auto count, const uint8_t* at, const Q8Row& xm) {
-        if constexpr (std::is_same_v<Q, gguf::Q8_0>)
-          q8_0_rows<decltype(count)::value>(at, row_bytes, blocks, xm, acc);
-        else
-          nibble_rows<Q, decltype(count)::value>(at, row_bytes, blocks, xm, acc);
-      };
       for (int64_t m = 0; m < M; ++m) {
         const Q8Row xm = x.q8_row(m);
         T* ym = y + m * N + column;
         int64_t n = n0;
         for (; n + 4 <= n1; n += 4) {
-          rows(std::integral_constant<int, 4>{}, w + n * row_bytes, xm);
+          nibble_rows<Q, 4>(w + n * row_bytes, row_bytes, blocks, xm, acc);
           for (int r = 0; r < 4; ++r) ym[n + r] = static_cast<T>(acc[r]);
         }
         for (; n < n1; ++n) {
-          rows(std::integral_constant<int, 1>{}, w + n * row_bytes, xm);
+          nibble_rows<Q, 1>(w + n * row_bytes, row_bytes, blocks, xm, acc);
           ym[n] = static_cast<T>(acc[0]);
         }
       }
