@@ -554,15 +554,21 @@ def test_decode_layers_refuses_int8_activations_for_a_linear_that_is_not_int4():
                                        plan.n_kv_heads, plan.window, [1] * len(plan.parts))
 
 
-def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
-    # decode_layers' operands are gathered once per model and dtype, not per step; whatever
-    # replaces the model's tensors tells the model (a new cache, a quantization, a cast, or by
-    # hand model.operands_changed()), and they are gathered again.
+def small_model_on_kernels() -> Transformer:
+    """SMALL with seeded weights, on runner's kernels (its decode steps take decode_layers)."""
     torch.manual_seed(0)
     model = Transformer(SMALL)
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    return model
+
+
+def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
+    # decode_layers' operands are gathered once per model and dtype, not per step; whatever
+    # replaces the model's tensors tells the model (a new cache, a quantization, a cast, or by
+    # hand model.operands_changed()), and they are gathered again.
+    model = small_model_on_kernels()
     tokens = torch.randint(0, SMALL.vocab_size, (1, 8))
 
     def steps(m):  # a prompt token by token
@@ -599,11 +605,7 @@ def test_the_layers_operands_are_gathered_once_and_again_after_any_change():
 def test_an_eager_step_passes_the_held_operands_and_gets_the_listed_ops_result():
     # Eager whole-cache steps call decode_layers.held with one LayerOperands object made at the
     # first step and kept with the plan; its result and cache writes are the listed op's, bit for bit.
-    torch.manual_seed(0)
-    model = Transformer(SMALL)
-    for p in model.parameters():
-        p.data.normal_(0, 0.3)
-    use_runner_ops(model, Kernels.runner, torch.device("cpu"), "r.yaml")
+    model = small_model_on_kernels()
     model.setup_cache(1, 16)
     held = torch.ops.runner.decode_layers.held
     with mock.patch.object(torch.ops.runner.decode_layers, "held", wraps=held) as called:
